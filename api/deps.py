@@ -1,0 +1,23 @@
+"""Typed dependencies: what a route may ask for."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.gateway import Gateway
+from shared.settings import Settings
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def get_settings(request: Request) -> Settings:
+    return get_gateway(request).settings
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

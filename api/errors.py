@@ -1,0 +1,58 @@
+"""One error envelope, one mapper: every failure a client sees is OpenAI-shaped."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
+
+from shared.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    QueueFull,
+    RedisUnavailable,
+    SluiceError,
+    StreamNotFound,
+)
+
+log = logging.getLogger("sluice.api")
+
+
+def to_sluice_error(exc: Exception) -> SluiceError:
+    """The single mapping from whatever was raised to what the client is told."""
+    match exc:
+        case SluiceError():
+            return exc
+        case RedisError() | OSError():
+            return RedisUnavailable(f"Redis is unavailable: {exc}")
+        case RequestValidationError():
+            return InvalidRequest(str(exc.errors()[0].get("msg", "invalid request")))
+        case HTTPException(status_code=404):
+            return StreamNotFound("no such route")
+        case HTTPException(status_code=405):
+            return InvalidRequest("method not allowed")
+        case _:
+            log.error("unhandled error", exc_info=exc)
+            return GenerationFailed("internal server error")
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    error = to_sluice_error(exc)
+    status = error.status if not isinstance(exc, HTTPException) else exc.status_code
+    headers = {}
+    if isinstance(error, QueueFull) and error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    return JSONResponse({"error": error.body()}, status_code=status, headers=headers)
+
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for kind in (SluiceError, RedisError, OSError, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(kind, _handle)

@@ -1,0 +1,151 @@
+"""One reader per API process for every open stream.
+
+A blocking XREAD per client would hold one Redis connection per open stream. Instead, clients
+register what they wait for (a stream and the last id they have) and one task issues a single
+XREAD over all of them. A client is included only while it waits, so a slow client leaves its
+backlog in Redis (capped by MAXLEN) rather than in this process.
+
+A client that starts waiting while the XREAD is blocked is not in it; the hub then appends to
+its own small wake stream, which every XREAD includes, so the call returns and is reissued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.errors import RedisUnavailable
+from shared.protocol import entry_id_key, hub_wake_key
+
+log = logging.getLogger("sluice.api")
+
+RawEntry = tuple[str, dict[bytes, bytes]]
+
+
+@dataclass(eq=False)
+class _Waiter:
+    after: str
+    done: asyncio.Future[list[RawEntry]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class StreamHub:
+    def __init__(self, redis: Redis, *, count: int = 256, block_ms: int = 5000) -> None:
+        self._redis = redis
+        self._count = count
+        self._block_ms = block_ms
+        self._wake_key = hub_wake_key(uuid.uuid4().hex)
+        self._wake_after = "0-0"
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._in_call: set[str] = set()
+        self._blocked = False
+        self._wake_sent = False
+        self._has_waiters = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.delete(self._wake_key)
+
+    async def read(self, key: str, after: str) -> list[RawEntry]:
+        """The entries of `key` after id `after`, waiting until there is at least one."""
+        waiter = _Waiter(after)
+        self._waiters.setdefault(key, []).append(waiter)
+        self._has_waiters.set()
+        if self._blocked and key not in self._in_call and not self._wake_sent:
+            self._wake_sent = True
+            asyncio.create_task(self._wake())
+        return await waiter.done
+
+    async def _wake(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": 1}, maxlen=8, approximate=False)
+                pipe.expire(self._wake_key, 60)
+                await pipe.execute()
+
+    def _wanted(self) -> dict[str, str]:
+        """Each waited-for stream with the smallest id any of its live waiters has."""
+        wanted: dict[str, str] = {}
+        for key in list(self._waiters):
+            live = [w for w in self._waiters[key] if not w.done.done()]
+            if live:
+                self._waiters[key] = live
+                wanted[key] = min((w.after for w in live), key=entry_id_key)
+            else:
+                del self._waiters[key]
+        return wanted
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            wanted = self._wanted()
+            if not wanted:
+                self._has_waiters.clear()
+                await self._has_waiters.wait()
+                continue
+            self._in_call = set(wanted)
+            self._wake_sent = False
+            self._blocked = True
+            try:
+                reply = await self._redis.xread(
+                    {self._wake_key: self._wake_after, **wanted},
+                    count=self._count,
+                    block=self._block_ms,
+                )
+            except asyncio.CancelledError:
+                self._fail_all(RedisUnavailable("the API is shutting down"))
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("stream reader lost Redis: %s", exc)
+                self._fail_all(RedisUnavailable(f"lost the connection to Redis: {exc}"))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            finally:
+                self._blocked = False
+            backoff = 0.05
+            for raw_key, raw_entries in reply or []:
+                entries = [(i.decode(), fields) for i, fields in raw_entries]
+                key = raw_key.decode()
+                if key == self._wake_key:
+                    self._wake_after = entries[-1][0]
+                else:
+                    self._deliver(key, entries)
+
+    def _deliver(self, key: str, entries: list[RawEntry]) -> None:
+        still_waiting = []
+        for waiter in self._waiters.get(key, []):
+            if waiter.done.done():
+                continue
+            after = entry_id_key(waiter.after)
+            mine = [e for e in entries if entry_id_key(e[0]) > after]
+            if mine:
+                waiter.done.set_result(mine)
+            else:
+                still_waiting.append(waiter)
+        if still_waiting:
+            self._waiters[key] = still_waiting
+        else:
+            self._waiters.pop(key, None)
+
+    def _fail_all(self, error: Exception) -> None:
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done.done():
+                    waiter.done.set_exception(error)
+        self._waiters.clear()

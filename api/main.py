@@ -1,0 +1,44 @@
+"""Builds the app. Resources live as long as the app: created in `lifespan`, closed after it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from arq.connections import ArqRedis
+from fastapi import FastAPI
+from redis.asyncio import ConnectionPool
+
+from api.errors import install_error_handlers
+from api.gateway import Gateway
+from api.hub import StreamHub
+from api.jobs import JobQueue
+from api.routes import chat, completions, health, models
+from shared.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Built directly, not with arq's create_pool: that one retries for seconds at start-up,
+        # and the API must start (and answer 503) even while Redis is down.
+        pool = ConnectionPool.from_url(
+            settings.redis_url, socket_connect_timeout=2, health_check_interval=30
+        )
+        redis = ArqRedis(connection_pool=pool)
+        hub = StreamHub(redis)
+        await hub.start()
+        app.state.gateway = Gateway(settings, JobQueue(redis, settings), hub)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await redis.aclose(close_connection_pool=True)
+
+    app = FastAPI(title="sluice", lifespan=lifespan)
+    install_error_handlers(app)
+    for module in (chat, completions, models, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,52 @@
+"""POST /v1/chat/completions: the seed's `{"prompt", "stream": true}` or OpenAI's `messages`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from api.deps import GatewayDep
+from api.requests import build_job, check_text, message_dicts, parse, read_json_object
+from shared.errors import InvalidRequest
+from shared.schema import ChatCompletionRequest, SeedRequest
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    request: Request, gateway: GatewayDep
+) -> EventSourceResponse | JSONResponse:
+    body = await read_json_object(request)
+    settings = gateway.settings
+    if "prompt" in body and "messages" in body:
+        raise InvalidRequest("give either 'prompt' or 'messages', not both", param="prompt")
+    if "prompt" in body:
+        if body.get("stream") is not True:
+            raise InvalidRequest(
+                "with 'prompt', 'stream' must be true: this format always streams", param="stream"
+            )
+        seed = parse(SeedRequest, body)
+        check_text(seed.prompt, "prompt", settings)
+        messages = [
+            {"role": "system", "content": settings.seed_system_prompt},
+            {"role": "user", "content": seed.prompt},
+        ]
+        min_tokens = None if "min_tokens" in seed.model_fields_set else settings.seed_min_tokens
+        job = build_job(seed, settings, max_tokens=None, min_tokens=min_tokens, messages=messages)
+        return await gateway.serve(
+            job, "chat.completion.chunk", stream=True, include_usage=seed.include_usage
+        )
+    if "messages" not in body:
+        raise InvalidRequest("one of 'messages' or 'prompt' is required", param="messages")
+    chat = parse(ChatCompletionRequest, body)
+    job = build_job(
+        chat,
+        settings,
+        max_tokens=chat.max_completion_tokens,
+        messages=message_dicts(chat.messages, settings),
+    )
+    return await gateway.serve(
+        job, "chat.completion.chunk", stream=chat.stream, include_usage=chat.include_usage
+    )

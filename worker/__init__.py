@@ -1,0 +1,1 @@
+"""The arq worker: runs a generation backend and appends its tokens to each job's stream."""

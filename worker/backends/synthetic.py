@@ -1,0 +1,55 @@
+"""Deterministic text at a set rate, for pipeline tests and load benchmarks. Never the default.
+
+The text echoes the prompt, then a fixed passage, so each stream's content is its own. A prompt
+containing `[[fail after N]]` raises a BackendError after N tokens, to exercise mid-stream errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncGenerator
+
+from shared.schema import GenerationJob
+from worker.backends import BackendError, Generation
+
+PASSAGE = (
+    "Streaming sends each token to the client as soon as the model produces it, so the reader "
+    "sees the answer grow instead of waiting for the whole of it. A queue between the web tier "
+    "and the workers lets each side scale on its own: more workers give more throughput, and "
+    "the gateway only relays what the workers write. Every stream ends with a final event, so "
+    "no client is left waiting for a response that will never come."
+)
+FAIL_AFTER = re.compile(r"\[\[fail after (\d+)\]\]")
+
+
+def words(text: str) -> list[bytes]:
+    return [m.encode() for m in re.findall(r"\s*\S+", text)]
+
+
+class SyntheticBackend:
+    def __init__(self, tokens_per_s: float, max_concurrency: int = 512) -> None:
+        self.tokens_per_s = tokens_per_s
+        self.max_concurrency = max_concurrency
+
+    async def start(self, job: GenerationJob) -> Generation:
+        prompt = job.prompt if job.prompt is not None else (job.messages or [{}])[-1].get("content", "")
+        prompt_tokens = words(prompt)
+        fail = FAIL_AFTER.search(prompt)
+        pieces = words(f"You asked: {prompt.strip()}\n\n{PASSAGE}")
+        return Generation(len(prompt_tokens), self._pace(pieces, int(fail[1]) if fail else None))
+
+    async def _pace(self, pieces: list[bytes], fail_after: int | None) -> AsyncGenerator[bytes, None]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for n, piece in enumerate(pieces):
+            if n == fail_after:
+                raise BackendError(f"synthetic failure after {n} tokens")
+            if self.tokens_per_s:
+                await asyncio.sleep(max(0.0, start + n / self.tokens_per_s - loop.time()))
+            else:
+                await asyncio.sleep(0)
+            yield piece
+
+    def close(self) -> None:
+        pass

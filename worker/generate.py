@@ -1,0 +1,63 @@
+"""The job: run the backend, append each piece of text to the job's stream, then a terminal entry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+from typing import Any
+
+from shared.errors import GenerationFailed, SluiceError
+from shared.protocol import Entry, Failed, Finished, FinishReason, Started, Token, stream_key
+from shared.schema import GenerationJob
+from shared.settings import Settings
+from worker.backends import Backend, BackendError
+from worker.text import TextAssembler
+from worker.writer import StreamWriter
+
+log = logging.getLogger("sluice.worker")
+
+
+async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
+    job = GenerationJob.model_validate(payload)
+    settings: Settings = ctx["settings"]
+    backend: Backend = ctx["backend"]
+    writer: StreamWriter = ctx["writer"]
+    key = stream_key(job.stream_id)
+
+    async def finish(entry: Entry) -> None:
+        # The terminal entry must land even if this task is being cancelled (arq's habit too).
+        await asyncio.shield(writer.append(key, entry, expire_s=settings.stream_ttl_s))
+
+    try:
+        generation = await backend.start(job)
+        # While generating, the stream outlives any job: its TTL is reset when the job ends.
+        await writer.append(
+            key,
+            Started(ctx["worker_id"], generation.prompt_tokens),
+            expire_s=int(settings.stream_ttl_s + settings.job_timeout_s),
+        )
+        text = TextAssembler(job.stop)
+        produced = 0
+        reason: FinishReason = "stop"
+        async with aclosing(generation.pieces) as pieces:
+            async for piece in pieces:
+                produced += 1
+                if out := text.feed(piece):
+                    await writer.append(key, Token(out))
+                if text.stopped:
+                    break
+                if produced >= job.max_tokens:
+                    reason = "length"
+                    break
+        if tail := text.flush():
+            await writer.append(key, Token(tail))
+        await finish(Finished(reason, generation.prompt_tokens, produced))
+    except SluiceError as exc:
+        await finish(Failed(exc.body()))
+    except BackendError as exc:
+        log.warning("job %s: %s", job.stream_id, exc)
+        await finish(Failed(GenerationFailed(str(exc)).body()))
+    except Exception:
+        log.exception("job %s failed", job.stream_id)
+        await finish(Failed(GenerationFailed("the worker failed while generating").body()))
