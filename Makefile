@@ -1,0 +1,44 @@
+# sluice: `make run` serves api + worker on :8080 with the real model; `make test` runs every gate.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sluice-installed
+
+.PHONY: install run test lint fmt bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# llama-cpp-python comes from our own portable wheel (deploy/llama-wheel.sh caches it outside the
+# repo); only then is the project installed, so pip finds that requirement already satisfied.
+$(STAMP): pyproject.toml deploy/llama-wheel.sh | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$$(PYTHON=$(BIN)/python bash deploy/llama-wheel.sh)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/sluice dev
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	rm -f .coverage .coverage.*
+	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine --quiet
+	$(BIN)/coverage report
+
+bench: install
+	$(BIN)/python bench/seed_acceptance.py
+
+clean:
+	rm -rf $(VENV) .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache

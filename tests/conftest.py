@@ -1,0 +1,52 @@
+"""Fixtures: a private redis-server, and stacks of real `sluice api` / `sluice worker` processes.
+
+Each stack uses its own Redis database, so their queues and workers never mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from tests.procs import RedisServer, Stack, start_stack
+
+SYNTHETIC_RATE = "400"  # tokens/s: fast enough for many tests, slow enough to interleave
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def synthetic(redis_server: RedisServer) -> Iterator[Stack]:
+    """API + two synthetic workers."""
+    stack = start_stack(
+        "synthetic", redis_server.url(1), 2, backend="synthetic", synthetic_tokens_per_s=SYNTHETIC_RATE
+    )
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def model(redis_server: RedisServer) -> Iterator[Stack]:
+    """API + one worker on the real model (SmolLM2-135M through llama.cpp)."""
+    stack = start_stack("model", redis_server.url(2), 1, backend="llama")
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+async def client(synthetic: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=synthetic.base_url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+async def model_client(model: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=model.base_url, timeout=120) as c:
+        yield c

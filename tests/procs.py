@@ -1,0 +1,164 @@
+"""Real processes for tests: a private redis-server, `sluice api`, `sluice worker`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+
+LOGS = Path(__file__).parent / ".logs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+@dataclass
+class Proc:
+    """A child process whose output goes to tests/.logs/<name>.log."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        LOGS.mkdir(exist_ok=True)
+        with (LOGS / f"{self.name}.log").open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.args, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.alive():
+            assert self.popen is not None
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM, then SIGKILL if it will not go; returns the exit code."""
+        if self.popen is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        path = LOGS / f"{self.name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class RedisServer(Proc):
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        server = shutil.which("redis-server") or "redis-server"
+        super().__init__(
+            f"redis-{self.port}",
+            [server, "--port", str(self.port), "--bind", "127.0.0.1"]
+            + ["--save", "", "--appendonly", "no"],
+        )
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis.from_url(self.url(db))
+
+    def start(self) -> RedisServer:
+        super().start()
+        wait_until(self._answers, 10, "redis-server")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with self.client() as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+
+def sluice(command: str, name: str, env: dict[str, str]) -> Proc:
+    return Proc(name, [sys.executable, "-m", "sluice", command], env).start()
+
+
+@dataclass
+class Stack:
+    """An API process and its workers, sharing one Redis database."""
+
+    redis_url: str
+    api: Proc
+    workers: list[Proc]
+    port: int
+    env: dict[str, str]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add_worker(self, **env: str) -> Proc:
+        worker = sluice("worker", f"{self.api.name}-w{len(self.workers)}", {**self.env, **env})
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self, workers: int, timeout: float = 60) -> None:
+        def ready() -> bool:
+            for proc in (self.api, *self.workers):
+                if not proc.alive():
+                    raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+            try:
+                health = httpx.get(f"{self.base_url}/health", timeout=1).json()
+            except (httpx.HTTPError, ValueError):
+                return False
+            return int(health.get("workers", 0)) >= workers
+
+        wait_until(ready, timeout, f"{self.api.name} with {workers} workers")
+
+    def stop(self) -> None:
+        for proc in (*self.workers, self.api):
+            proc.signal(signal.SIGTERM)
+        for proc in (*self.workers, self.api):
+            proc.stop()
+
+
+def start_stack(name: str, redis_url: str, workers: int, **settings: str) -> Stack:
+    port = free_port()
+    env = {"SLUICE_REDIS_URL": redis_url, "SLUICE_PORT": str(port), "SLUICE_HOST": "127.0.0.1"}
+    env |= {f"SLUICE_{k.upper()}": v for k, v in settings.items()}
+    stack = Stack(redis_url, sluice("api", name, env), [], port, env)
+    for _ in range(workers):
+        stack.add_worker()
+    stack.wait_ready(workers, timeout=120)
+    return stack

@@ -1,0 +1,49 @@
+"""The seed contract, end to end, on the real model."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.sse import stream
+
+pytestmark = pytest.mark.model
+
+
+async def test_seed_request_streams_a_real_answer_in_many_chunks(
+    model_client: httpx.AsyncClient,
+) -> None:
+    result = await stream(model_client, {"prompt": "Explain streaming APIs", "stream": True})
+
+    assert result.status == 200
+    assert result.headers["content-type"].startswith("text/event-stream")
+    assert result.headers["cache-control"] == "no-cache"
+    assert result.headers["x-accel-buffering"] == "no"
+    assert result.events[-1].data == "[DONE]"
+    chunks = result.chunks
+    assert len(chunks) >= 6
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(isinstance(c["choices"][0]["delta"]["content"], str) for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert len(result.text) > 1375
+    assert "stream" in result.text.lower()  # relevant to the prompt
+
+
+async def test_openai_messages_without_stream_returns_one_completion(
+    model_client: httpx.AsyncClient,
+) -> None:
+    response = await model_client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "What is the capital of France?"}],
+              "max_tokens": 40},
+    )
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert "Paris" in body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] <= 40
+    assert body["usage"]["prompt_tokens"] > 5
