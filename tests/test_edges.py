@@ -1,0 +1,99 @@
+"""Faults at the edges: Redis unreachable, no workers, nobody picks the job up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.procs import Proc, RedisServer, Stack, free_port, sluice, start_stack, wait_until
+from tests.sse import stream
+
+SEED = {"prompt": "hello", "stream": True}
+
+
+def start_api(name: str, redis_url: str, **settings: str) -> tuple[Proc, str]:
+    port = free_port()
+    env = {"SLUICE_REDIS_URL": redis_url, "SLUICE_PORT": str(port), "SLUICE_HOST": "127.0.0.1"}
+    env |= {f"SLUICE_{k.upper()}": v for k, v in settings.items()}
+    api = sluice("api", name, env)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return True
+        except httpx.HTTPError:
+            return False
+
+    wait_until(answers, 30, name)
+    return api, url
+
+
+@pytest.fixture(scope="module")
+def api_without_redis() -> Iterator[str]:
+    api, url = start_api("no-redis", f"redis://127.0.0.1:{free_port()}/0", backend="synthetic")
+    yield url
+    api.stop()
+
+
+@pytest.fixture(scope="module")
+def api_without_workers(redis_server: RedisServer) -> Iterator[str]:
+    api, url = start_api("no-workers", redis_server.url(4), backend="synthetic")
+    yield url
+    api.stop()
+
+
+@pytest.fixture(scope="module")
+def one_slow_slot(redis_server: RedisServer) -> Iterator[Stack]:
+    """One worker that serves one job at a time, slowly; the API gives up on a queued job fast."""
+    stack = start_stack(
+        "one-slot",
+        redis_server.url(3),
+        1,
+        backend="synthetic",
+        synthetic_tokens_per_s="25",
+        worker_max_jobs="1",
+        queue_timeout_s="1",
+        relay_check_s="0.2",
+    )
+    yield stack
+    stack.stop()
+
+
+async def test_redis_unreachable_gets_503_at_once(api_without_redis: str) -> None:
+    async with httpx.AsyncClient(base_url=api_without_redis, timeout=10) as client:
+        response = await client.post("/v1/chat/completions", json=SEED)
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "redis_unavailable"
+    assert response.elapsed.total_seconds() < 3
+
+
+async def test_no_live_worker_gets_503_no_workers(api_without_workers: str) -> None:
+    async with httpx.AsyncClient(base_url=api_without_workers, timeout=10) as client:
+        response = await client.post("/v1/chat/completions", json=SEED)
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_workers"
+
+
+async def test_job_nobody_starts_in_time_errors_and_is_withdrawn(
+    one_slow_slot: Stack, redis_server: RedisServer
+) -> None:
+    async with httpx.AsyncClient(base_url=one_slow_slot.base_url, timeout=30) as client:
+        busy = asyncio.create_task(stream(client, {"prompt": "occupy the worker", "stream": True}))
+        await asyncio.sleep(0.3)
+        queued = await stream(client, {"prompt": "wait in line", "stream": True})
+        first = await busy
+
+    assert queued.events[-1].data == "[DONE]"
+    assert queued.errors[0]["code"] == "queue_timeout"
+    stream_id = queued.headers["x-sluice-stream-id"]
+    with redis_server.client(3) as r:
+        assert not r.exists(f"arq:job:{stream_id}")
+        assert r.zscore("sluice:queue", stream_id) is None
+    assert first.events[-1].data == "[DONE]"
+    assert not first.errors
