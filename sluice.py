@@ -1,4 +1,4 @@
-"""The `sluice` command: `sluice api`, `sluice worker`, `sluice dev` (api + workers, for a laptop)."""
+"""The `sluice` command: `sluice api`, `sluice worker`, and `sluice dev` (both, for a laptop)."""
 
 from __future__ import annotations
 

@@ -54,5 +54,12 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    for kind in (SluiceError, RedisError, OSError, RequestValidationError, HTTPException, Exception):
+    for kind in (
+        SluiceError,
+        RedisError,
+        OSError,
+        RequestValidationError,
+        HTTPException,
+        Exception,
+    ):
         app.add_exception_handler(kind, _handle)

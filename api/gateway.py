@@ -15,7 +15,10 @@ from shared.settings import Settings
 
 STREAM_ID_HEADER = "X-Sluice-Stream-Id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
-ID_PREFIX: dict[ChunkObject, str] = {"chat.completion.chunk": "chatcmpl-", "text_completion": "cmpl-"}
+ID_PREFIX: dict[ChunkObject, str] = {
+    "chat.completion.chunk": "chatcmpl-",
+    "text_completion": "cmpl-",
+}
 
 
 class Gateway:

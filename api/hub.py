@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import KeyT, StreamIdT
 
 from shared.errors import RedisUnavailable
 from shared.protocol import entry_id_key, hub_wake_key
@@ -49,6 +50,7 @@ class StreamHub:
         self._wake_sent = False
         self._has_waiters = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._wake_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -68,7 +70,7 @@ class StreamHub:
         self._has_waiters.set()
         if self._blocked and key not in self._in_call and not self._wake_sent:
             self._wake_sent = True
-            asyncio.create_task(self._wake())
+            self._wake_task = asyncio.create_task(self._wake())
         return await waiter.done
 
     async def _wake(self) -> None:
@@ -98,12 +100,14 @@ class StreamHub:
                 self._has_waiters.clear()
                 await self._has_waiters.wait()
                 continue
+            streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_after}
+            streams.update(wanted)
             self._in_call = set(wanted)
             self._wake_sent = False
             self._blocked = True
             try:
                 reply = await self._redis.xread(
-                    {self._wake_key: self._wake_after, **wanted},
+                    streams,
                     count=self._count,
                     block=self._block_ms,
                 )

@@ -54,7 +54,9 @@ async def follow(
             return
 
 
-def batch_events(batch: Batch, encoder: ChunkEncoder, include_usage: bool) -> Iterator[ServerSentEvent]:
+def batch_events(
+    batch: Batch, encoder: ChunkEncoder, include_usage: bool
+) -> Iterator[ServerSentEvent]:
     """One event per entry, except that consecutive tokens in a batch become one event.
 
     Tokens pile up only when this process falls behind; coalescing them then sends fewer,

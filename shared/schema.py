@@ -13,7 +13,7 @@ from shared.protocol import FinishReason
 
 
 class OpenAIModel(BaseModel):
-    """Unknown fields are ignored, as OpenAI-compatible servers do; known ones are typed strictly."""
+    """Unknown fields are ignored, as OpenAI-compatible servers do; known ones are strict."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 

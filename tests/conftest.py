@@ -26,7 +26,11 @@ def redis_server() -> Iterator[RedisServer]:
 def synthetic(redis_server: RedisServer) -> Iterator[Stack]:
     """API + two synthetic workers."""
     stack = start_stack(
-        "synthetic", redis_server.url(1), 2, backend="synthetic", synthetic_tokens_per_s=SYNTHETIC_RATE
+        "synthetic",
+        redis_server.url(1),
+        2,
+        backend="synthetic",
+        synthetic_tokens_per_s=SYNTHETIC_RATE,
     )
     yield stack
     stack.stop()

@@ -17,6 +17,7 @@ import httpx
 import redis
 
 LOGS = Path(__file__).parent / ".logs"
+NO_PERSISTENCE = ["--save", "", "--appendonly", "no"]
 
 
 def free_port() -> int:
@@ -87,8 +88,7 @@ class RedisServer(Proc):
         server = shutil.which("redis-server") or "redis-server"
         super().__init__(
             f"redis-{self.port}",
-            [server, "--port", str(self.port), "--bind", "127.0.0.1"]
-            + ["--save", "", "--appendonly", "no"],
+            [server, "--port", str(self.port), "--bind", "127.0.0.1", *NO_PERSISTENCE],
         )
 
     def url(self, db: int = 0) -> str:

@@ -1,4 +1,4 @@
-"""`sluice dev` (what `make run` runs): starts a private Redis when none answers, serves, cleans up."""
+"""`sluice dev` (what `make run` runs): a private Redis if none answers; serves; cleans up."""
 
 from __future__ import annotations
 

@@ -36,8 +36,11 @@ async def test_openai_messages_without_stream_returns_one_completion(
 ) -> None:
     response = await model_client.post(
         "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "What is the capital of France?"}],
-              "max_tokens": 40, "temperature": 0},
+        json={
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 40,
+            "temperature": 0,
+        },
     )
 
     assert response.status_code == 200

@@ -21,9 +21,16 @@ BAD_BODIES: list[tuple[str, Any, str | None]] = [
     ("neither prompt nor messages", {"stream": True}, "messages"),
     ("empty messages", {"messages": []}, "messages"),
     ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-    ("messages over 5000 characters",
-     {"messages": [{"role": "user", "content": "x" * 3000}] * 2}, "messages"),
-    ("messages with only whitespace", {"messages": [{"role": "user", "content": "  "}]}, "messages"),
+    (
+        "messages over 5000 characters",
+        {"messages": [{"role": "user", "content": "x" * 3000}] * 2},
+        "messages",
+    ),
+    (
+        "messages with only whitespace",
+        {"messages": [{"role": "user", "content": "  "}]},
+        "messages",
+    ),
     ("messages not a list", {"messages": "hi"}, "messages"),
     ("temperature out of range", {"messages": USER, "temperature": 3}, "temperature"),
     ("top_p out of range", {"messages": USER, "top_p": 0}, "top_p"),
@@ -34,11 +41,16 @@ BAD_BODIES: list[tuple[str, Any, str | None]] = [
     ("n above one", {"messages": USER, "n": 2}, "n"),
     ("tools", {"messages": USER, "tools": [{"type": "function"}]}, "tools"),
     ("logprobs", {"messages": USER, "logprobs": True}, "logprobs"),
-    ("json response format", {"messages": USER, "response_format": {"type": "json_object"}},
-     "response_format"),
-    ("image content part",
-     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     "messages[0].content[0].type"),
+    (
+        "json response format",
+        {"messages": USER, "response_format": {"type": "json_object"}},
+        "response_format",
+    ),
+    (
+        "image content part",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages[0].content[0].type",
+    ),
 ]
 
 
@@ -64,7 +76,9 @@ async def test_bad_request_body_gets_400_with_openai_error(
 @pytest.mark.parametrize(
     "raw", [b"{not json", b"[1, 2]", b'"a string"', b"", b"\xff\xfe"], ids=repr
 )
-async def test_body_that_is_not_a_json_object_gets_400(client: httpx.AsyncClient, raw: bytes) -> None:
+async def test_body_that_is_not_a_json_object_gets_400(
+    client: httpx.AsyncClient, raw: bytes
+) -> None:
     response = await client.post(
         "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
     )

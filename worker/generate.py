@@ -1,4 +1,4 @@
-"""The job: run the backend, append each piece of text to the job's stream, then a terminal entry."""
+"""The job: run the backend, append its text to the job's stream, then one terminal entry."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ class SluiceWorker(Worker):
         self._wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         options: dict[str, Any] = {
-            "functions": [func(generate, name=JOB_FUNCTION)],  # type: ignore[arg-type]
+            "functions": [func(generate, name=JOB_FUNCTION)],
             "queue_name": QUEUE_NAME,
             "redis_settings": RedisSettings.from_dsn(settings.redis_url),
             "on_startup": self._startup,

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncGenerator, Callable
+from typing import cast
 
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 from shared.errors import InvalidRequest
 from shared.schema import GenerationJob
@@ -55,7 +57,9 @@ class LlamaBackend:
 
     def _prompt_tokens(self, job: GenerationJob) -> list[int]:
         if job.messages is not None:
-            text = self._formatter(messages=job.messages).prompt
+            # Our {"role", "content"} dicts are what llama-cpp-python's message TypedDicts describe.
+            messages = cast(list[ChatCompletionRequestMessage], job.messages)
+            text = self._formatter(messages=messages).prompt
             return self._llm.tokenize(text.encode(), add_bos=False, special=True)
         assert job.prompt is not None
         return self._llm.tokenize(job.prompt.encode(), add_bos=True, special=False)
@@ -70,7 +74,9 @@ class LlamaBackend:
             )
         return Generation(len(tokens), self._run(tokens, job, max_new=min(room, job.max_tokens)))
 
-    async def _run(self, tokens: list[int], job: GenerationJob, max_new: int) -> AsyncGenerator[bytes, None]:
+    async def _run(
+        self, tokens: list[int], job: GenerationJob, max_new: int
+    ) -> AsyncGenerator[bytes, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         halt = threading.Event()
@@ -103,30 +109,29 @@ class LlamaBackend:
     ) -> None:
         try:
             self._llm.set_seed(job.seed if job.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
-            produced = 0
-            for token in self._llm.generate(
-                tokens,
-                temp=job.temperature,
-                top_p=job.top_p,
-                repeat_penalty=self._repeat_penalty,
-                presence_penalty=job.presence_penalty,
-                frequency_penalty=job.frequency_penalty,
-                logits_processor=self._min_tokens(job.min_tokens, len(tokens)),
+            for produced, token in enumerate(
+                self._llm.generate(
+                    tokens,
+                    temp=job.temperature,
+                    top_p=job.top_p,
+                    repeat_penalty=self._repeat_penalty,
+                    presence_penalty=job.presence_penalty,
+                    frequency_penalty=job.frequency_penalty,
+                    logits_processor=self._min_tokens(job.min_tokens, len(tokens)),
+                ),
+                start=1,
             ):
                 if halt.is_set() or token in self._eog_ids:
                     break
                 emit(self._llm.detokenize([token]))
-                produced += 1
                 if produced >= max_new:
                     break
         except Exception as exc:  # handed to the event loop, raised there as BackendError
             emit(exc)
         emit(_DONE)
 
-    def _min_tokens(
-        self, min_tokens: int, prompt_len: int
-    ) -> llama_cpp.LogitsProcessorList | None:
-        """Forbid end-of-generation tokens until `min_tokens` have been produced (vLLM's min_tokens)."""
+    def _min_tokens(self, min_tokens: int, prompt_len: int) -> llama_cpp.LogitsProcessorList | None:
+        """No end-of-generation token before `min_tokens` tokens (vLLM's `min_tokens`)."""
         if min_tokens <= 0:
             return None
         eog = self._eog_ids

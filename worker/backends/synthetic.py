@@ -33,13 +33,17 @@ class SyntheticBackend:
         self.max_concurrency = max_concurrency
 
     async def start(self, job: GenerationJob) -> Generation:
-        prompt = job.prompt if job.prompt is not None else (job.messages or [{}])[-1].get("content", "")
+        prompt = (
+            job.prompt if job.prompt is not None else (job.messages or [{}])[-1].get("content", "")
+        )
         prompt_tokens = words(prompt)
         fail = FAIL_AFTER.search(prompt)
         pieces = words(f"You asked: {prompt.strip()}\n\n{PASSAGE}")
         return Generation(len(prompt_tokens), self._pace(pieces, int(fail[1]) if fail else None))
 
-    async def _pace(self, pieces: list[bytes], fail_after: int | None) -> AsyncGenerator[bytes, None]:
+    async def _pace(
+        self, pieces: list[bytes], fail_after: int | None
+    ) -> AsyncGenerator[bytes, None]:
         loop = asyncio.get_running_loop()
         start = loop.time()
         for n, piece in enumerate(pieces):
