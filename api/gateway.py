@@ -9,7 +9,7 @@ from sse_starlette import EventSourceResponse
 
 from api.hub import StreamHub
 from api.jobs import JobQueue
-from api.relay import collect, follow, sse_events
+from api.relay import SEPARATOR, collect, follow, keepalive, sse_events
 from shared.schema import ChunkEncoder, ChunkObject, GenerationJob
 from shared.settings import Settings
 
@@ -48,5 +48,6 @@ class Gateway:
             sse_events(entries, encoder, include_usage),
             headers=SSE_HEADERS | headers,
             ping=self.settings.ping_s,
-            sep="\n",
+            ping_message_factory=keepalive,
+            sep=SEPARATOR,
         )

@@ -21,7 +21,20 @@ from shared.settings import Settings
 log = logging.getLogger("sluice.api")
 
 Batch = list[tuple[str, Entry]]
-DONE = ServerSentEvent(data="[DONE]")
+# Lines end in "\n" alone: naive clients split on it and compare the data to "[DONE]".
+# sse-starlette encodes each ServerSentEvent with the event's own separator ("\r\n" by default).
+SEPARATOR = "\n"
+
+
+def event(data: str, id: str | None = None) -> ServerSentEvent:
+    return ServerSentEvent(data=data, id=id, sep=SEPARATOR)
+
+
+def keepalive() -> ServerSentEvent:
+    return ServerSentEvent(comment="ping", sep=SEPARATOR)
+
+
+DONE = event("[DONE]")
 
 
 async def follow(
@@ -70,20 +83,20 @@ def batch_events(
             last_id = entry_id
             continue
         if text:
-            yield ServerSentEvent(data=encoder.content("".join(text)), id=last_id)
+            yield event(encoder.content("".join(text)), id=last_id)
             text = []
         match entry:
             case Started():
                 if encoder.is_chat:
-                    yield ServerSentEvent(data=encoder.role(), id=entry_id)
+                    yield event(encoder.role(), id=entry_id)
             case Finished(reason, prompt_tokens, completion_tokens):
-                yield ServerSentEvent(data=encoder.finish(reason), id=entry_id)
+                yield event(encoder.finish(reason), id=entry_id)
                 if include_usage:
-                    yield ServerSentEvent(data=encoder.usage(prompt_tokens, completion_tokens))
+                    yield event(encoder.usage(prompt_tokens, completion_tokens))
             case Failed(error):
-                yield ServerSentEvent(data=error_envelope(error), id=entry_id)
+                yield event(error_envelope(error), id=entry_id)
     if text:
-        yield ServerSentEvent(data=encoder.content("".join(text)), id=last_id)
+        yield event(encoder.content("".join(text)), id=last_id)
 
 
 async def sse_events(
@@ -95,10 +108,10 @@ async def sse_events(
             for event in batch_events(batch, encoder, include_usage):
                 yield event
     except SluiceError as exc:
-        yield ServerSentEvent(data=error_envelope(exc.body()))
+        yield event(error_envelope(exc.body()))
     except Exception:
         log.exception("relay of %s failed", encoder.id)
-        yield ServerSentEvent(data=error_envelope(GenerationFailed("the relay failed").body()))
+        yield event(error_envelope(GenerationFailed("the relay failed").body()))
     yield DONE
 
 
