@@ -31,7 +31,8 @@ def serve_api(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level="info",
-        timeout_graceful_shutdown=5,
+        # Longer than the streams' own grace, which ends each with an event saying why.
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )
 
 

@@ -2,52 +2,80 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import AsyncIterator
 
+import anyio
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.hub import StreamHub
 from api.jobs import JobQueue
-from api.relay import SEPARATOR, collect, follow, keepalive, sse_events
-from shared.schema import ChunkEncoder, ChunkObject, GenerationJob
+from api.readers import ReaderRegistry
+from api.relay import SEPARATOR, EventEncoder, collect, comment, follow, sse_events
+from shared.errors import StreamNotFound
+from shared.protocol import StreamKind, StreamMeta
+from shared.schema import ChunkEncoder, GenerationJob
 from shared.settings import Settings
 
 STREAM_ID_HEADER = "X-Sluice-Stream-Id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
-ID_PREFIX: dict[ChunkObject, str] = {
+ID_PREFIX: dict[StreamKind, str] = {
     "chat.completion.chunk": "chatcmpl-",
     "text_completion": "cmpl-",
 }
 
 
 class Gateway:
-    def __init__(self, settings: Settings, queue: JobQueue, hub: StreamHub) -> None:
+    def __init__(
+        self, settings: Settings, queue: JobQueue, hub: StreamHub, readers: ReaderRegistry
+    ) -> None:
         self.settings = settings
         self.queue = queue
         self.hub = hub
+        self.readers = readers
 
-    def encoder(self, stream_id: str, kind: ChunkObject) -> ChunkEncoder:
+    def chunk_encoder(self, stream_id: str, meta: StreamMeta) -> ChunkEncoder:
         return ChunkEncoder(
-            id=ID_PREFIX[kind] + stream_id,
-            created=int(time.time()),
+            id=ID_PREFIX[meta.kind] + stream_id,
+            created=meta.created,
             model=self.settings.model_name,
-            object=kind,
+            object=meta.kind,
         )
 
     async def serve(
-        self, job: GenerationJob, kind: ChunkObject, *, stream: bool, include_usage: bool
+        self, job: GenerationJob, kind: StreamKind, *, stream: bool, include_usage: bool
     ) -> EventSourceResponse | JSONResponse:
-        await self.queue.submit(job)
-        encoder = self.encoder(job.stream_id, kind)
-        entries = follow(self.hub, self.queue, self.settings, job.stream_id)
-        headers = {STREAM_ID_HEADER: job.stream_id}
+        meta = await self.queue.submit(job, kind, include_usage)
+        chunks = self.chunk_encoder(job.stream_id, meta)
         if not stream:
-            return JSONResponse(await collect(entries, encoder), headers=headers)
+            with self.readers.reading(job.stream_id):
+                entries = follow(self.hub, self.queue, self.settings, job.stream_id)
+                body = await collect(entries, chunks)
+            return JSONResponse(body, headers={STREAM_ID_HEADER: job.stream_id})
+        return self._respond(job.stream_id, "0-0", meta)
+
+    async def resume(self, stream_id: str, after: str) -> EventSourceResponse:
+        meta = await self.queue.meta(stream_id)
+        if meta is None:
+            raise StreamNotFound(f"no stream {stream_id!r} (unknown, or expired)")
+        return self._respond(stream_id, after, meta)
+
+    def _respond(self, stream_id: str, after: str, meta: StreamMeta) -> EventSourceResponse:
+        shutdown = anyio.Event()
+        encoder = EventEncoder(self.chunk_encoder(stream_id, meta), meta.include_usage)
+
+        async def events() -> AsyncIterator[ServerSentEvent]:
+            with self.readers.reading(stream_id):
+                entries = follow(self.hub, self.queue, self.settings, stream_id, after)
+                async for ev in sse_events(entries, encoder, self.settings, shutdown):
+                    yield ev
+
         return EventSourceResponse(
-            sse_events(entries, encoder, include_usage),
-            headers=SSE_HEADERS | headers,
+            events(),
+            headers=SSE_HEADERS | {STREAM_ID_HEADER: stream_id},
             ping=self.settings.ping_s,
-            ping_message_factory=keepalive,
+            ping_message_factory=lambda: comment("ping"),
             sep=SEPARATOR,
+            shutdown_event=shutdown,
+            shutdown_grace_period=self.settings.shutdown_grace_s,
         )

@@ -1,16 +1,37 @@
-"""The API's side of the queue: admit, enqueue and, if nobody picks a job up, withdraw it."""
+"""The API's side of the queue: admit, enqueue, withdraw, retry and cancel jobs."""
 
 from __future__ import annotations
-
-import time
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 
-from shared.errors import NoWorkers
-from shared.protocol import JOB_FUNCTION, QUEUE_NAME, WAKE_CHANNEL, WORKERS_KEY, worker_ttl_ms
+from shared.errors import Cancelled, NoWorkers, QueueFull, StreamFinished, StreamNotFound
+from shared.protocol import (
+    CANCEL_CHANNEL,
+    JOB_FUNCTION,
+    QUEUE_NAME,
+    READERS_KEY,
+    TERMINAL,
+    WAKE_CHANNEL,
+    WORKER_SLOTS_KEY,
+    WORKERS_KEY,
+    Failed,
+    StreamKind,
+    StreamMeta,
+    cancel_key,
+    decode,
+    encode,
+    job_id,
+    meta_key,
+    now_ms,
+    stream_key,
+    worker_ttl_ms,
+)
 from shared.schema import GenerationJob
 from shared.settings import Settings
+
+# (The `type: ignore[misc]`s below: redis-py types hash commands as returning "Awaitable | value"
+# for its sync and async clients alike.)
 
 # Removes a job from the queue only if no worker has claimed it (arq marks a claim with the
 # in-progress key, set under WATCH). Returns 1 if the job was withdrawn.
@@ -21,36 +42,125 @@ redis.call('DEL', KEYS[3])
 return removed
 """
 
+# Makes `new` the stream's current attempt if `dead` still is (so that of several relays that
+# notice the same lost worker, one retries), and takes `dead` out of arq's hands for good.
+_REPLACE = """
+if redis.call('HGET', KEYS[1], 'job') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'job', ARGV[2])
+redis.call('HDEL', KEYS[1], 'worker')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
 
 class JobQueue:
     def __init__(self, redis: ArqRedis, settings: Settings) -> None:
         self._redis = redis
         self._settings = settings
         self._withdraw = redis.register_script(_WITHDRAW)
-
-    async def live_workers(self) -> int:
-        now = int(time.time() * 1000)
-        count: int = await self._redis.zcount(
-            WORKERS_KEY, now - worker_ttl_ms(self._settings.heartbeat_s), "+inf"
+        self._replace = redis.register_script(_REPLACE)
+        self._meta_ttl_s = int(
+            2 * settings.queue_timeout_s + 2 * settings.job_timeout_s + settings.stream_ttl_s
         )
-        return count
 
-    async def submit(self, job: GenerationJob) -> None:
-        if not await self.live_workers():
+    async def live_workers(self) -> list[str]:
+        since = now_ms() - worker_ttl_ms(self._settings.heartbeat_s)
+        members = await self._redis.zrangebyscore(WORKERS_KEY, since, "+inf")
+        return [m.decode() for m in members]
+
+    async def worker_alive(self, worker_id: str) -> bool:
+        beat = await self._redis.zscore(WORKERS_KEY, worker_id)
+        return beat is not None and beat >= now_ms() - worker_ttl_ms(self._settings.heartbeat_s)
+
+    async def _admit(self) -> None:
+        """503 with no live worker; 429 with more than `max_queue` jobs waiting for a slot."""
+        live = await self.live_workers()
+        if not live:
             raise NoWorkers("no workers are available to serve this request")
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(WORKER_SLOTS_KEY, live)
+            pipe.zcard(QUEUE_NAME)  # arq keeps running jobs in it too
+            slots_raw, queued = await pipe.execute()
+        slots = sum(int(s) if s else 1 for s in slots_raw)
+        if queued - slots >= self._settings.max_queue:
+            raise QueueFull(
+                f"{queued - slots} requests are waiting for a worker; try again shortly",
+                retry_after_s=self._settings.retry_after_s,
+            )
+
+    async def submit(self, job: GenerationJob, kind: StreamKind, include_usage: bool) -> StreamMeta:
+        await self._admit()
+        meta = StreamMeta(kind, now_ms() // 1000, include_usage, job_id(job.stream_id, 1))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(
+                meta_key(job.stream_id), mapping={**meta.fields(), "payload": job.model_dump_json()}
+            )
+            pipe.expire(meta_key(job.stream_id), self._meta_ttl_s)
+            pipe.zadd(READERS_KEY, {job.stream_id: now_ms()})  # whoever asked is reading
+            pipe.expire(READERS_KEY, self._meta_ttl_s)
+            await pipe.execute()
+        await self._enqueue(meta.job, job)
+        return meta
+
+    async def _enqueue(self, arq_job_id: str, job: GenerationJob) -> None:
         await self._redis.enqueue_job(
             JOB_FUNCTION,
             job.model_dump(),
-            _job_id=job.stream_id,
+            _job_id=arq_job_id,
             _queue_name=QUEUE_NAME,
             _expires=self._settings.queue_timeout_s + self._settings.job_timeout_s,
         )
-        await self._redis.publish(WAKE_CHANNEL, job.stream_id)
+        await self._redis.publish(WAKE_CHANNEL, arq_job_id)
 
-    async def withdraw(self, stream_id: str) -> bool:
+    async def meta(self, stream_id: str) -> StreamMeta | None:
+        fields: dict[bytes, bytes] = await self._redis.hgetall(meta_key(stream_id))  # type: ignore[misc]
+        return StreamMeta.from_fields(fields) if fields else None
+
+    async def attempt(self, stream_id: str) -> tuple[str, str | None]:
+        """The current attempt's arq job id, and the worker running it (None while queued)."""
+        job, worker = await self._redis.hmget(meta_key(stream_id), ["job", "worker"])  # type: ignore[misc]
+        if job is None:
+            raise StreamNotFound(f"stream {stream_id!r} has expired")
+        return job.decode(), worker.decode() if worker else None
+
+    async def withdraw(self, arq_job_id: str) -> bool:
         """True if the job was still waiting and is now gone; False if a worker has it."""
         removed = await self._withdraw(
-            keys=[in_progress_key_prefix + stream_id, QUEUE_NAME, job_key_prefix + stream_id],
-            args=[stream_id],
+            keys=[in_progress_key_prefix + arq_job_id, QUEUE_NAME, job_key_prefix + arq_job_id],
+            args=[arq_job_id],
         )
         return bool(removed)
+
+    async def retry(self, stream_id: str, dead_job: str, attempt: int) -> bool:
+        """Replace an attempt whose worker died with attempt number `attempt`, at most once."""
+        new_job = job_id(stream_id, attempt)
+        replaced = await self._replace(
+            keys=[meta_key(stream_id), QUEUE_NAME, job_key_prefix + dead_job],
+            args=[dead_job, new_job],
+        )
+        if not replaced:
+            return False
+        payload = await self._redis.hget(meta_key(stream_id), "payload")  # type: ignore[misc]
+        await self._enqueue(new_job, GenerationJob.model_validate_json(payload))
+        return True
+
+    async def cancel(self, stream_id: str) -> None:
+        """Stop a stream's generation, wherever it runs; a stream still queued never starts."""
+        meta = await self.meta(stream_id)
+        if meta is None:
+            raise StreamNotFound(f"no stream {stream_id!r} (unknown, or expired)")
+        last = await self._redis.xrevrange(stream_key(stream_id), count=1)
+        if last and isinstance(decode(last[0][1]), TERMINAL):
+            raise StreamFinished(f"stream {stream_id!r} has already finished")
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(cancel_key(stream_id), 1, ex=self._meta_ttl_s)
+            pipe.publish(CANCEL_CHANNEL, stream_id)
+            await pipe.execute()
+        if await self.withdraw(meta.job):
+            # No worker will write this stream's end: write it here, for its readers.
+            ended = Failed(Cancelled("cancelled before generation started").body())
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(stream_key(stream_id), encode(ended))  # type: ignore[arg-type]
+                pipe.expire(stream_key(stream_id), self._settings.stream_ttl_s)
+                await pipe.execute()

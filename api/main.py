@@ -13,7 +13,8 @@ from api.errors import install_error_handlers
 from api.gateway import Gateway
 from api.hub import StreamHub
 from api.jobs import JobQueue
-from api.routes import chat, completions, health, models
+from api.readers import ReaderRegistry
+from api.routes import chat, completions, health, models, streams
 from shared.settings import Settings
 
 
@@ -29,16 +30,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         redis = ArqRedis(connection_pool=pool)
         hub = StreamHub(redis)
+        readers = ReaderRegistry(redis, period_s=settings.heartbeat_s, keep_s=60)
         await hub.start()
-        app.state.gateway = Gateway(settings, JobQueue(redis, settings), hub)
+        await readers.start()
+        app.state.gateway = Gateway(settings, JobQueue(redis, settings), hub, readers)
         try:
             yield
         finally:
+            await readers.stop()
             await hub.stop()
             await redis.aclose(close_connection_pool=True)
 
     app = FastAPI(title="sluice", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, models, streams, health):
         app.include_router(module.router)
     return app

@@ -8,19 +8,39 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
+import anyio
 from sse_starlette import ServerSentEvent
 
 from api.hub import StreamHub
 from api.jobs import JobQueue
-from shared.errors import GenerationFailed, QueueTimeout, RemoteError, SluiceError
-from shared.protocol import TERMINAL, Entry, Failed, Finished, Started, Token, decode, stream_key
+from shared.errors import (
+    GenerationFailed,
+    QueueTimeout,
+    RemoteError,
+    ShuttingDown,
+    SluiceError,
+    WorkerLost,
+)
+from shared.protocol import (
+    TERMINAL,
+    Entry,
+    Failed,
+    Finished,
+    Started,
+    Token,
+    decode,
+    stream_key,
+)
 from shared.schema import ChunkEncoder, completion_body, error_envelope
 from shared.settings import Settings
 
 log = logging.getLogger("sluice.api")
 
-Batch = list[tuple[str, Entry]]
+MAX_ATTEMPTS = 2
+"""A job lost with its worker before any token is tried once more; a second loss is final."""
+
 # Lines end in "\n" alone: naive clients split on it and compare the data to "[DONE]".
 # sse-starlette encodes each ServerSentEvent with the event's own separator ("\r\n" by default).
 SEPARATOR = "\n"
@@ -30,102 +50,171 @@ def event(data: str, id: str | None = None) -> ServerSentEvent:
     return ServerSentEvent(data=data, id=id, sep=SEPARATOR)
 
 
-def keepalive() -> ServerSentEvent:
-    return ServerSentEvent(comment="ping", sep=SEPARATOR)
+def comment(text: str) -> ServerSentEvent:
+    return ServerSentEvent(comment=text, sep=SEPARATOR)
 
 
 DONE = event("[DONE]")
 
+Batch = list[tuple[str, Entry]]
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Nothing arrived for a while; `queued` says whether the job is still waiting for a worker."""
+
+    queued: bool
+
 
 async def follow(
-    hub: StreamHub, queue: JobQueue, settings: Settings, stream_id: str, after: str = "0-0"
-) -> AsyncIterator[Batch]:
+    hub: StreamHub,
+    queue: JobQueue,
+    settings: Settings,
+    stream_id: str,
+    after: str = "0-0",
+) -> AsyncIterator[Batch | Waiting]:
     """The stream's entries after `after`, in batches as they arrive, up to the terminal entry.
 
-    Raises QueueTimeout (after withdrawing the job) if no worker starts it in time.
+    While nothing arrives it yields `Waiting` about once a `relay_check_s`, and checks on the
+    job: one no worker starts within `queue_timeout_s` is withdrawn (QueueTimeout); one whose
+    worker stopped beating is tried again if no token was sent yet, else ends (WorkerLost).
     """
     key = stream_key(stream_id)
     loop = asyncio.get_running_loop()
-    started = after != "0-0"
-    deadline = loop.time() + settings.queue_timeout_s
+    tick = min(settings.relay_check_s, settings.ping_s)
+    tokens_sent = after != "0-0"  # a resumed client may have had tokens: never re-run then
+    quiet_since = loop.time()
+    queued_until = quiet_since + settings.queue_timeout_s
     while True:
         try:
-            raw = await asyncio.wait_for(hub.read(key, after), settings.relay_check_s)
+            raw = await asyncio.wait_for(hub.read(key, after), tick)
         except TimeoutError:
-            if not started and loop.time() >= deadline:
-                if await queue.withdraw(stream_id):
+            raw = None
+        if raw is None:
+            job, worker = await queue.attempt(stream_id)
+            now = loop.time()
+            if worker is None:
+                yield Waiting(queued=True)
+                if now >= queued_until and await queue.withdraw(job):
                     raise QueueTimeout(
                         f"no worker started this request within {settings.queue_timeout_s:g} s"
-                    ) from None
-                started = True  # a worker claimed it in the meantime
+                    )
+                continue
+            yield Waiting(queued=False)
+            if now - quiet_since < settings.stall_s or await queue.worker_alive(worker):
+                continue
+            attempt = int(job.rpartition(".")[2]) + 1
+            if tokens_sent or attempt > MAX_ATTEMPTS:
+                raise WorkerLost(
+                    "the worker generating this stream stopped"
+                    + ("" if tokens_sent else f" ({MAX_ATTEMPTS} times)")
+                )
+            log.warning("stream %s lost worker %s before any token; retrying", stream_id, worker)
+            await queue.retry(stream_id, job, attempt)
+            quiet_since, queued_until = now, now + settings.queue_timeout_s
             continue
         batch = [(entry_id, decode(fields)) for entry_id, fields in raw]
         after = batch[-1][0]
-        started = True
+        quiet_since = loop.time()
+        tokens_sent = tokens_sent or any(isinstance(e, Token) for _, e in batch)
         yield batch
         if isinstance(batch[-1][1], TERMINAL):
             return
 
 
-def batch_events(
-    batch: Batch, encoder: ChunkEncoder, include_usage: bool
-) -> Iterator[ServerSentEvent]:
-    """One event per entry, except that consecutive tokens in a batch become one event.
+class EventEncoder:
+    """Turns batches of entries into SSE events for one response."""
 
-    Tokens pile up only when this process falls behind; coalescing them then sends fewer,
-    larger events instead of falling further behind. Each event's id is its last entry's id.
-    """
-    text: list[str] = []
-    last_id = ""
-    for entry_id, entry in batch:
-        if isinstance(entry, Token):
-            text.append(entry.text)
-            last_id = entry_id
-            continue
+    def __init__(self, chunks: ChunkEncoder, include_usage: bool) -> None:
+        self.chunks = chunks
+        self.include_usage = include_usage
+        self.role_sent = False
+
+    def events(self, batch: Batch) -> Iterator[ServerSentEvent]:
+        """One event per entry, except that consecutive tokens in a batch become one event.
+
+        Tokens pile up only when this process falls behind; coalescing them then sends fewer,
+        larger events instead of falling further behind. Each event's id is its last entry's.
+        """
+        text: list[str] = []
+        last_id = ""
+        for entry_id, entry in batch:
+            if isinstance(entry, Token):
+                text.append(entry.text)
+                last_id = entry_id
+                continue
+            if text:
+                yield event(self.chunks.content("".join(text)), id=last_id)
+                text = []
+            match entry:
+                case Started():
+                    if self.chunks.is_chat and not self.role_sent:
+                        self.role_sent = True
+                        yield event(self.chunks.role(), id=entry_id)
+                case Finished(reason, prompt_tokens, completion_tokens):
+                    yield event(self.chunks.finish(reason), id=entry_id)
+                    if self.include_usage:
+                        yield event(self.chunks.usage(prompt_tokens, completion_tokens))
+                case Failed(error):
+                    yield event(error_envelope(error), id=entry_id)
         if text:
-            yield event(encoder.content("".join(text)), id=last_id)
-            text = []
-        match entry:
-            case Started():
-                if encoder.is_chat:
-                    yield event(encoder.role(), id=entry_id)
-            case Finished(reason, prompt_tokens, completion_tokens):
-                yield event(encoder.finish(reason), id=entry_id)
-                if include_usage:
-                    yield event(encoder.usage(prompt_tokens, completion_tokens))
-            case Failed(error):
-                yield event(error_envelope(error), id=entry_id)
-    if text:
-        yield event(encoder.content("".join(text)), id=last_id)
+            yield event(self.chunks.content("".join(text)), id=last_id)
 
 
 async def sse_events(
-    entries: AsyncIterator[Batch], encoder: ChunkEncoder, include_usage: bool
+    entries: AsyncIterator[Batch | Waiting],
+    encoder: EventEncoder,
+    settings: Settings,
+    shutdown: anyio.Event,
 ) -> AsyncIterator[ServerSentEvent]:
-    """Every stream ends with `[DONE]`, after an error event if anything went wrong."""
+    """Every stream ends with `[DONE]`, after an error event if anything went wrong.
+
+    While waiting it sends a comment every `ping_s` (`: queued` or `: generating`), so proxies
+    do not cut a quiet stream. When the server shuts down, the stream may go on for most of
+    `shutdown_grace_s`, then ends with a `shutting_down` error event, before sse-starlette
+    cancels it (and it could no longer say why).
+    """
+    loop = asyncio.get_running_loop()
+    last_sent = loop.time()
+    shutdown_deadline: float | None = None
     try:
-        async for batch in entries:
-            for event in batch_events(batch, encoder, include_usage):
-                yield event
+        async for item in entries:
+            now = loop.time()
+            if shutdown.is_set():
+                shutdown_deadline = shutdown_deadline or now + settings.shutdown_grace_s * 0.8
+                if now >= shutdown_deadline:
+                    raise ShuttingDown("the server is shutting down; resume this stream elsewhere")
+            if isinstance(item, Waiting):
+                if now - last_sent >= settings.ping_s:
+                    last_sent = now
+                    yield comment("queued" if item.queued else "generating")
+                continue
+            last_sent = now
+            for ev in encoder.events(item):
+                yield ev
     except SluiceError as exc:
         yield event(error_envelope(exc.body()))
     except Exception:
-        log.exception("relay of %s failed", encoder.id)
+        log.exception("relay of %s failed", encoder.chunks.id)
         yield event(error_envelope(GenerationFailed("the relay failed").body()))
     yield DONE
 
 
-async def collect(entries: AsyncIterator[Batch], encoder: ChunkEncoder) -> dict[str, object]:
+async def collect(
+    entries: AsyncIterator[Batch | Waiting], chunks: ChunkEncoder
+) -> dict[str, object]:
     """The non-streaming response: the whole stream, gathered into one body."""
     text: list[str] = []
     async for batch in entries:
+        if isinstance(batch, Waiting):
+            continue
         for _, entry in batch:
             match entry:
                 case Token(piece):
                     text.append(piece)
                 case Finished(reason, prompt_tokens, completion_tokens):
                     return completion_body(
-                        encoder, "".join(text), reason, prompt_tokens, completion_tokens
+                        chunks, "".join(text), reason, prompt_tokens, completion_tokens
                     )
                 case Failed(error):
                     raise RemoteError(error)

@@ -50,6 +50,12 @@ class StreamNotFound(SluiceError):
     code = "stream_not_found"
 
 
+class StreamFinished(SluiceError):
+    status = 409
+    type = "invalid_request_error"
+    code = "stream_finished"
+
+
 class QueueFull(SluiceError):
     status = 429
     type = "rate_limit_error"
@@ -86,9 +92,14 @@ class WorkerLost(SluiceError):
 
 
 class Cancelled(SluiceError):
-    status = 499
+    """Generation was stopped: by a cancel request, or because no client was reading."""
+
     type = "cancelled"
     code = "cancelled"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
 
 
 class RemoteError(SluiceError):

@@ -7,6 +7,7 @@ terminal entry, `Finished` or `Failed`. The API relays entries; the worker appen
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,10 +21,31 @@ WAKE_CHANNEL = PREFIX + "wake"
 """Pub/Sub channel: the API publishes after each enqueue so idle workers poll at once."""
 WORKERS_KEY = PREFIX + "workers"
 """Sorted set: worker id -> last heartbeat (ms). Members older than `worker_ttl_ms` are dead."""
+WORKER_SLOTS_KEY = PREFIX + "worker-slots"
+"""Hash: worker id -> how many jobs it runs at once. Admission control sums the live ones."""
+READERS_KEY = PREFIX + "readers"
+"""Sorted set: stream id -> when an API process last saw a client reading it (ms)."""
+CANCEL_CHANNEL = PREFIX + "cancel"
+"""Pub/Sub channel: a stream id to stop generating, published by the cancel endpoint."""
 
 
 def stream_key(stream_id: str) -> str:
     return f"{PREFIX}stream:{stream_id}"
+
+
+def meta_key(stream_id: str) -> str:
+    """Hash: what a resumed relay needs (`StreamMeta`), and which job attempt is current."""
+    return f"{PREFIX}meta:{stream_id}"
+
+
+def cancel_key(stream_id: str) -> str:
+    """Set when a stream is cancelled, for a worker that starts the job after the broadcast."""
+    return f"{PREFIX}cancel:{stream_id}"
+
+
+def job_id(stream_id: str, attempt: int) -> str:
+    """The arq job id of one attempt at a stream; a job lost with its worker is tried again."""
+    return f"{stream_id}.{attempt}"
 
 
 def hub_wake_key(instance_id: str) -> str:
@@ -32,10 +54,40 @@ def hub_wake_key(instance_id: str) -> str:
 
 
 def worker_ttl_ms(heartbeat_s: float) -> int:
+    """A worker (or a reader) not heard from for three periods is gone."""
     return int(heartbeat_s * 3 * 1000)
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 FinishReason = Literal["stop", "length"]
+StreamKind = Literal["chat.completion.chunk", "text_completion"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMeta:
+    kind: StreamKind
+    created: int
+    include_usage: bool
+    job: str
+    """The arq job id of the current attempt."""
+
+    def fields(self) -> dict[str, str | int]:
+        return {
+            "kind": self.kind,
+            "created": self.created,
+            "usage": int(self.include_usage),
+            "job": self.job,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> StreamMeta:
+        kind: StreamKind = (
+            "text_completion" if fields[b"kind"] == b"text_completion" else "chat.completion.chunk"
+        )
+        return cls(kind, int(fields[b"created"]), fields[b"usage"] == b"1", fields[b"job"].decode())
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from shared.errors import ErrorBody, UnsupportedParameter
-from shared.protocol import FinishReason
+from shared.protocol import FinishReason, StreamKind
 
 
 class OpenAIModel(BaseModel):
@@ -151,7 +151,7 @@ class GenerationJob(BaseModel):
     frequency_penalty: float = 0.0
 
 
-ChunkObject = Literal["chat.completion.chunk", "text_completion"]
+ChunkObject = StreamKind
 
 
 @dataclass(frozen=True)

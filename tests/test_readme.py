@@ -1,4 +1,4 @@
-"""Every README code block that talks to the server runs against a live one, so the docs cannot rot."""
+"""Every README code block that talks to a server runs against a live one: docs cannot rot."""
 
 from __future__ import annotations
 

@@ -7,19 +7,51 @@ import logging
 from contextlib import aclosing
 from typing import Any
 
-from shared.errors import GenerationFailed, SluiceError
-from shared.protocol import Entry, Failed, Finished, FinishReason, Started, Token, stream_key
+from shared.errors import Cancelled, GenerationFailed, SluiceError
+from shared.protocol import (
+    Entry,
+    Failed,
+    Finished,
+    FinishReason,
+    Started,
+    Token,
+    meta_key,
+    stream_key,
+)
 from shared.schema import GenerationJob
 from shared.settings import Settings
 from worker.backends import Backend, BackendError
+from worker.control import JobControl, StopSignal
 from worker.text import TextAssembler
 from worker.writer import StreamWriter
 
 log = logging.getLogger("sluice.worker")
 
+# Records which worker runs the stream's current attempt, for the API's liveness checks.
+# Returns 0, and the job does nothing, if the stream is gone or this attempt was replaced.
+CLAIM_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'job') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'worker', ARGV[2])
+return 1
+"""
+
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     job = GenerationJob.model_validate(payload)
+    if not await ctx["claim"](
+        keys=[meta_key(job.stream_id)], args=[ctx["job_id"], ctx["worker_id"]]
+    ):
+        log.info("job %s is no longer wanted; skipped", ctx["job_id"])
+        return
+    control: JobControl = ctx["control"]
+    signal = await control.watch(job.stream_id)
+    try:
+        await _generate(ctx, job, signal)
+    finally:
+        control.release(job.stream_id)
+
+
+async def _generate(ctx: dict[str, Any], job: GenerationJob, signal: StopSignal) -> None:
     settings: Settings = ctx["settings"]
     backend: Backend = ctx["backend"]
     writer: StreamWriter = ctx["writer"]
@@ -30,6 +62,8 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         await asyncio.shield(writer.append(key, entry, expire_s=settings.stream_ttl_s))
 
     try:
+        if signal.stopped:
+            raise Cancelled(signal.reason)
         generation = await backend.start(job)
         # While generating, the stream outlives any job: its TTL is reset when the job ends.
         await writer.append(
@@ -45,6 +79,8 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
                 produced += 1
                 if out := text.feed(piece):
                     await writer.append(key, Token(out))
+                if signal.stopped:
+                    raise Cancelled(signal.reason)
                 if text.stopped:
                     break
                 if produced >= job.max_tokens:
@@ -58,6 +94,11 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     except BackendError as exc:
         log.warning("job %s: %s", job.stream_id, exc)
         await finish(Failed(GenerationFailed(str(exc)).body()))
+    except asyncio.CancelledError:
+        await finish(
+            Failed(GenerationFailed("the worker stopped (job timeout or shutdown)").body())
+        )
+        raise
     except Exception:
         log.exception("job %s failed", job.stream_id)
         await finish(Failed(GenerationFailed("the worker failed while generating").body()))

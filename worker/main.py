@@ -8,17 +8,27 @@ import contextlib
 import logging
 import os
 import socket
-import time
 import uuid
 from typing import Any
 
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
+from redis.exceptions import RedisError
 
-from shared.protocol import JOB_FUNCTION, QUEUE_NAME, WAKE_CHANNEL, WORKERS_KEY, worker_ttl_ms
+from shared.protocol import (
+    CANCEL_CHANNEL,
+    JOB_FUNCTION,
+    QUEUE_NAME,
+    WAKE_CHANNEL,
+    WORKER_SLOTS_KEY,
+    WORKERS_KEY,
+    now_ms,
+    worker_ttl_ms,
+)
 from shared.settings import Settings
 from worker.backends import load_backend
-from worker.generate import generate
+from worker.control import JobControl
+from worker.generate import CLAIM_SCRIPT, generate
 from worker.writer import StreamWriter
 
 log = logging.getLogger("sluice.worker")
@@ -55,18 +65,29 @@ class SluiceWorker(Worker):
             "max_jobs": default_max_jobs(settings),
             "job_timeout": settings.job_timeout_s,
             "keep_result": 0,
-            "max_tries": 2,
+            # A cancelled job has written its stream's end; the API, not arq, retries lost jobs.
+            "retry_jobs": False,
+            "job_completion_wait": settings.drain_s,
             "poll_delay": 0,
             "ctx": {"settings": settings, "worker_id": self.worker_id},
         }
         super().__init__(**{**options, **overrides})
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
-        ctx["backend"] = load_backend(self.settings)
+        try:
+            ctx["backend"] = load_backend(self.settings)
+        except Exception as exc:
+            log.critical("worker %s could not load its backend: %s", self.worker_id, exc)
+            raise SystemExit(1) from exc
         ctx["writer"] = StreamWriter(ctx["redis"], self.settings.stream_maxlen)
+        ctx["claim"] = ctx["redis"].register_script(CLAIM_SCRIPT)
+        control = ctx["control"] = JobControl(
+            ctx["redis"], self.settings.heartbeat_s, self.settings.resume_grace_s
+        )
         self._background = [
-            asyncio.create_task(self._listen_for_wakeups()),
+            asyncio.create_task(self._listen(control)),
             asyncio.create_task(self._beat()),
+            asyncio.create_task(control.check_readers_forever()),
         ]
         log.info("worker %s ready: backend %s", self.worker_id, self.settings.backend)
 
@@ -75,11 +96,21 @@ class SluiceWorker(Worker):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await self.pool.zrem(WORKERS_KEY, self.worker_id)
-        ctx["backend"].close()
+            async with self.pool.pipeline(transaction=False) as pipe:
+                pipe.zrem(WORKERS_KEY, self.worker_id)
+                pipe.hdel(WORKER_SLOTS_KEY, self.worker_id)
+                await pipe.execute()
+        if "backend" in ctx:
+            ctx["backend"].close()
 
     async def _poll_iteration(self) -> None:
-        await super()._poll_iteration()
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            # arq would let this end the worker; Redis restarts should not.
+            log.warning("queue poll failed: %s", exc)
+            await asyncio.sleep(self.settings.poll_delay_s)
+            return
         if self.burst:
             return
         with contextlib.suppress(TimeoutError):
@@ -90,13 +121,19 @@ class SluiceWorker(Worker):
         super()._release_sem_dec_counter_on_complete()
         self._wake.set()  # a slot is free: look at the queue now
 
-    async def _listen_for_wakeups(self) -> None:
+    async def _listen(self, control: JobControl) -> None:
+        """Wake-ups (a job was enqueued) and cancellations, as they are published."""
         while True:
             try:
                 async with self.pool.pubsub() as pubsub:
-                    await pubsub.subscribe(WAKE_CHANNEL)
+                    await pubsub.subscribe(WAKE_CHANNEL, CANCEL_CHANNEL)
+                    self._wake.set()  # anything enqueued while we were not listening
                     async for message in pubsub.listen():
-                        if message["type"] == "message":
+                        if message["type"] != "message":
+                            continue
+                        if message["channel"] == CANCEL_CHANNEL.encode():
+                            control.cancel(message["data"].decode())
+                        else:
                             self._wake.set()
             except asyncio.CancelledError:
                 raise
@@ -108,11 +145,13 @@ class SluiceWorker(Worker):
         ttl = worker_ttl_ms(self.settings.heartbeat_s)
         while True:
             try:
-                now = int(time.time() * 1000)
+                now = now_ms()
                 async with self.pool.pipeline(transaction=False) as pipe:
                     pipe.zadd(WORKERS_KEY, {self.worker_id: now})
                     pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - ttl)
                     pipe.pexpire(WORKERS_KEY, ttl)
+                    pipe.hset(WORKER_SLOTS_KEY, self.worker_id, str(self.max_jobs))
+                    pipe.pexpire(WORKER_SLOTS_KEY, ttl)
                     await pipe.execute()
             except asyncio.CancelledError:
                 raise

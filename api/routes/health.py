@@ -14,7 +14,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(gateway: GatewayDep) -> JSONResponse:
     try:
-        workers = await gateway.queue.live_workers()
+        workers = len(await gateway.queue.live_workers())
     except (RedisError, OSError):
         return JSONResponse({"status": "degraded", "redis": False, "workers": 0}, status_code=503)
     return JSONResponse({"status": "ok", "redis": True, "workers": workers})

@@ -1,0 +1,72 @@
+"""Tells workers which streams still have a client reading them.
+
+Each API process keeps a count of its open relays per stream and, once per `reader period`,
+refreshes all of them with one ZADD into `sluice:readers`. A worker stops a generation whose
+stream has gone unread for `SLUICE_RESUME_GRACE_S`. When the last local reader of a stream
+leaves, its member is removed at once, so a grace of 0 stops the worker within a check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.protocol import READERS_KEY, now_ms
+
+log = logging.getLogger("sluice.api")
+
+
+class ReaderRegistry:
+    def __init__(self, redis: Redis, period_s: float, keep_s: float) -> None:
+        self._redis = redis
+        self._period_s = period_s
+        self._keep_ms = int(keep_s * 1000)
+        self._open: Counter[str] = Counter()
+        self._task: asyncio.Task[None] | None = None
+        self._leaving: set[asyncio.Task[None]] = set()
+
+    @contextlib.contextmanager
+    def reading(self, stream_id: str) -> Iterator[None]:
+        self._open[stream_id] += 1
+        try:
+            yield
+        finally:
+            self._open[stream_id] -= 1
+            if self._open[stream_id] <= 0:
+                del self._open[stream_id]
+                task = asyncio.get_running_loop().create_task(self._leave(stream_id))
+                self._leaving.add(task)
+                task.add_done_callback(self._leaving.discard)
+
+    async def _leave(self, stream_id: str) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.zrem(READERS_KEY, stream_id)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            if self._open:
+                now = now_ms()
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        pipe.zadd(READERS_KEY, dict.fromkeys(self._open, now))
+                        pipe.zremrangebyscore(READERS_KEY, "-inf", now - self._keep_ms)
+                        pipe.pexpire(READERS_KEY, self._keep_ms)
+                        await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    log.warning("could not refresh readers: %s", exc)
+            await asyncio.sleep(self._period_s)
