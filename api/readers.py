@@ -1,7 +1,8 @@
 """Tells workers which streams still have a client reading them.
 
 Each API process keeps a count of its open relays per stream and, once per `reader period`,
-refreshes all of them with one ZADD into `sluice:readers`. A worker stops a generation whose
+refreshes all of them with one ZADD into `sluice:readers` (and at once when a stream gains its
+first reader here). A worker stops a generation whose
 stream has gone unread for `SLUICE_RESUME_GRACE_S`. When the last local reader of a stream
 leaves, its member is removed at once, so a grace of 0 stops the worker within a check.
 """
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -29,24 +30,32 @@ class ReaderRegistry:
         self._keep_ms = int(keep_s * 1000)
         self._open: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
-        self._leaving: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Task[None]] = set()
 
     @contextlib.contextmanager
     def reading(self, stream_id: str) -> Iterator[None]:
+        """Marks `stream_id` as read by this process while the block runs."""
         self._open[stream_id] += 1
+        if self._open[stream_id] == 1:
+            self._soon(self._redis.zadd(READERS_KEY, {stream_id: now_ms()}))
         try:
             yield
         finally:
             self._open[stream_id] -= 1
             if self._open[stream_id] <= 0:
                 del self._open[stream_id]
-                task = asyncio.get_running_loop().create_task(self._leave(stream_id))
-                self._leaving.add(task)
-                task.add_done_callback(self._leaving.discard)
+                self._soon(self._redis.zrem(READERS_KEY, stream_id))
 
-    async def _leave(self, stream_id: str) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.zrem(READERS_KEY, stream_id)
+    def _soon(self, command: Awaitable[object]) -> None:
+        """Run a Redis command without making the caller wait; a failure only costs a period."""
+
+        async def run() -> None:
+            with contextlib.suppress(RedisError, OSError):
+                await command
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._refresh_forever())

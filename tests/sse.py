@@ -66,9 +66,24 @@ def parse_sse(lines: list[str]) -> tuple[list[Event], list[str]]:
 
 
 async def stream(
-    client: httpx.AsyncClient, body: dict[str, Any], path: str = "/v1/chat/completions"
+    client: httpx.AsyncClient,
+    body: dict[str, Any] | None = None,
+    path: str = "/v1/chat/completions",
+    *,
+    headers: dict[str, str] | None = None,
+    cut_after: int | None = None,
 ) -> SSEResult:
-    async with client.stream("POST", path, json=body) as response:
-        lines = [line async for line in response.aiter_lines()]
+    """POST `body` (GET without one) and read the event stream, hanging up after `cut_after`
+    data events if given."""
+    method = "GET" if body is None else "POST"
+    lines: list[str] = []
+    seen = 0
+    async with client.stream(method, path, json=body, headers=headers) as response:
+        async for line in response.aiter_lines():
+            lines.append(line)
+            if line == "" and len(lines) > 1 and lines[-2].startswith("data: "):
+                seen += 1
+                if cut_after is not None and seen >= cut_after:
+                    break
         events, comments = parse_sse(lines)
         return SSEResult(response.status_code, response.headers, events, comments)
