@@ -73,13 +73,14 @@ def db(redis_server: RedisServer) -> Iterator[redis.Redis]:
         yield client
 
 
-async def eventually(check: Callable[[], T], what: str, timeout: float = 10) -> T:
-    """Poll `check` (a Redis read) until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := check()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.05)
+async def eventually(check: Callable[[], T], what: str) -> T:
+    """Poll `check` (a Redis read) until it returns something truthy, for up to 10 s."""
+    try:
+        async with asyncio.timeout(10):
+            while not (result := check()):
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise TimeoutError(what) from None
     return result
 
 
