@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -12,10 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import redis
 
+T = TypeVar("T")
 LOGS = Path(__file__).parent / ".logs"
 NO_PERSISTENCE = ["--save", "", "--appendonly", "no"]
 
@@ -34,6 +37,15 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def eventually(check: Callable[[], T], what: str) -> T:
+    """Poll `check` (a Redis read: no event to wait on) until it is truthy, for up to 10 s."""
+    for _ in range(200):
+        if result := check():
+            return result
+        await asyncio.sleep(0.05)
+    raise TimeoutError(what)
 
 
 @dataclass

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TypeVar
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 import redis
 
-from tests.procs import Proc, RedisServer, Stack, sluice, start_stack, wait_until
+from tests.procs import Proc, RedisServer, Stack, eventually, sluice, start_stack, wait_until
 from tests.sse import SSEResult, stream
 
-T = TypeVar("T")
 DB = 5
 PASSAGE_END = "will never come."
 
@@ -71,15 +69,6 @@ async def second(replica: str) -> AsyncIterator[httpx.AsyncClient]:
 def db(redis_server: RedisServer) -> Iterator[redis.Redis]:
     with redis_server.client(DB) as client:
         yield client
-
-
-async def eventually(check: Callable[[], T], what: str) -> T:
-    """Poll `check` (a Redis read: no event to wait on) until it is truthy, for up to 10 s."""
-    for _ in range(200):
-        if result := check():
-            return result
-        await asyncio.sleep(0.05)
-    raise TimeoutError(what)
 
 
 async def wait_idle(db: redis.Redis) -> None:

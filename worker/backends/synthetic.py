@@ -1,13 +1,17 @@
 """Deterministic text at a set rate, for pipeline tests and load benchmarks. Never the default.
 
-The text echoes the prompt, then a fixed passage, so each stream's content is its own. A prompt
-containing `[[fail after N]]` raises a BackendError after N tokens, to exercise mid-stream errors.
+The text echoes the prompt, then a fixed passage, so each stream's content is its own. Like a
+real model, the first token comes one token-time after the start. Two directives in the prompt
+stand in for faults: `[[fail after N]]` raises a BackendError after N tokens (a mid-stream
+error), and `[[crash after N]]` kills the worker process outright after N tokens (a segfault).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 from collections.abc import AsyncGenerator
 
 from shared.schema import GenerationJob
@@ -20,7 +24,7 @@ PASSAGE = (
     "the gateway only relays what the workers write. Every stream ends with a final event, so "
     "no client is left waiting for a response that will never come."
 )
-FAIL_AFTER = re.compile(r"\[\[fail after (\d+)\]\]")
+FAULT = re.compile(r"\[\[(fail|crash) after (\d+)\]\]")
 
 
 def words(text: str) -> list[bytes]:
@@ -33,24 +37,29 @@ class SyntheticBackend:
         self.max_concurrency = max_concurrency
 
     async def start(self, job: GenerationJob) -> Generation:
-        prompt = (
-            job.prompt if job.prompt is not None else (job.messages or [{}])[-1].get("content", "")
-        )
-        prompt_tokens = words(prompt)
-        fail = FAIL_AFTER.search(prompt)
+        if job.prompt is not None:
+            prompt = job.prompt
+        else:
+            prompt = (job.messages or [{}])[-1].get("content", "")
+        fault = FAULT.search(prompt)
         pieces = words(f"You asked: {prompt.strip()}\n\n{PASSAGE}")
-        return Generation(len(prompt_tokens), self._pace(pieces, int(fail[1]) if fail else None))
+        return Generation(
+            len(words(prompt)),
+            self._pace(pieces, (fault[1], int(fault[2])) if fault else None),
+        )
 
     async def _pace(
-        self, pieces: list[bytes], fail_after: int | None
+        self, pieces: list[bytes], fault: tuple[str, int] | None
     ) -> AsyncGenerator[bytes, None]:
         loop = asyncio.get_running_loop()
         start = loop.time()
         for n, piece in enumerate(pieces):
-            if n == fail_after:
+            if fault is not None and n == fault[1]:
+                if fault[0] == "crash":
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise BackendError(f"synthetic failure after {n} tokens")
             if self.tokens_per_s:
-                await asyncio.sleep(max(0.0, start + n / self.tokens_per_s - loop.time()))
+                await asyncio.sleep(max(0.0, start + (n + 1) / self.tokens_per_s - loop.time()))
             else:
                 await asyncio.sleep(0)
             yield piece
