@@ -26,6 +26,9 @@ def serve_api(settings: Settings) -> None:
 
     from api.main import create_app
 
+    # After its graceful shutdown uvicorn re-raises the signal that stopped it. Raised into this
+    # handler, it becomes a clean exit (0), and `sluice dev` still stops its children.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -83,8 +86,6 @@ def private_redis() -> Iterator[str]:
 
 def dev(settings: Settings, workers: int) -> None:
     """API in this process, `workers` worker processes beside it, Redis if none answers."""
-    # uvicorn re-raises the signal that stopped it; as SystemExit, our cleanup below still runs.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     existing = redis_answers(settings.redis_url)
     with nullcontext(settings.redis_url) if existing else private_redis() as url:
         env = {**os.environ, "SLUICE_REDIS_URL": url}

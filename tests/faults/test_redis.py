@@ -1,0 +1,55 @@
+"""Redis goes away mid-stream and comes back: clients get clean ends, then service resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from tests.faults.conftest import StackFactory
+from tests.procs import RedisServer, eventually
+from tests.sse import stream
+
+
+async def test_redis_restart_ends_open_streams_then_everything_recovers_by_itself(
+    make_stack: StackFactory,
+) -> None:
+    own = RedisServer().start()
+    restarted = RedisServer(own.port)
+    try:
+        stack = make_stack(workers=1, redis=own, synthetic_tokens_per_s="20")
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
+            open_stream = asyncio.create_task(stream(client, {"prompt": "cut", "stream": True}))
+            await asyncio.sleep(0.5)
+            own.stop()
+            stopped_at = time.monotonic()
+            cut = await open_stream
+            ended_after = time.monotonic() - stopped_at
+
+            refused = await client.post(
+                "/v1/chat/completions", json={"prompt": "x", "stream": True}
+            )
+
+            restarted.start()
+            await eventually(lambda: healthy(stack.base_url), "api and worker to reconnect")
+            after = await stream(client, {"prompt": "back again", "stream": True})
+    finally:
+        own.stop()
+        restarted.stop()
+
+    assert cut.events[-1].data == "[DONE]"
+    assert cut.errors[-1]["code"] == "redis_unavailable"
+    assert ended_after < 3
+    assert refused.status_code == 503
+    assert refused.elapsed.total_seconds() < 3
+    assert not after.errors
+    assert after.text.endswith("will never come.")
+    assert all(p.alive() for p in (stack.api, *stack.workers))
+
+
+def healthy(base_url: str) -> bool:
+    try:
+        return bool(httpx.get(f"{base_url}/health", timeout=1).json().get("workers", 0) >= 1)
+    except (httpx.HTTPError, ValueError):
+        return False
