@@ -11,7 +11,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.readers import ReaderRegistry
-from api.relay import SEPARATOR, EventEncoder, collect, comment, follow, sse_events
+from api.relay import DONE, SEPARATOR, EventEncoder, collect, comment, follow, sse_events
 from shared.errors import StreamNotFound
 from shared.protocol import StreamKind, StreamMeta
 from shared.schema import ChunkEncoder, GenerationJob
@@ -58,13 +58,20 @@ class Gateway:
         meta = await self.queue.meta(stream_id)
         if meta is None:
             raise StreamNotFound(f"no stream {stream_id!r} (unknown, or expired)")
-        return self._respond(stream_id, after, meta)
+        # A client that has seen the end already gets nothing more but [DONE].
+        seen_end = await self.queue.ended_by(stream_id, after)
+        return self._respond(stream_id, after, meta, seen_end=seen_end)
 
-    def _respond(self, stream_id: str, after: str, meta: StreamMeta) -> EventSourceResponse:
+    def _respond(
+        self, stream_id: str, after: str, meta: StreamMeta, *, seen_end: bool = False
+    ) -> EventSourceResponse:
         shutdown = anyio.Event()
         encoder = EventEncoder(self.chunk_encoder(stream_id, meta), meta.include_usage)
 
         async def events() -> AsyncIterator[ServerSentEvent]:
+            if seen_end:
+                yield DONE
+                return
             with self.readers.reading(stream_id):
                 entries = follow(self.hub, self.queue, self.settings, stream_id, after)
                 async for ev in sse_events(entries, encoder, self.settings, shutdown):

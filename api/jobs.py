@@ -124,6 +124,11 @@ class JobQueue:
             raise StreamNotFound(f"stream {stream_id!r} has expired")
         return job.decode(), worker.decode() if worker else None
 
+    async def ended_by(self, stream_id: str, entry_id: str) -> bool:
+        """Whether the stream's terminal entry is at or before `entry_id` ("+": anywhere)."""
+        last = await self._redis.xrevrange(stream_key(stream_id), max=entry_id, count=1)
+        return bool(last) and isinstance(decode(last[0][1]), TERMINAL)
+
     async def withdraw(self, arq_job_id: str) -> bool:
         """True if the job was still waiting and is now gone; False if a worker has it."""
         removed = await self._withdraw(
@@ -150,8 +155,7 @@ class JobQueue:
         meta = await self.meta(stream_id)
         if meta is None:
             raise StreamNotFound(f"no stream {stream_id!r} (unknown, or expired)")
-        last = await self._redis.xrevrange(stream_key(stream_id), count=1)
-        if last and isinstance(decode(last[0][1]), TERMINAL):
+        if await self.ended_by(stream_id, "+"):
             raise StreamFinished(f"stream {stream_id!r} has already finished")
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(cancel_key(stream_id), 1, ex=self._meta_ttl_s)

@@ -261,6 +261,20 @@ async def test_full_queue_gets_429_with_retry_after(
     assert int(refused.headers["retry-after"]) >= 1
 
 
+async def test_resume_after_the_last_event_gets_done_at_once(
+    first: httpx.AsyncClient, db: redis.Redis
+) -> None:
+    await wait_idle(db)
+    done = await stream(first, {"prompt": "short", "stream": True, "max_tokens": 3})
+    stream_id = done.headers["x-sluice-stream-id"]
+
+    again = await stream(
+        first, path=f"/v1/streams/{stream_id}", headers={"Last-Event-ID": done.events[-2].id or ""}
+    )
+
+    assert [e.data for e in again.events] == ["[DONE]"]
+
+
 async def test_every_key_left_behind_has_a_ttl(db: redis.Redis) -> None:
     await wait_idle(db)
     await asyncio.sleep(0.5)
