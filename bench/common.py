@@ -1,0 +1,176 @@
+"""What every benchmark shares: servers to measure, a timed SSE client, results on disk.
+
+Load goes only to addresses on this machine, and every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.procs import RedisServer, Stack, start_stack
+
+ROOT = Path(__file__).parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    """The p-th percentile (nearest rank); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass
+class Timing:
+    """One streamed request, as its client saw it."""
+
+    ok: bool = False
+    error: str = ""
+    ttft_s: float = float("nan")
+    total_s: float = float("nan")
+    chars: int = 0
+    chunks: int = 0
+    content_events: int = 0
+    completion_tokens: int | None = None
+    gaps_s: list[float] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens over generation time (first token to last), the usual decode-speed figure."""
+        tokens = self.completion_tokens or self.content_events
+        span = sum(self.gaps_s)
+        return (tokens - 1) / span if tokens > 1 and span > 0 else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["gaps_s"]
+        out["tokens_per_s"] = self.tokens_per_s
+        return out
+
+
+async def timed_stream(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> Timing:
+    """POST a streaming request and time it: first content, gaps between content, the end."""
+    timing = Timing()
+    start = time.perf_counter()
+    last: float | None = None
+    try:
+        async with client.stream("POST", path, json=body) as response:
+            timing.headers = {
+                k: response.headers.get(k, "") for k in ("cache-control", "x-accel-buffering")
+            }
+            if response.status_code != 200:
+                timing.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return timing
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    timing.ok = not timing.error
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    timing.error = chunk["error"]["message"]
+                    continue
+                if chunk.get("usage"):
+                    timing.completion_tokens = chunk["usage"]["completion_tokens"]
+                if not chunk.get("choices"):
+                    continue
+                timing.chunks += 1
+                choice = chunk["choices"][0]
+                text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                if not text:
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    timing.ttft_s = now - start
+                else:
+                    timing.gaps_s.append(now - last)
+                last = now
+                timing.content_events += 1
+                timing.chars += len(text)
+    except httpx.HTTPError as exc:
+        timing.error = f"{type(exc).__name__}: {exc}"
+    timing.total_s = time.perf_counter() - start
+    return timing
+
+
+def progress(done: int, total: int, label: str) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    bar = "#" * filled + "." * (width - filled)
+    print(f"\r{label:<28} [{bar}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def save(name: str, data: dict[str, Any], figure: Any = None) -> Path:
+    """bench/results/<name>.json (and .png); returns the JSON path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2, default=str) + "\n")
+    if figure is not None:
+        figure.savefig(RESULTS / f"{name}.png", dpi=110, bbox_inches="tight")
+    return path
+
+
+@contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def sluice_stack(redis: RedisServer, workers: int, **settings: str) -> Iterator[Stack]:
+    """`sluice api` and `workers` worker processes on `redis`, stopped on exit."""
+    stack = start_stack(
+        f"bench-{settings.get('backend', 'llama')}", redis.url(), workers, **settings
+    )
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain-text table for stdout."""
+
+    def fmt(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
