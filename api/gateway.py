@@ -48,11 +48,11 @@ class Gateway:
         meta = await self.queue.submit(job, kind, include_usage)
         chunks = self.chunk_encoder(job.stream_id, meta)
         if not stream:
-            with self.readers.reading(job.stream_id):
+            with self.readers.reading(job.stream_id, announced=True):
                 entries = follow(self.hub, self.queue, self.settings, job.stream_id)
                 body = await collect(entries, chunks)
             return JSONResponse(body, headers={STREAM_ID_HEADER: job.stream_id})
-        return self._respond(job.stream_id, "0-0", meta)
+        return self._respond(job.stream_id, "0-0", meta, announced=True)
 
     async def resume(self, stream_id: str, after: str) -> EventSourceResponse:
         meta = await self.queue.meta(stream_id)
@@ -63,7 +63,13 @@ class Gateway:
         return self._respond(stream_id, after, meta, seen_end=seen_end)
 
     def _respond(
-        self, stream_id: str, after: str, meta: StreamMeta, *, seen_end: bool = False
+        self,
+        stream_id: str,
+        after: str,
+        meta: StreamMeta,
+        *,
+        seen_end: bool = False,
+        announced: bool = False,
     ) -> EventSourceResponse:
         shutdown = anyio.Event()
         encoder = EventEncoder(self.chunk_encoder(stream_id, meta), meta.include_usage)
@@ -72,7 +78,7 @@ class Gateway:
             if seen_end:
                 yield DONE
                 return
-            with self.readers.reading(stream_id):
+            with self.readers.reading(stream_id, announced=announced):
                 entries = follow(self.hub, self.queue, self.settings, stream_id, after)
                 async for ev in sse_events(entries, encoder, self.settings, shutdown):
                     yield ev

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.jobs import serialize_job
+from redis.asyncio.client import Pipeline
 
 from shared.errors import Cancelled, NoWorkers, QueueFull, StreamFinished, StreamNotFound
 from shared.protocol import (
@@ -75,14 +77,15 @@ class JobQueue:
 
     async def _admit(self) -> None:
         """503 with no live worker; 429 with more than `max_queue` jobs waiting for a slot."""
-        live = await self.live_workers()
+        since = now_ms() - worker_ttl_ms(self._settings.heartbeat_s)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(WORKERS_KEY, since, "+inf")
+            pipe.hgetall(WORKER_SLOTS_KEY)
+            pipe.zcard(QUEUE_NAME)  # arq keeps running jobs in it too
+            live, slots_by_worker, queued = await pipe.execute()
         if not live:
             raise NoWorkers("no workers are available to serve this request")
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(WORKER_SLOTS_KEY, live)
-            pipe.zcard(QUEUE_NAME)  # arq keeps running jobs in it too
-            slots_raw, queued = await pipe.execute()
-        slots = sum(int(s) if s else 1 for s in slots_raw)
+        slots = sum(int(slots_by_worker.get(worker, 1)) for worker in live)
         if queued - slots >= self._settings.max_queue:
             raise QueueFull(
                 f"{queued - slots} requests are waiting for a worker; try again shortly",
@@ -92,26 +95,29 @@ class JobQueue:
     async def submit(self, job: GenerationJob, kind: StreamKind, include_usage: bool) -> StreamMeta:
         await self._admit()
         meta = StreamMeta(kind, now_ms() // 1000, include_usage, job_id(job.stream_id, 1))
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(
                 meta_key(job.stream_id), mapping={**meta.fields(), "payload": job.model_dump_json()}
             )
             pipe.expire(meta_key(job.stream_id), self._meta_ttl_s)
             pipe.zadd(READERS_KEY, {job.stream_id: now_ms()})  # whoever asked is reading
             pipe.expire(READERS_KEY, self._meta_ttl_s)
+            self._enqueue(pipe, meta.job, job)
             await pipe.execute()
-        await self._enqueue(meta.job, job)
         return meta
 
-    async def _enqueue(self, arq_job_id: str, job: GenerationJob) -> None:
-        await self._redis.enqueue_job(
-            JOB_FUNCTION,
-            job.model_dump(),
-            _job_id=arq_job_id,
-            _queue_name=QUEUE_NAME,
-            _expires=self._settings.queue_timeout_s + self._settings.job_timeout_s,
-        )
-        await self._redis.publish(WAKE_CHANNEL, arq_job_id)
+    def _enqueue(self, pipe: Pipeline, arq_job_id: str, job: GenerationJob) -> None:
+        """Queue a job as arq's enqueue_job writes one (the job key, then the queue entry).
+
+        arq's own enqueue_job spends three round trips guarding against a duplicate job id;
+        ours are fresh, so the job goes out in the caller's round trip instead.
+        """
+        now = now_ms()
+        expires_ms = int((self._settings.queue_timeout_s + self._settings.job_timeout_s) * 1000)
+        payload = serialize_job(JOB_FUNCTION, (job.model_dump(),), {}, None, now)
+        pipe.psetex(job_key_prefix + arq_job_id, expires_ms, payload)
+        pipe.zadd(QUEUE_NAME, {arq_job_id: now})
+        pipe.publish(WAKE_CHANNEL, arq_job_id)
 
     async def meta(self, stream_id: str) -> StreamMeta | None:
         fields: dict[bytes, bytes] = await self._redis.hgetall(meta_key(stream_id))  # type: ignore[misc]
@@ -147,7 +153,9 @@ class JobQueue:
         if not replaced:
             return False
         payload = await self._redis.hget(meta_key(stream_id), "payload")  # type: ignore[misc]
-        await self._enqueue(new_job, GenerationJob.model_validate_json(payload))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self._enqueue(pipe, new_job, GenerationJob.model_validate_json(payload))
+            await pipe.execute()
         return True
 
     async def cancel(self, stream_id: str) -> None:

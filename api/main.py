@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from arq.connections import ArqRedis
 from fastapi import FastAPI
-from redis.asyncio import ConnectionPool
+from redis.asyncio import BlockingConnectionPool
 
 from api.errors import install_error_handlers
 from api.gateway import Gateway
@@ -17,6 +17,8 @@ from api.readers import ReaderRegistry
 from api.routes import chat, completions, health, models, streams
 from shared.settings import Settings
 
+API_CLIENT_NAME = "sluice-api"  # how an API process's connections show in Redis's CLIENT LIST
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -25,8 +27,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Built directly, not with arq's create_pool: that one retries for seconds at start-up,
         # and the API must start (and answer 503) even while Redis is down.
-        pool = ConnectionPool.from_url(
-            settings.redis_url, socket_connect_timeout=2, health_check_interval=30
+        # Blocking, and capped: a burst of requests waits for a connection instead of opening
+        # one per request, so an API process holds at most `redis_max_connections`.
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.queue_timeout_s,
+            socket_connect_timeout=2,
+            health_check_interval=30,
+            client_name=API_CLIENT_NAME,
         )
         redis = ArqRedis(connection_pool=pool)
         hub = StreamHub(redis)

@@ -4,7 +4,8 @@ Each API process keeps a count of its open relays per stream and, once per `read
 refreshes all of them with one ZADD into `sluice:readers` (and at once when a stream gains its
 first reader here). A worker stops a generation whose
 stream has gone unread for `SLUICE_RESUME_GRACE_S`. When the last local reader of a stream
-leaves, its member is removed at once, so a grace of 0 stops the worker within a check.
+leaves, its member is removed at the next refresh, so a grace of 0 stops the worker within a
+period and a check.
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ class ReaderRegistry:
         self._period_s = period_s
         self._keep_ms = int(keep_s * 1000)
         self._open: Counter[str] = Counter()
+        self._left: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
     @contextlib.contextmanager
-    def reading(self, stream_id: str) -> Iterator[None]:
-        """Marks `stream_id` as read by this process while the block runs."""
+    def reading(self, stream_id: str, *, announced: bool = False) -> Iterator[None]:
+        """Marks `stream_id` as read by this process while the block runs. `announced`: the
+        member was just written (by the submit), so it need not be written again now."""
         self._open[stream_id] += 1
-        if self._open[stream_id] == 1:
+        self._left.discard(stream_id)
+        if self._open[stream_id] == 1 and not announced:
             self._soon(self._redis.zadd(READERS_KEY, {stream_id: now_ms()}))
         try:
             yield
@@ -44,7 +48,7 @@ class ReaderRegistry:
             self._open[stream_id] -= 1
             if self._open[stream_id] <= 0:
                 del self._open[stream_id]
-                self._soon(self._redis.zrem(READERS_KEY, stream_id))
+                self._left.add(stream_id)
 
     def _soon(self, command: Awaitable[object]) -> None:
         """Run a Redis command without making the caller wait; a failure only costs a period."""
@@ -68,11 +72,15 @@ class ReaderRegistry:
 
     async def _refresh_forever(self) -> None:
         while True:
-            if self._open:
+            if self._open or self._left:
                 now = now_ms()
+                left, self._left = self._left, set()
                 try:
                     async with self._redis.pipeline(transaction=False) as pipe:
-                        pipe.zadd(READERS_KEY, dict.fromkeys(self._open, now))
+                        if left:
+                            pipe.zrem(READERS_KEY, *left)
+                        if self._open:
+                            pipe.zadd(READERS_KEY, dict.fromkeys(self._open, now))
                         pipe.zremrangebyscore(READERS_KEY, "-inf", now - self._keep_ms)
                         pipe.pexpire(READERS_KEY, self._keep_ms)
                         await pipe.execute()

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_max_connections: int = Field(32, ge=4)
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=1, le=65535)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.protocol import READERS_KEY, cancel_key, now_ms, worker_ttl_ms
+from shared.protocol import READERS_KEY, now_ms, worker_ttl_ms
 
 log = logging.getLogger("sluice.worker")
 
@@ -42,10 +42,8 @@ class JobControl:
         self._grace_ms = int(grace_s * 1000)
         self._running: dict[str, StopSignal] = {}
 
-    async def watch(self, stream_id: str) -> StopSignal:
+    def watch(self, stream_id: str) -> StopSignal:
         signal = self._running[stream_id] = StopSignal()
-        if await self._redis.exists(cancel_key(stream_id)):
-            signal.stop("cancelled by request")
         return signal
 
     def release(self, stream_id: str) -> None:

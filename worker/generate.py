@@ -15,6 +15,7 @@ from shared.protocol import (
     FinishReason,
     Started,
     Token,
+    cancel_key,
     meta_key,
     stream_key,
 )
@@ -28,23 +29,29 @@ from worker.writer import StreamWriter
 log = logging.getLogger("sluice.worker")
 
 # Records which worker runs the stream's current attempt, for the API's liveness checks.
-# Returns 0, and the job does nothing, if the stream is gone or this attempt was replaced.
+# Returns 0, and the job does nothing, if the stream is gone or this attempt was replaced;
+# 2 if the stream was cancelled before the job started.
 CLAIM_SCRIPT = """
 if redis.call('HGET', KEYS[1], 'job') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'worker', ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 return 1
 """
 
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     job = GenerationJob.model_validate(payload)
-    if not await ctx["claim"](
-        keys=[meta_key(job.stream_id)], args=[ctx["job_id"], ctx["worker_id"]]
-    ):
+    claim = await ctx["claim"](
+        keys=[meta_key(job.stream_id), cancel_key(job.stream_id)],
+        args=[ctx["job_id"], ctx["worker_id"]],
+    )
+    if not claim:
         log.info("job %s is no longer wanted; skipped", ctx["job_id"])
         return
     control: JobControl = ctx["control"]
-    signal = await control.watch(job.stream_id)
+    signal = control.watch(job.stream_id)
+    if claim == 2:
+        signal.stop("cancelled by request")
     try:
         await _generate(ctx, job, signal)
     finally:

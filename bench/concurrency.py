@@ -1,0 +1,220 @@
+"""Many open streams against one API process, and the same load on the bare anchor.
+
+Each level opens N streams at once; each stream is 60 tokens from the synthetic backend at
+30 tokens/s (about 2 s). sluice runs one `sluice api` and enough `sluice worker`s for N; the
+anchor (bench/bare.py) streams the same chunks from its request handler. Per level: streams
+completed and failed, time to first token p50/p99, inter-token gap p99, wall time, the API
+process's CPU and peak RSS, and the Redis connections the API holds.
+
+    python -m bench.concurrency [--levels 1,10,100,500,1000,2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import httpx
+import psutil
+import redis
+
+from api.main import API_CLIENT_NAME
+from bench.common import (
+    Timing,
+    median,
+    pct,
+    progress,
+    redis_server,
+    save,
+    sluice_stack,
+    table,
+    timed_stream,
+)
+from tests.procs import Proc, free_port, wait_until
+
+TOKENS = 60
+RATE = 30
+WORKER_SLOTS = 512
+
+
+def body(n: int) -> dict[str, Any]:
+    return {
+        "messages": [{"role": "user", "content": f"stream {n}"}],
+        "stream": True,
+        "max_tokens": TOKENS,
+    }
+
+
+@contextmanager
+def bare_server() -> Iterator[tuple[str, int]]:
+    port = free_port()
+    server = Proc(
+        "bench-bare",
+        [sys.executable, "-m", "bench.bare", "--port", str(port), "--tokens-per-s", str(RATE)],
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: reachable(url), 30, "bare server")
+        yield url, server.pid
+    finally:
+        server.stop()
+
+
+def reachable(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+class Sampler:
+    """Samples a server process's CPU and memory, and its Redis connections, during a level."""
+
+    def __init__(self, pid: int, redis_url: str | None) -> None:
+        self.process = psutil.Process(pid)
+        self.redis = redis.Redis.from_url(redis_url) if redis_url else None
+        self.peak_rss_mb = 0.0
+        self.peak_connections = 0
+
+    def sample(self) -> None:
+        self.peak_rss_mb = max(self.peak_rss_mb, self.process.memory_info().rss / 2**20)
+        if self.redis is not None:
+            clients = self.redis.client_list()
+            self.peak_connections = max(
+                self.peak_connections, sum(c.get("name") == API_CLIENT_NAME for c in clients)
+            )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.sample()
+            await asyncio.sleep(0.25)
+
+
+async def level(url: str, n: int, sampler: Sampler) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
+    stop = asyncio.Event()
+    cpu_before = sampler.process.cpu_times()
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        watcher = asyncio.create_task(sampler.run(stop))
+        start = time.perf_counter()
+        timings: list[Timing] = await asyncio.gather(
+            *(timed_stream(client, "/v1/chat/completions", body(i)) for i in range(n))
+        )
+        wall = time.perf_counter() - start
+        stop.set()
+        await watcher
+    cpu_after = sampler.process.cpu_times()
+    cpu_s = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    ok = [t for t in timings if t.ok and t.chars]
+    gaps = [g for t in ok for g in t.gaps_s]
+    return {
+        "streams": n,
+        "completed": len(ok),
+        "failed": n - len(ok),
+        "wall_s": wall,
+        "ttft_p50_ms": median([t.ttft_s * 1000 for t in ok]),
+        "ttft_p99_ms": pct([t.ttft_s * 1000 for t in ok], 99),
+        "gap_p99_ms": pct(gaps, 99) * 1000,
+        "tokens_per_s": sum(TOKENS for _ in ok) / wall,
+        "server_cpu_pct": 100 * cpu_s / wall,
+        "server_rss_mb": sampler.peak_rss_mb,
+        "redis_connections": sampler.peak_connections if sampler.redis else None,
+        "first_error": next((t.error for t in timings if t.error), ""),
+    }
+
+
+def sweep(
+    url: str, pid: int, redis_url: str | None, levels: list[int], label: str
+) -> list[dict[str, Any]]:
+    rows = []
+    for i, n in enumerate(levels):
+        rows.append({"system": label, **asyncio.run(level(url, n, Sampler(pid, redis_url)))})
+        progress(i + 1, len(levels), f"{label} concurrency")
+    return rows
+
+
+def plot(rows: list[dict[str, Any]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for system, style in (("sluice", "o-"), ("bare", "s--")):
+        mine = [r for r in rows if r["system"] == system]
+        x = [r["streams"] for r in mine]
+        axes[0].plot(x, [r["wall_s"] for r in mine], style, label=system)
+        axes[1].plot(x, [r["ttft_p99_ms"] for r in mine], style, label=system)
+        axes[2].plot(x, [r["server_cpu_pct"] for r in mine], style, label=system)
+    for ax, title in zip(axes, ["wall time (s)", "TTFT p99 (ms)", "server CPU (%)"], strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"{TOKENS} tokens per stream at {RATE} tokens/s; one API process")
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", default="1,10,100,500,1000,2000")
+    args = parser.parse_args()
+    levels = [int(n) for n in args.levels.split(",")]
+    workers = max(1, -(-max(levels) // WORKER_SLOTS))
+    with ExitStack() as stack:
+        server = stack.enter_context(redis_server())
+        sluice = stack.enter_context(
+            sluice_stack(
+                server,
+                workers,
+                backend="synthetic",
+                synthetic_tokens_per_s=str(RATE),
+                worker_max_jobs=str(WORKER_SLOTS),
+                max_queue="100000",
+                queue_timeout_s="600",
+            )
+        )
+        rows = sweep(sluice.base_url, sluice.api.pid, server.url(), levels, "sluice")
+        bare_url, bare_pid = stack.enter_context(bare_server())
+        rows += sweep(bare_url, bare_pid, None, levels, "bare")
+    ratios = {}
+    for n in levels:
+        s, b = (
+            next(r for r in rows if r["system"] == k and r["streams"] == n)
+            for k in ("sluice", "bare")
+        )
+        ratios[n] = {
+            "wall_sluice_over_bare": s["wall_s"] / b["wall_s"],
+            "throughput_sluice_over_bare": s["tokens_per_s"] / b["tokens_per_s"],
+        }
+    save("concurrency", {"levels": rows, "ratios": ratios}, plot(rows))
+    columns = [
+        "system",
+        "streams",
+        "completed",
+        "failed",
+        "wall_s",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "gap_p99_ms",
+        "server_cpu_pct",
+        "server_rss_mb",
+        "redis_connections",
+    ]
+    print(table(rows, columns))
+    print(
+        table(
+            [{"streams": n, **r} for n, r in ratios.items()],
+            ["streams", "wall_sluice_over_bare", "throughput_sluice_over_bare"],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
