@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     dev_parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # arq logs two lines per job, each quoting the job's arguments, the prompt included: at
+    # thousands of streams that is real CPU, and prompts do not belong in logs.
+    logging.getLogger("arq.worker").setLevel(logging.WARNING)
     settings = Settings()
     if args.command == "api":
         serve_api(settings)

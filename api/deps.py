@@ -10,13 +10,15 @@ from api.gateway import Gateway
 from shared.settings import Settings
 
 
-def get_gateway(request: Request) -> Gateway:
+# `async def`, though they await nothing: FastAPI runs plain `def` dependencies in a thread.
+async def get_gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 
 
-def get_settings(request: Request) -> Settings:
-    return get_gateway(request).settings
+async def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.gateway.settings
+    return settings
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]

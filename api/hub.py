@@ -27,6 +27,7 @@ from shared.protocol import entry_id_key, hub_wake_key
 log = logging.getLogger("sluice.api")
 
 RawEntry = tuple[str, dict[bytes, bytes]]
+MIN_CALL_INTERVAL_S = 0.002
 
 
 @dataclass(eq=False)
@@ -63,15 +64,19 @@ class StreamHub:
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(self._wake_key)
 
-    async def read(self, key: str, after: str) -> list[RawEntry]:
-        """The entries of `key` after id `after`, waiting until there is at least one."""
+    def read(self, key: str, after: str) -> asyncio.Future[list[RawEntry]]:
+        """The entries of `key` after id `after`, once there is at least one.
+
+        A plain future, not a coroutine: `asyncio.wait_for` on it needs no task per read, and
+        cancelling it (a timeout, a client gone) withdraws the wait.
+        """
         waiter = _Waiter(after)
         self._waiters.setdefault(key, []).append(waiter)
         self._has_waiters.set()
         if self._blocked and key not in self._in_call and not self._wake_sent:
             self._wake_sent = True
             self._wake_task = asyncio.create_task(self._wake())
-        return await waiter.done
+        return waiter.done
 
     async def _wake(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -94,7 +99,13 @@ class StreamHub:
 
     async def _run(self) -> None:
         backoff = 0.05
+        loop = asyncio.get_running_loop()
+        last_call = 0.0
         while True:
+            # Under load, space calls by a couple of milliseconds so each returns many entries;
+            # an XREAD over every waiting stream costs the same for one entry as for hundreds.
+            await asyncio.sleep(max(0.0, last_call + MIN_CALL_INTERVAL_S - loop.time()))
+            last_call = loop.time()
             wanted = self._wanted()
             if not wanted:
                 self._has_waiters.clear()
