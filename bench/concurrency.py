@@ -39,7 +39,7 @@ from tests.procs import Proc, free_port, wait_until
 
 TOKENS = 60
 RATE = 30
-WORKER_SLOTS = 512
+WORKER_SLOTS = 2048  # one worker: several would all race to claim every queued job (arq)
 
 
 def body(n: int) -> dict[str, Any]:
@@ -51,11 +51,19 @@ def body(n: int) -> dict[str, Any]:
 
 
 @contextmanager
-def bare_server() -> Iterator[tuple[str, int]]:
+def bare_server(tokens_per_s: float = RATE) -> Iterator[tuple[str, int]]:
     port = free_port()
     server = Proc(
         "bench-bare",
-        [sys.executable, "-m", "bench.bare", "--port", str(port), "--tokens-per-s", str(RATE)],
+        [
+            sys.executable,
+            "-m",
+            "bench.bare",
+            "--port",
+            str(port),
+            "--tokens-per-s",
+            str(tokens_per_s),
+        ],
     ).start()
     url = f"http://127.0.0.1:{port}"
     try:

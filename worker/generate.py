@@ -85,7 +85,7 @@ async def _generate(ctx: dict[str, Any], job: GenerationJob, signal: StopSignal)
             async for piece in pieces:
                 produced += 1
                 if out := text.feed(piece):
-                    await writer.append(key, Token(out))
+                    await writer.send(key, Token(out))
                 if signal.stopped:
                     raise Cancelled(signal.reason)
                 if text.stopped:
@@ -94,7 +94,7 @@ async def _generate(ctx: dict[str, Any], job: GenerationJob, signal: StopSignal)
                     reason = "length"
                     break
         if tail := text.flush():
-            await writer.append(key, Token(tail))
+            await writer.send(key, Token(tail))
         await finish(Finished(reason, generation.prompt_tokens, produced))
     except SluiceError as exc:
         await finish(Failed(exc.body()))

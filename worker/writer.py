@@ -1,5 +1,10 @@
-"""Appends entries to job streams, batching every job's writes of one event-loop turn into one
-Redis round trip. Order within a stream is kept: one pipeline at a time, entries in call order."""
+"""Appends entries to job streams, batching every job's writes into few Redis round trips.
+
+Order within a stream is kept: one pipeline at a time, entries in call order. Tokens are sent
+without waiting for Redis to store them (`send`), so a fast backend is not held to one token per
+round trip; the first and terminal entries wait (`append`). A failed write is raised by the next
+call for that stream.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from redis.asyncio import Redis
 from shared.protocol import Entry, encode
 
 MIN_WRITE_INTERVAL_S = 0.002
+MAX_UNSENT = 8192
+"""Past this many entries not yet written, `send` waits: memory stays bounded if Redis stalls."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +25,7 @@ class _Pending:
     key: str
     entry: Entry
     expire_s: int | None
-    done: asyncio.Future[str]
+    done: asyncio.Future[str] | None
 
 
 class StreamWriter:
@@ -28,14 +35,28 @@ class StreamWriter:
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._last_write = 0.0
+        self._failed: dict[str, BaseException] = {}
+        self._drained = asyncio.Event()
 
     async def append(self, key: str, entry: Entry, *, expire_s: int | None = None) -> str:
         """XADD `entry` to `key` (and set the key's TTL); returns the entry id once it is stored."""
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(key, entry, expire_s, done))
+        self._enqueue(_Pending(key, entry, expire_s, done))
+        return await done
+
+    async def send(self, key: str, entry: Entry) -> None:
+        """XADD `entry` to `key` soon, in order with this stream's other entries."""
+        self._enqueue(_Pending(key, entry, None, None))
+        if len(self._pending) > MAX_UNSENT:
+            self._drained.clear()
+            await self._drained.wait()
+
+    def _enqueue(self, item: _Pending) -> None:
+        if failure := self._failed.pop(item.key, None):
+            raise failure
+        self._pending.append(item)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
-        return await done
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
@@ -43,22 +64,26 @@ class StreamWriter:
             while self._pending:
                 # Under load, wait out the rest of a short interval since the last write, so
                 # that many jobs' tokens share one write instead of one syscall each. An idle
-                # writer (one job, a token every few ms) never waits.
+                # writer (a token every few ms) never waits.
                 await asyncio.sleep(max(0.0, self._last_write + MIN_WRITE_INTERVAL_S - loop.time()))
                 self._last_write = loop.time()
                 batch, self._pending = self._pending, []
+                self._drained.set()
                 try:
                     ids = await self._write(batch)
                 except Exception as exc:
                     for item in batch:
-                        if not item.done.done():
+                        if item.done is None:
+                            self._failed[item.key] = exc
+                        elif not item.done.done():
                             item.done.set_exception(exc)
                     continue
                 for item, entry_id in zip(batch, ids, strict=True):
-                    if not item.done.done():
+                    if item.done is not None and not item.done.done():
                         item.done.set_result(entry_id)
         finally:
             self._flusher = None
+            self._drained.set()
 
     async def _write(self, batch: list[_Pending]) -> list[str]:
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -1,0 +1,89 @@
+"""What the queue and the relay add per request and per token, against the bare anchor.
+
+The synthetic backend at unlimited rate, one request at a time, through sluice's full path
+(API → Redis queue → worker → Redis Stream → relay) and through bench/bare.py (the same tokens
+and chunks from the request handler). Queue-added TTFT is sluice's time to first token minus
+the anchor's; the per-token relay cost is the difference in time per token after the first.
+
+    python -m bench.overhead [--requests 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from contextlib import ExitStack
+from typing import Any
+
+import httpx
+
+from bench.common import (
+    Timing,
+    median,
+    pct,
+    progress,
+    redis_server,
+    save,
+    sluice_stack,
+    table,
+    timed_stream,
+)
+from bench.concurrency import bare_server
+
+TOKENS = 60  # fewer than the synthetic text has: every request streams exactly this many
+
+
+async def sequential(url: str, requests: int, label: str) -> list[Timing]:
+    body = {
+        "messages": [{"role": "user", "content": "overhead"}],
+        "stream": True,
+        "max_tokens": TOKENS,
+    }
+    timings = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        await timed_stream(client, "/v1/chat/completions", body)  # warm-up
+        for n in range(requests):
+            timings.append(await timed_stream(client, "/v1/chat/completions", body))
+            progress(n + 1, requests, label)
+    return timings
+
+
+def row(system: str, timings: list[Timing]) -> dict[str, Any]:
+    ok = [t for t in timings if t.ok]
+    # Per token, not per event: the relay may coalesce tokens that arrive together.
+    per_token = [(t.total_s - t.ttft_s) / (TOKENS - 1) * 1e6 for t in ok]
+    return {
+        "system": system,
+        "ok": len(ok),
+        "ttft_p50_ms": median([t.ttft_s * 1000 for t in ok]),
+        "ttft_p99_ms": pct([t.ttft_s * 1000 for t in ok], 99),
+        "per_token_p50_us": median(per_token),
+        "total_p50_ms": median([t.total_s * 1000 for t in ok]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=100)
+    args = parser.parse_args()
+    with ExitStack() as stack:
+        server = stack.enter_context(redis_server())
+        sluice = stack.enter_context(
+            sluice_stack(server, 1, backend="synthetic", synthetic_tokens_per_s="0")
+        )
+        rows = [row("sluice", asyncio.run(sequential(sluice.base_url, args.requests, "sluice")))]
+        bare_url, _ = stack.enter_context(bare_server(tokens_per_s=0))
+        rows.append(row("bare", asyncio.run(sequential(bare_url, args.requests, "bare"))))
+    s, b = rows
+    added = {
+        "queue_added_ttft_p50_ms": s["ttft_p50_ms"] - b["ttft_p50_ms"],
+        "queue_added_ttft_p99_ms": s["ttft_p99_ms"] - b["ttft_p99_ms"],
+        "relay_added_per_token_us": s["per_token_p50_us"] - b["per_token_p50_us"],
+    }
+    save("overhead", {"systems": rows, "added": added})
+    print(table(rows, list(rows[0])))
+    print(added)
+
+
+if __name__ == "__main__":
+    main()
