@@ -37,8 +37,11 @@ test: lint
 	$(BIN)/coverage combine --quiet
 	$(BIN)/coverage report
 
+# Each writes bench/results/<name>.json (and .png) and prints its table; see README, Benchmarks.
+BENCHES := seed_acceptance peers overhead concurrency scaling
+
 bench: install
-	$(BIN)/python bench/seed_acceptance.py
+	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache
