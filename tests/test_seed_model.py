@@ -50,3 +50,18 @@ async def test_openai_messages_without_stream_returns_one_completion(
     assert "Paris" in body["choices"][0]["message"]["content"]
     assert body["usage"]["completion_tokens"] <= 40
     assert body["usage"]["prompt_tokens"] > 5
+
+
+async def test_same_seed_and_prompt_give_the_same_text(model_client: httpx.AsyncClient) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Name three colours."}],
+        "max_tokens": 30,
+        "temperature": 0.9,
+        "seed": 1234,
+    }
+    first, second = [
+        (await model_client.post("/v1/chat/completions", json=body)).json() for _ in range(2)
+    ]
+
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+    assert first["usage"] == second["usage"]
