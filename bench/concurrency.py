@@ -1,10 +1,11 @@
 """Many open streams against one API process, and the same load on the bare anchor.
 
 Each level opens N streams at once; each stream is 60 tokens from the synthetic backend at
-30 tokens/s (about 2 s). sluice runs one `sluice api` and enough `sluice worker`s for N; the
+30 tokens/s (about 2 s). sluice runs one `sluice api` and one `sluice worker` with 2048 slots; the
 anchor (bench/bare.py) streams the same chunks from its request handler. Per level: streams
 completed and failed, time to first token p50/p99, inter-token gap p99, wall time, the API
-process's CPU and peak RSS, and the Redis connections the API holds.
+process's CPU and peak RSS, the CPU of all server processes (for sluice: API, workers and
+Redis), and the Redis connections the API holds.
 
     python -m bench.concurrency [--levels 1,10,100,500,1000,2000]
 """
@@ -82,10 +83,12 @@ def reachable(url: str) -> bool:
 
 
 class Sampler:
-    """Samples a server process's CPU and memory, and its Redis connections, during a level."""
+    """Samples the front process's (sluice's API) memory and Redis connections during a level,
+    and the CPU time of every server process (for sluice: API, workers and Redis)."""
 
-    def __init__(self, pid: int, redis_url: str | None) -> None:
-        self.process = psutil.Process(pid)
+    def __init__(self, pids: list[int], redis_url: str | None) -> None:
+        self.process = psutil.Process(pids[0])
+        self.processes = [psutil.Process(pid) for pid in pids]
         self.redis = redis.Redis.from_url(redis_url) if redis_url else None
         self.peak_rss_mb = 0.0
         self.peak_connections = 0
@@ -98,6 +101,11 @@ class Sampler:
                 self.peak_connections, sum(c.get("name") == API_CLIENT_NAME for c in clients)
             )
 
+    def cpu_s(self) -> tuple[float, float]:
+        """CPU seconds so far: the front process's, and all server processes' together."""
+        times = [sum(p.cpu_times()[:2]) for p in self.processes]
+        return times[0], sum(times)
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.sample()
@@ -107,7 +115,7 @@ class Sampler:
 async def level(url: str, n: int, sampler: Sampler) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
     stop = asyncio.Event()
-    cpu_before = sampler.process.cpu_times()
+    front_before, all_before = sampler.cpu_s()
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         watcher = asyncio.create_task(sampler.run(stop))
         start = time.perf_counter()
@@ -117,8 +125,7 @@ async def level(url: str, n: int, sampler: Sampler) -> dict[str, Any]:
         wall = time.perf_counter() - start
         stop.set()
         await watcher
-    cpu_after = sampler.process.cpu_times()
-    cpu_s = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    front_after, all_after = sampler.cpu_s()
     ok = [t for t in timings if t.ok and t.chars]
     gaps = [g for t in ok for g in t.gaps_s]
     return {
@@ -130,7 +137,8 @@ async def level(url: str, n: int, sampler: Sampler) -> dict[str, Any]:
         "ttft_p99_ms": pct([t.ttft_s * 1000 for t in ok], 99),
         "gap_p99_ms": pct(gaps, 99) * 1000,
         "tokens_per_s": sum(TOKENS for _ in ok) / wall,
-        "server_cpu_pct": 100 * cpu_s / wall,
+        "front_cpu_pct": 100 * (front_after - front_before) / wall,
+        "all_servers_cpu_pct": 100 * (all_after - all_before) / wall,
         "server_rss_mb": sampler.peak_rss_mb,
         "redis_connections": sampler.peak_connections if sampler.redis else None,
         "first_error": next((t.error for t in timings if t.error), ""),
@@ -138,11 +146,11 @@ async def level(url: str, n: int, sampler: Sampler) -> dict[str, Any]:
 
 
 def sweep(
-    url: str, pid: int, redis_url: str | None, levels: list[int], label: str
+    url: str, pids: list[int], redis_url: str | None, levels: list[int], label: str
 ) -> list[dict[str, Any]]:
     rows = []
     for i, n in enumerate(levels):
-        rows.append({"system": label, **asyncio.run(level(url, n, Sampler(pid, redis_url)))})
+        rows.append({"system": label, **asyncio.run(level(url, n, Sampler(pids, redis_url)))})
         progress(i + 1, len(levels), f"{label} concurrency")
     return rows
 
@@ -159,8 +167,10 @@ def plot(rows: list[dict[str, Any]]) -> Any:
         x = [r["streams"] for r in mine]
         axes[0].plot(x, [r["wall_s"] for r in mine], style, label=system)
         axes[1].plot(x, [r["ttft_p99_ms"] for r in mine], style, label=system)
-        axes[2].plot(x, [r["server_cpu_pct"] for r in mine], style, label=system)
-    for ax, title in zip(axes, ["wall time (s)", "TTFT p99 (ms)", "server CPU (%)"], strict=True):
+        axes[2].plot(x, [r["all_servers_cpu_pct"] for r in mine], style, label=system)
+    for ax, title in zip(
+        axes, ["wall time (s)", "TTFT p99 (ms)", "CPU of all server processes (%)"], strict=True
+    ):
         ax.set_xscale("log")
         ax.set_xlabel("concurrent streams")
         ax.set_title(title)
@@ -188,9 +198,10 @@ def main() -> None:
                 queue_timeout_s="600",
             )
         )
-        rows = sweep(sluice.base_url, sluice.api.pid, server.url(), levels, "sluice")
+        pids = [sluice.api.pid, *(w.pid for w in sluice.workers), server.pid]
+        rows = sweep(sluice.base_url, pids, server.url(), levels, "sluice")
         bare_url, bare_pid = stack.enter_context(bare_server())
-        rows += sweep(bare_url, bare_pid, None, levels, "bare")
+        rows += sweep(bare_url, [bare_pid], None, levels, "bare")
     ratios = {}
     for n in levels:
         s, b = (
@@ -211,7 +222,8 @@ def main() -> None:
         "ttft_p50_ms",
         "ttft_p99_ms",
         "gap_p99_ms",
-        "server_cpu_pct",
+        "front_cpu_pct",
+        "all_servers_cpu_pct",
         "server_rss_mb",
         "redis_connections",
     ]
