@@ -62,6 +62,7 @@ class Timing:
     completion_tokens: int | None = None
     gaps_s: list[float] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
+    _last: float = field(default=0.0, repr=False)
 
     @property
     def tokens_per_s(self) -> float:
@@ -70,9 +71,20 @@ class Timing:
         span = sum(self.gaps_s)
         return (tokens - 1) / span if tokens > 1 and span > 0 else float("nan")
 
+    def record(self, text: str, start: float) -> None:
+        """A piece of content arrived now; `start` is when the request was sent."""
+        now = time.perf_counter()
+        if self.content_events == 0:
+            self.ttft_s = now - start
+        else:
+            self.gaps_s.append(now - self._last)
+        self._last = now
+        self.content_events += 1
+        self.chars += len(text)
+
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
-        del out["gaps_s"]
+        del out["gaps_s"], out["_last"]
         out["tokens_per_s"] = self.tokens_per_s
         return out
 
@@ -81,7 +93,6 @@ async def timed_stream(client: httpx.AsyncClient, path: str, body: dict[str, Any
     """POST a streaming request and time it: first content, gaps between content, the end."""
     timing = Timing()
     start = time.perf_counter()
-    last: float | None = None
     try:
         async with client.stream("POST", path, json=body) as response:
             timing.headers = {
@@ -108,16 +119,8 @@ async def timed_stream(client: httpx.AsyncClient, path: str, body: dict[str, Any
                 timing.chunks += 1
                 choice = chunk["choices"][0]
                 text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                if not text:
-                    continue
-                now = time.perf_counter()
-                if last is None:
-                    timing.ttft_s = now - start
-                else:
-                    timing.gaps_s.append(now - last)
-                last = now
-                timing.content_events += 1
-                timing.chars += len(text)
+                if text:
+                    timing.record(text, start)
     except httpx.HTTPError as exc:
         timing.error = f"{type(exc).__name__}: {exc}"
     timing.total_s = time.perf_counter() - start
@@ -130,6 +133,16 @@ def progress(done: int, total: int, label: str) -> None:
     end = "\n" if done >= total else ""
     bar = "#" * filled + "." * (width - filled)
     print(f"\r{label:<28} [{bar}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save(name: str, data: dict[str, Any], figure: Any = None) -> Path:

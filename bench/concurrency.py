@@ -30,13 +30,14 @@ from bench.common import (
     median,
     pct,
     progress,
+    pyplot,
     redis_server,
     save,
     sluice_stack,
     table,
     timed_stream,
 )
-from tests.procs import Proc, free_port, wait_until
+from tests.procs import Proc, answers, free_port, wait_until
 
 TOKENS = 60
 RATE = 30
@@ -68,18 +69,10 @@ def bare_server(tokens_per_s: float = RATE) -> Iterator[tuple[str, int]]:
     ).start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: reachable(url), 30, "bare server")
+        wait_until(lambda: answers(url), 30, "bare server")
         yield url, server.pid
     finally:
         server.stop()
-
-
-def reachable(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=1)
-        return True
-    except httpx.HTTPError:
-        return False
 
 
 class Sampler:
@@ -156,11 +149,7 @@ def sweep(
 
 
 def plot(rows: list[dict[str, Any]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for system, style in (("sluice", "o-"), ("bare", "s--")):
         mine = [r for r in rows if r["system"] == system]

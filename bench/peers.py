@@ -30,6 +30,7 @@ from bench.common import (
     median,
     pct,
     progress,
+    pyplot,
     redis_server,
     save,
     sluice_stack,
@@ -38,7 +39,7 @@ from bench.common import (
 )
 from bench.seed_acceptance import SEED_PROMPTS
 from shared.settings import Settings
-from tests.procs import Proc, free_port, wait_until
+from tests.procs import Proc, answers, free_port, wait_until
 
 MAX_TOKENS = 256
 SYSTEMS = ["sluice", "peer", "ceiling"]
@@ -77,14 +78,8 @@ def peer_server(settings: Settings) -> Iterator[str]:
     ).start()
     url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/v1/models", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_until(up, 120, "llama_cpp.server")
+        wait_until(lambda: answers(f"{url}/v1/models"), 120, "llama_cpp.server")
         yield url
     finally:
         server.stop()
@@ -93,7 +88,7 @@ def peer_server(settings: Settings) -> Iterator[str]:
 def in_process(llm: llama_cpp.Llama, prompt: str, repeat_penalty: float) -> Timing:
     """The ceiling: the same generation with no queue, no Redis and no HTTP."""
     timing = Timing()
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     body = request(prompt)
     for chunk in llm.create_chat_completion(
         messages=body["messages"],
@@ -103,16 +98,8 @@ def in_process(llm: llama_cpp.Llama, prompt: str, repeat_penalty: float) -> Timi
         repeat_penalty=repeat_penalty,
     ):
         text = chunk["choices"][0]["delta"].get("content")  # type: ignore[index]
-        if not text:
-            continue
-        now = time.perf_counter()
-        if timing.content_events == 0:
-            timing.ttft_s = now - start
-        else:
-            timing.gaps_s.append(now - last)
-        last = now
-        timing.content_events += 1
-        timing.chars += len(text)
+        if text:
+            timing.record(text, start)
     timing.total_s = time.perf_counter() - start
     timing.ok = True
     return timing
@@ -175,11 +162,7 @@ def report(timings: dict[str, list[Timing]]) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     names = [r["system"] for r in rows]
     left.bar(names, [r["tokens_per_s_p50"] for r in rows], color=["#2a7", "#888", "#bbb"])

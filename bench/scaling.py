@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import progress, redis_server, save, sluice_stack, table, timed_stream
+from bench.common import progress, pyplot, redis_server, save, sluice_stack, table, timed_stream
 
 REQUESTS = 16
 TOKENS = 40
@@ -37,11 +37,7 @@ async def burst(url: str) -> tuple[float, int]:
 
 
 def plot(rows: list[dict[str, Any]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     workers = [r["workers"] for r in rows]
     ax.plot(workers, [r["tokens_per_s"] for r in rows], "o-", label="measured")

@@ -126,6 +126,29 @@ def sluice(command: str, name: str, env: dict[str, str]) -> Proc:
     return Proc(name, [sys.executable, "-m", "sluice", command], env).start()
 
 
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers at `url`, with any status."""
+    try:
+        httpx.get(url, timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def sluice_env(redis_url: str, port: int, **settings: str) -> dict[str, str]:
+    """`SLUICE_*` variables: Redis, the API's port on loopback, and `settings` by field name."""
+    env = {"SLUICE_REDIS_URL": redis_url, "SLUICE_PORT": str(port), "SLUICE_HOST": "127.0.0.1"}
+    return env | {f"SLUICE_{k.upper()}": v for k, v in settings.items()}
+
+
+def start_api(name: str, env: dict[str, str]) -> tuple[Proc, str]:
+    """`sluice api` with `env`, once it answers; returns the process and its URL."""
+    api = sluice("api", name, env)
+    url = f"http://127.0.0.1:{env['SLUICE_PORT']}"
+    wait_until(lambda: answers(f"{url}/health"), 30, name)
+    return api, url
+
+
 @dataclass
 class Stack:
     """An API process and its workers, sharing one Redis database."""
@@ -135,10 +158,19 @@ class Stack:
     workers: list[Proc]
     port: int
     env: dict[str, str]
+    replicas: list[Proc] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def add_replica(self) -> tuple[Proc, str]:
+        """Another API process on the same Redis (stopped with the stack)."""
+        replica, url = start_api(
+            f"{self.api.name}-replica", {**self.env, "SLUICE_PORT": str(free_port())}
+        )
+        self.replicas.append(replica)
+        return replica, url
 
     def add_worker(self, **env: str) -> Proc:
         worker = sluice("worker", f"{self.api.name}-w{len(self.workers)}", {**self.env, **env})
@@ -159,16 +191,16 @@ class Stack:
         wait_until(ready, timeout, f"{self.api.name} with {workers} workers")
 
     def stop(self) -> None:
-        for proc in (*self.workers, self.api):
+        procs = (*self.workers, self.api, *self.replicas)
+        for proc in procs:
             proc.signal(signal.SIGTERM)
-        for proc in (*self.workers, self.api):
+        for proc in procs:
             proc.stop()
 
 
 def start_stack(name: str, redis_url: str, workers: int, **settings: str) -> Stack:
     port = free_port()
-    env = {"SLUICE_REDIS_URL": redis_url, "SLUICE_PORT": str(port), "SLUICE_HOST": "127.0.0.1"}
-    env |= {f"SLUICE_{k.upper()}": v for k, v in settings.items()}
+    env = sluice_env(redis_url, port, **settings)
     stack = Stack(redis_url, sluice("api", name, env), [], port, env)
     for _ in range(workers):
         stack.add_worker()

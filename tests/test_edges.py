@@ -8,40 +8,24 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.procs import Proc, RedisServer, Stack, free_port, sluice, start_stack, wait_until
+from tests.procs import RedisServer, Stack, free_port, sluice_env, start_api, start_stack
 from tests.sse import stream
 
 SEED = {"prompt": "hello", "stream": True}
 
 
-def start_api(name: str, redis_url: str, **settings: str) -> tuple[Proc, str]:
-    port = free_port()
-    env = {"SLUICE_REDIS_URL": redis_url, "SLUICE_PORT": str(port), "SLUICE_HOST": "127.0.0.1"}
-    env |= {f"SLUICE_{k.upper()}": v for k, v in settings.items()}
-    api = sluice("api", name, env)
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            return True
-        except httpx.HTTPError:
-            return False
-
-    wait_until(answers, 30, name)
-    return api, url
-
-
 @pytest.fixture(scope="module")
 def api_without_redis() -> Iterator[str]:
-    api, url = start_api("no-redis", f"redis://127.0.0.1:{free_port()}/0", backend="synthetic")
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    api, url = start_api("no-redis", sluice_env(dead_redis, free_port(), backend="synthetic"))
     yield url
     api.stop()
 
 
 @pytest.fixture(scope="module")
 def api_without_workers(redis_server: RedisServer) -> Iterator[str]:
-    api, url = start_api("no-workers", redis_server.url(4), backend="synthetic")
+    env = sluice_env(redis_server.url(4), free_port(), backend="synthetic")
+    api, url = start_api("no-workers", env)
     yield url
     api.stop()
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import redis
 
-from tests.procs import Proc, RedisServer, Stack, eventually, sluice, start_stack, wait_until
+from tests.procs import RedisServer, Stack, eventually, start_stack
 from tests.sse import SSEResult, stream
 
 DB = 5
@@ -36,21 +36,9 @@ def slow(redis_server: RedisServer) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def replica(slow: Stack) -> Iterator[str]:
+def replica(slow: Stack) -> str:
     """A second API process on the same Redis: a client may come back to either."""
-    port = slow.port + 1 if slow.port < 65000 else slow.port - 1
-    api: Proc = sluice("api", "lifecycle-replica", {**slow.env, "SLUICE_PORT": str(port)})
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, 30, "replica API")
-    yield url
-    api.stop()
+    return slow.add_replica()[1]
 
 
 @pytest.fixture

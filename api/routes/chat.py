@@ -34,7 +34,13 @@ async def chat_completions(
             {"role": "user", "content": seed.prompt},
         ]
         min_tokens = None if "min_tokens" in seed.model_fields_set else settings.seed_min_tokens
-        job = build_job(seed, settings, max_tokens=None, min_tokens=min_tokens, messages=messages)
+        job = build_job(
+            seed,
+            settings,
+            max_tokens=seed.max_tokens or settings.seed_max_tokens,
+            min_tokens=min_tokens,
+            messages=messages,
+        )
         return await gateway.serve(
             job, "chat.completion.chunk", stream=True, include_usage=seed.include_usage
         )

@@ -5,37 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.faults.conftest import StackFactory
-from tests.procs import Proc, Stack, free_port, sluice, wait_until
+from tests.procs import Stack
 from tests.sse import stream
 
 
-def second_api(stack: Stack) -> tuple[Proc, str]:
-    port = free_port()
-    api = sluice("api", f"{stack.api.name}-replica", {**stack.env, "SLUICE_PORT": str(port)})
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: reachable(url), 30, "replica API")
-    return api, url
-
-
-def reachable(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture
-def two_apis(make_stack: StackFactory) -> Iterator[tuple[Stack, str]]:
+def two_apis(make_stack: StackFactory) -> tuple[Stack, str]:
     stack = make_stack(workers=1, synthetic_tokens_per_s="20")
-    replica, url = second_api(stack)
-    yield stack, url
-    replica.stop()
+    return stack, stack.add_replica()[1]
 
 
 async def test_api_killed_mid_stream_client_resumes_on_another_with_nothing_lost(

@@ -109,6 +109,11 @@ class LlamaBackend:
     ) -> None:
         try:
             self._llm.set_seed(job.seed if job.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+            if job.seed is not None:
+                # Reusing a cached prompt prefix evaluates the rest in a different batch shape,
+                # which moves the logits a little: enough to change sampled text. A seeded
+                # request evaluates its whole prompt, so the same seed gives the same text.
+                self._llm.reset()
             for produced, token in enumerate(
                 self._llm.generate(
                     tokens,
