@@ -113,7 +113,7 @@ class LlamaBackend:
                 # Reusing a cached prompt prefix evaluates the rest in a different batch shape,
                 # which moves the logits a little: enough to change sampled text. A seeded
                 # request evaluates its whole prompt, so the same seed gives the same text.
-                self._llm.reset()
+                self._llm.reset()  # type: ignore[no-untyped-call]  # untyped in llama-cpp-python
             for produced, token in enumerate(
                 self._llm.generate(
                     tokens,
