@@ -19,7 +19,8 @@ dir="$CACHE_ROOT/llama_cpp_python-$VERSION-$py_tag-$flags_key"
 wheel=$(ls "$dir"/llama_cpp_python-*.whl 2>/dev/null | head -n1 || true)
 if [ -z "$wheel" ]; then
   echo "building llama-cpp-python $VERSION from source (portable flags; minutes on 2 cores) into $dir" >&2
-  tmp=$(mktemp -d "$CACHE_ROOT.tmp.XXXXXX" 2>/dev/null || { mkdir -p "$CACHE_ROOT"; mktemp -d "$CACHE_ROOT.tmp.XXXXXX"; })
+  mkdir -p "$CACHE_ROOT"
+  tmp=$(mktemp -d "$CACHE_ROOT/.building.XXXXXX")  # moved into place only once complete
   CMAKE_ARGS="$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
     "$PYTHON" -m pip wheel --no-deps --no-binary llama-cpp-python --no-cache-dir \
     -w "$tmp" "llama-cpp-python==$VERSION" >&2
