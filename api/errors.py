@@ -16,7 +16,7 @@ from shared.errors import (
     QueueFull,
     RedisUnavailable,
     SluiceError,
-    StreamNotFound,
+    UnknownRoute,
 )
 
 log = logging.getLogger("sluice.api")
@@ -32,7 +32,7 @@ def to_sluice_error(exc: Exception) -> SluiceError:
         case RequestValidationError():
             return InvalidRequest(str(exc.errors()[0].get("msg", "invalid request")))
         case HTTPException(status_code=404):
-            return StreamNotFound("no such route")
+            return UnknownRoute("no such route")
         case HTTPException(status_code=405):
             return InvalidRequest("method not allowed")
         case _:

@@ -7,7 +7,14 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio.client import Pipeline
 
-from shared.errors import Cancelled, NoWorkers, QueueFull, StreamFinished, StreamNotFound
+from shared.errors import (
+    Cancelled,
+    NoWorkers,
+    QueueFull,
+    SluiceError,
+    StreamFinished,
+    StreamNotFound,
+)
 from shared.protocol import (
     CANCEL_CHANNEL,
     JOB_FUNCTION,
@@ -130,6 +137,11 @@ class JobQueue:
             raise StreamNotFound(f"stream {stream_id!r} has expired")
         return job.decode(), worker.decode() if worker else None
 
+    async def stream_exists(self, stream_id: str) -> bool:
+        """False once a started stream has expired (its metadata may outlive it briefly)."""
+        _, worker = await self.attempt(stream_id)
+        return worker is None or bool(await self._redis.exists(stream_key(stream_id)))
+
     async def ended_by(self, stream_id: str, entry_id: str) -> bool:
         """Whether the stream's terminal entry is at or before `entry_id` ("+": anywhere)."""
         last = await self._redis.xrevrange(stream_key(stream_id), max=entry_id, count=1)
@@ -170,9 +182,14 @@ class JobQueue:
             pipe.publish(CANCEL_CHANNEL, stream_id)
             await pipe.execute()
         if await self.withdraw(meta.job):
-            # No worker will write this stream's end: write it here, for its readers.
-            ended = Failed(Cancelled("cancelled before generation started").body())
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(stream_key(stream_id), encode(ended))  # type: ignore[arg-type]
-                pipe.expire(stream_key(stream_id), self._settings.stream_ttl_s)
-                await pipe.execute()
+            await self.end_unstarted(stream_id, Cancelled("cancelled before generation started"))
+
+    async def end_unstarted(self, stream_id: str, error: SluiceError) -> None:
+        """Write the end of a stream whose job was withdrawn: no worker ever will. Every reader,
+        now or resuming later, then ends the same way."""
+        ttl = self._settings.stream_ttl_s
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(stream_key(stream_id), encode(Failed(error.body())))  # type: ignore[arg-type]
+            pipe.expire(stream_key(stream_id), ttl)
+            pipe.expire(meta_key(stream_id), ttl)
+            await pipe.execute()

@@ -76,7 +76,8 @@ async def follow(
     """The stream's entries after `after`, in batches as they arrive, up to the terminal entry.
 
     While nothing arrives it yields `Waiting` about once a `relay_check_s`, and checks on the
-    job: one no worker starts within `queue_timeout_s` is withdrawn (QueueTimeout); one whose
+    job: one no worker starts within `queue_timeout_s` is withdrawn and its stream ended with a
+    `queue_timeout` error, which arrives like any entry; one whose
     worker stopped beating is tried again if no token was sent yet, else ends (WorkerLost).
     """
     key = stream_key(stream_id)
@@ -96,8 +97,10 @@ async def follow(
             if worker is None:
                 yield Waiting(queued=True)
                 if now >= queued_until and await queue.withdraw(job):
-                    raise QueueTimeout(
-                        f"no worker started this request within {settings.queue_timeout_s:g} s"
+                    timeout = settings.queue_timeout_s
+                    await queue.end_unstarted(
+                        stream_id,
+                        QueueTimeout(f"no worker started this request within {timeout:g} s"),
                     )
                 continue
             yield Waiting(queued=False)

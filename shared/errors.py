@@ -44,6 +44,11 @@ class ModelNotFound(SluiceError):
     code = "model_not_found"
 
 
+class UnknownRoute(SluiceError):
+    status = 404
+    type = "invalid_request_error"
+
+
 class StreamNotFound(SluiceError):
     status = 404
     type = "invalid_request_error"

@@ -41,6 +41,7 @@ def one_slow_slot(redis_server: RedisServer) -> Iterator[Stack]:
         synthetic_tokens_per_s="25",
         worker_max_jobs="1",
         queue_timeout_s="1",
+        stream_ttl_s="2",
         relay_check_s="0.2",
     )
     yield stack
@@ -71,13 +72,26 @@ async def test_job_nobody_starts_in_time_errors_and_is_withdrawn(
         busy = asyncio.create_task(stream(client, {"prompt": "occupy the worker", "stream": True}))
         await asyncio.sleep(0.3)
         queued = await stream(client, {"prompt": "wait in line", "stream": True})
+        stream_id = queued.headers["x-sluice-stream-id"]
+        resumed = await stream(client, path=f"/v1/streams/{stream_id}")
         first = await busy
 
     assert queued.events[-1].data == "[DONE]"
     assert queued.errors[0]["code"] == "queue_timeout"
-    stream_id = queued.headers["x-sluice-stream-id"]
+    assert resumed.errors[0]["code"] == "queue_timeout"  # a later reader ends the same way
+    assert resumed.events[-1].data == "[DONE]"
     with redis_server.client(3) as r:
         assert not r.exists(f"arq:job:{stream_id}")
         assert r.zscore("sluice:queue", stream_id) is None
     assert first.events[-1].data == "[DONE]"
     assert not first.errors
+
+
+async def test_resuming_an_expired_stream_gets_404(one_slow_slot: Stack) -> None:
+    async with httpx.AsyncClient(base_url=one_slow_slot.base_url, timeout=30) as client:
+        done = await stream(client, {"prompt": "short", "stream": True, "max_tokens": 2})
+        await asyncio.sleep(3)  # SLUICE_STREAM_TTL_S is 2 here
+        late = await client.get(f"/v1/streams/{done.headers['x-sluice-stream-id']}")
+
+    assert late.status_code == 404
+    assert late.json()["error"]["code"] == "stream_not_found"

@@ -67,6 +67,8 @@ async def _generate(ctx: dict[str, Any], job: GenerationJob, signal: StopSignal)
     async def finish(entry: Entry) -> None:
         # The terminal entry must land even if this task is being cancelled (arq's habit too).
         await asyncio.shield(writer.append(key, entry, expire_s=settings.stream_ttl_s))
+        # The stream's metadata goes when the stream does, so a late resume gets a clean 404.
+        await asyncio.shield(ctx["redis"].expire(meta_key(job.stream_id), settings.stream_ttl_s))
 
     try:
         if signal.stopped:
