@@ -56,7 +56,7 @@ class Gateway:
 
     async def resume(self, stream_id: str, after: str) -> EventSourceResponse:
         meta = await self.queue.meta(stream_id)
-        if meta is None or not await self.queue.stream_exists(stream_id):
+        if meta is None or not await self.queue.stream_exists(stream_id, meta):
             raise StreamNotFound(f"no stream {stream_id!r} (unknown, or expired)")
         # A client that has seen the end already gets nothing more but [DONE].
         seen_end = await self.queue.ended_by(stream_id, after)

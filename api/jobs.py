@@ -137,10 +137,9 @@ class JobQueue:
             raise StreamNotFound(f"stream {stream_id!r} has expired")
         return job.decode(), worker.decode() if worker else None
 
-    async def stream_exists(self, stream_id: str) -> bool:
+    async def stream_exists(self, stream_id: str, meta: StreamMeta) -> bool:
         """False once a started stream has expired (its metadata may outlive it briefly)."""
-        _, worker = await self.attempt(stream_id)
-        return worker is None or bool(await self._redis.exists(stream_key(stream_id)))
+        return meta.worker is None or bool(await self._redis.exists(stream_key(stream_id)))
 
     async def ended_by(self, stream_id: str, entry_id: str) -> bool:
         """Whether the stream's terminal entry is at or before `entry_id` ("+": anywhere)."""

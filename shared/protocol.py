@@ -73,6 +73,8 @@ class StreamMeta:
     include_usage: bool
     job: str
     """The arq job id of the current attempt."""
+    worker: str | None = None
+    """The worker running it; None while it waits in the queue."""
 
     def fields(self) -> dict[str, str | int]:
         return {
@@ -87,7 +89,14 @@ class StreamMeta:
         kind: StreamKind = (
             "text_completion" if fields[b"kind"] == b"text_completion" else "chat.completion.chunk"
         )
-        return cls(kind, int(fields[b"created"]), fields[b"usage"] == b"1", fields[b"job"].decode())
+        worker = fields.get(b"worker")
+        return cls(
+            kind,
+            int(fields[b"created"]),
+            fields[b"usage"] == b"1",
+            fields[b"job"].decode(),
+            worker.decode() if worker else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)

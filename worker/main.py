@@ -146,9 +146,12 @@ class SluiceWorker(Worker):
         while True:
             try:
                 now = now_ms()
+                dead = await self.pool.zrangebyscore(WORKERS_KEY, "-inf", now - ttl)
                 async with self.pool.pipeline(transaction=False) as pipe:
                     pipe.zadd(WORKERS_KEY, {self.worker_id: now})
-                    pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - ttl)
+                    if dead:  # workers that died without saying goodbye
+                        pipe.zrem(WORKERS_KEY, *dead)
+                        pipe.hdel(WORKER_SLOTS_KEY, *dead)
                     pipe.pexpire(WORKERS_KEY, ttl)
                     pipe.hset(WORKER_SLOTS_KEY, self.worker_id, str(self.max_jobs))
                     pipe.pexpire(WORKER_SLOTS_KEY, ttl)
