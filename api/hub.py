@@ -16,6 +16,7 @@ import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -26,7 +27,8 @@ from shared.protocol import entry_id_key, hub_wake_key
 
 log = logging.getLogger("sluice.api")
 
-RawEntry = tuple[str, dict[bytes, bytes]]
+RawEntry = list[Any]
+"""An entry as Redis sends it: [id, [field, value, ...]], bytes throughout."""
 MIN_CALL_INTERVAL_S = 0.002
 
 
@@ -38,15 +40,22 @@ class _Waiter:
     )
 
 
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response
+
+
 class StreamHub:
     def __init__(self, redis: Redis, *, count: int = 256, block_ms: int = 5000) -> None:
-        self._redis = redis
+        # Its own client on the same pool: XREAD replies are taken as Redis sends them, not
+        # rebuilt into dicts by redis-py, as every token passes through here.
+        self._redis = Redis(connection_pool=redis.connection_pool)
+        self._redis.set_response_callback("XREAD", _as_sent)
         self._count = count
         self._block_ms = block_ms
         self._wake_key = hub_wake_key(uuid.uuid4().hex)
         self._wake_after = "0-0"
         self._waiters: dict[str, list[_Waiter]] = {}
-        self._in_call: set[str] = set()
+        self._in_call: dict[str, str] = {}
         self._blocked = False
         self._wake_sent = False
         self._has_waiters = asyncio.Event()
@@ -113,7 +122,7 @@ class StreamHub:
                 continue
             streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_after}
             streams.update(wanted)
-            self._in_call = set(wanted)
+            self._in_call = wanted
             self._wake_sent = False
             self._blocked = True
             try:
@@ -134,21 +143,24 @@ class StreamHub:
             finally:
                 self._blocked = False
             backoff = 0.05
-            for raw_key, raw_entries in reply or []:
-                entries = [(i.decode(), fields) for i, fields in raw_entries]
+            for raw_key, entries in reply or []:
                 key = raw_key.decode()
                 if key == self._wake_key:
-                    self._wake_after = entries[-1][0]
+                    self._wake_after = entries[-1][0].decode()
                 else:
-                    self._deliver(key, entries)
+                    self._deliver(key, wanted[key], entries)
 
-    def _deliver(self, key: str, entries: list[RawEntry]) -> None:
+    def _deliver(self, key: str, asked: str, entries: list[RawEntry]) -> None:
+        """Hand `entries` (those after `asked`) to each waiter, less any it already has."""
         still_waiting = []
         for waiter in self._waiters.get(key, []):
             if waiter.done.done():
                 continue
-            after = entry_id_key(waiter.after)
-            mine = [e for e in entries if entry_id_key(e[0]) > after]
+            if waiter.after == asked:
+                mine = entries
+            else:
+                after = entry_id_key(waiter.after)
+                mine = [e for e in entries if entry_id_key(e[0].decode()) > after]
             if mine:
                 waiter.done.set_result(mine)
             else:

@@ -144,7 +144,7 @@ class JobQueue:
     async def ended_by(self, stream_id: str, entry_id: str) -> bool:
         """Whether the stream's terminal entry is at or before `entry_id` ("+": anywhere)."""
         last = await self._redis.xrevrange(stream_key(stream_id), max=entry_id, count=1)
-        return bool(last) and isinstance(decode(last[0][1]), TERMINAL)
+        return bool(last) and isinstance(decode(*next(iter(last[0][1].items()))), TERMINAL)
 
     async def withdraw(self, arq_job_id: str) -> bool:
         """True if the job was still waiting and is now gone; False if a worker has it."""
@@ -188,7 +188,7 @@ class JobQueue:
         now or resuming later, then ends the same way."""
         ttl = self._settings.stream_ttl_s
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(stream_key(stream_id), encode(Failed(error.body())))  # type: ignore[arg-type]
+            pipe.xadd(stream_key(stream_id), dict([encode(Failed(error.body()))]))
             pipe.expire(stream_key(stream_id), ttl)
             pipe.expire(meta_key(stream_id), ttl)
             await pipe.execute()

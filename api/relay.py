@@ -86,14 +86,23 @@ async def follow(
     tokens_sent = after != "0-0"  # a resumed client may have had tokens: never re-run then
     quiet_since = loop.time()
     queued_until = quiet_since + settings.queue_timeout_s
+    # Quiet for less than this, the job needs no look: nothing could be decided yet, and no
+    # keepalive comment (which says whether the job is queued) is due. With thousands of open
+    # streams, a look every tick would be thousands of Redis calls a second.
+    look_after = min(settings.stall_s, settings.ping_s)
+    queued = not tokens_sent
     while True:
         try:
             raw = await asyncio.wait_for(hub.read(key, after), tick)
         except TimeoutError:
             raw = None
         if raw is None:
-            job, worker = await queue.attempt(stream_id)
             now = loop.time()
+            if now - quiet_since < look_after and now < queued_until:
+                yield Waiting(queued)
+                continue
+            job, worker = await queue.attempt(stream_id)
+            queued = worker is None
             if worker is None:
                 yield Waiting(queued=True)
                 if now >= queued_until and await queue.withdraw(job):
@@ -116,7 +125,7 @@ async def follow(
             await queue.retry(stream_id, job, attempt)
             quiet_since, queued_until = now, now + settings.queue_timeout_s
             continue
-        batch = [(entry_id, decode(fields)) for entry_id, fields in raw]
+        batch = [(entry_id.decode(), decode(kind, value)) for entry_id, (kind, value) in raw]
         after = batch[-1][0]
         quiet_since = loop.time()
         tokens_sent = tokens_sent or any(isinstance(e, Token) for _, e in batch)

@@ -125,33 +125,35 @@ class Failed:
 Entry = Started | Token | Finished | Failed
 TERMINAL = (Finished, Failed)
 
-# Field names are one letter: a token entry is written once per generated token.
-_KIND = "k"
+# An entry is one field: its name is the entry's kind, its value the payload (a token's text as
+# is, the rare others as JSON). A token entry is written once per generated token, so it is
+# kept as small to write, send and parse as Redis allows.
+EntryFields = tuple[str, str]
 
 
-def encode(entry: Entry) -> dict[str, str | int]:
+def encode(entry: Entry) -> EntryFields:
     match entry:
         case Token(text):
-            return {_KIND: "t", "x": text}
+            return "t", text
         case Started(worker, prompt_tokens):
-            return {_KIND: "s", "w": worker, "p": prompt_tokens}
+            return "s", json.dumps({"w": worker, "p": prompt_tokens})
         case Finished(reason, prompt_tokens, completion_tokens):
-            return {_KIND: "f", "r": reason, "p": prompt_tokens, "c": completion_tokens}
+            return "f", json.dumps({"r": reason, "p": prompt_tokens, "c": completion_tokens})
         case Failed(error):
-            return {_KIND: "e", "e": json.dumps(error)}
+            return "e", json.dumps(error)
 
 
-def decode(fields: dict[bytes, bytes]) -> Entry:
-    kind = fields[b"k"]
+def decode(kind: bytes, payload: bytes) -> Entry:
     if kind == b"t":
-        return Token(fields[b"x"].decode())
+        return Token(payload.decode())
+    data = json.loads(payload)
     if kind == b"s":
-        return Started(fields[b"w"].decode(), int(fields[b"p"]))
+        return Started(data["w"], data["p"])
     if kind == b"f":
-        reason: FinishReason = "length" if fields[b"r"] == b"length" else "stop"
-        return Finished(reason, int(fields[b"p"]), int(fields[b"c"]))
+        reason: FinishReason = "length" if data["r"] == "length" else "stop"
+        return Finished(reason, data["p"], data["c"])
     if kind == b"e":
-        return Failed(json.loads(fields[b"e"]))
+        return Failed(data)
     raise ValueError(f"unknown stream entry kind {kind!r}")
 
 

@@ -73,9 +73,11 @@ def prompt(text: str) -> dict[str, object]:
     return {"prompt": text, "stream": True}
 
 
-def last_entry_kind(db: redis.Redis, stream_id: str) -> tuple[bytes, dict[bytes, bytes]]:
+def last_entry(db: redis.Redis, stream_id: str) -> tuple[bytes, bytes]:
+    """The stream's last entry: its kind and payload."""
     [(_, fields)] = db.xrevrange(f"sluice:stream:{stream_id}", count=1)
-    return fields[b"k"], fields
+    [(kind, payload)] = fields.items()
+    return kind, payload
 
 
 async def test_every_event_has_an_id_and_the_header_names_the_stream(
@@ -150,9 +152,9 @@ async def test_client_gone_past_the_grace_period_stops_the_worker_for_the_next_j
 
     nxt = await stream(first, prompt("next in line"))
 
-    kind, fields = last_entry_kind(db, stream_id)
+    kind, payload = last_entry(db, stream_id)
     assert kind == b"e"
-    assert b"no client was reading" in fields[b"e"]
+    assert b"no client was reading" in payload
     assert nxt.text.endswith(PASSAGE_END)
     assert loop.time() - started < 4 + 4  # the abandoned one did not run its full ~4 s first
 
