@@ -74,7 +74,7 @@ class Gateway:
         shutdown = anyio.Event()
         encoder = EventEncoder(self.chunk_encoder(stream_id, meta), meta.include_usage)
 
-        async def events() -> AsyncIterator[ServerSentEvent]:
+        async def events() -> AsyncIterator[ServerSentEvent | bytes]:
             if seen_end:
                 yield DONE
                 return

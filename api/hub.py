@@ -14,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from redis.typing import KeyT, StreamIdT
 
+from api.xread import MultiStreamReader
 from shared.errors import RedisUnavailable
 from shared.protocol import entry_id_key, hub_wake_key
 
@@ -30,6 +31,7 @@ log = logging.getLogger("sluice.api")
 RawEntry = list[Any]
 """An entry as Redis sends it: [id, [field, value, ...]], bytes throughout."""
 MIN_CALL_INTERVAL_S = 0.002
+CLOCK_CHECK_S = 60.0
 
 
 @dataclass(eq=False)
@@ -40,18 +42,10 @@ class _Waiter:
     )
 
 
-def _as_sent(response: Any, **options: Any) -> Any:
-    return response
-
-
 class StreamHub:
     def __init__(self, redis: Redis, *, count: int = 256, block_ms: int = 5000) -> None:
-        # Its own client on the same pool: XREAD replies are taken as Redis sends them, not
-        # rebuilt into dicts by redis-py, as every token passes through here.
-        self._redis = Redis(connection_pool=redis.connection_pool)
-        self._redis.set_response_callback("XREAD", _as_sent)
-        self._count = count
-        self._block_ms = block_ms
+        self._redis = redis
+        self._reader = MultiStreamReader(redis.connection_pool, count=count, block_ms=block_ms)
         self._wake_key = hub_wake_key(uuid.uuid4().hex)
         self._wake_after = "0-0"
         self._waiters: dict[str, list[_Waiter]] = {}
@@ -60,18 +54,39 @@ class StreamHub:
         self._wake_sent = False
         self._has_waiters = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._clock_task: asyncio.Task[None] | None = None
         self._wake_task: asyncio.Task[None] | None = None
+        self._redis_clock_ahead_s = 0.0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
+        self._clock_task = asyncio.create_task(self._follow_redis_clock())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._clock_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._reader.close()
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(self._wake_key)
+
+    def age_s(self, entry_id: str) -> float:
+        """How long ago Redis wrote the entry (its id is Redis's clock in milliseconds)."""
+        written = int(entry_id.partition("-")[0]) / 1000
+        return time.time() + self._redis_clock_ahead_s - written
+
+    async def _follow_redis_clock(self) -> None:
+        """Keeps `age_s` right when this host's clock and Redis's differ."""
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                sent = time.time()
+                seconds, microseconds = await self._redis.time()
+                received = time.time()
+                redis_now = seconds + microseconds / 1e6
+                self._redis_clock_ahead_s = redis_now - (sent + received) / 2
+            await asyncio.sleep(CLOCK_CHECK_S)
 
     def read(self, key: str, after: str) -> asyncio.Future[list[RawEntry]]:
         """The entries of `key` after id `after`, once there is at least one.
@@ -97,8 +112,11 @@ class StreamHub:
     def _wanted(self) -> dict[str, str]:
         """Each waited-for stream with the smallest id any of its live waiters has."""
         wanted: dict[str, str] = {}
-        for key in list(self._waiters):
-            live = [w for w in self._waiters[key] if not w.done.done()]
+        for key, waiters in list(self._waiters.items()):
+            if len(waiters) == 1 and not waiters[0].done.done():  # the usual case, made quick
+                wanted[key] = waiters[0].after
+                continue
+            live = [w for w in waiters if not w.done.done()]
             if live:
                 self._waiters[key] = live
                 wanted[key] = min((w.after for w in live), key=entry_id_key)
@@ -120,17 +138,11 @@ class StreamHub:
                 self._has_waiters.clear()
                 await self._has_waiters.wait()
                 continue
-            streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_after}
-            streams.update(wanted)
             self._in_call = wanted
             self._wake_sent = False
             self._blocked = True
             try:
-                reply = await self._redis.xread(
-                    streams,
-                    count=self._count,
-                    block=self._block_ms,
-                )
+                reply = await self._reader.read({self._wake_key: self._wake_after, **wanted})
             except asyncio.CancelledError:
                 self._fail_all(RedisUnavailable("the API is shutting down"))
                 raise

@@ -132,6 +132,12 @@ async def follow(
         yield batch
         if isinstance(batch[-1][1], TERMINAL):
             return
+        # Behind (entries wait in Redis longer than a read takes), a relay that sent every
+        # entry at once would send many small events and fall further behind; it waits instead,
+        # and sends what piled up meanwhile as one. One that keeps up sends every token.
+        lag = hub.age_s(after)
+        if tokens_sent and lag > settings.behind_s:
+            await asyncio.sleep(min(lag, settings.max_hold_s))
 
 
 class EventEncoder:
@@ -178,7 +184,7 @@ async def sse_events(
     encoder: EventEncoder,
     settings: Settings,
     shutdown: anyio.Event,
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[ServerSentEvent | bytes]:
     """Every stream ends with `[DONE]`, after an error event if anything went wrong.
 
     While waiting it sends a comment every `ping_s` (`: queued` or `: generating`), so proxies
@@ -189,6 +195,7 @@ async def sse_events(
     loop = asyncio.get_running_loop()
     last_sent = loop.time()
     shutdown_deadline: float | None = None
+    last = b""  # the stream's last events, which go out with [DONE]
     try:
         async for item in entries:
             now = loop.time()
@@ -202,14 +209,18 @@ async def sse_events(
                     yield comment("queued" if item.queued else "generating")
                 continue
             last_sent = now
-            for ev in encoder.events(item):
-                yield ev
+            # A batch's events (the role and the first text, say) go out in one write.
+            events = b"".join(ev.encode() for ev in encoder.events(item))
+            if isinstance(item[-1][1], TERMINAL):
+                last = events
+            else:
+                yield events
     except SluiceError as exc:
-        yield event(error_envelope(exc.body()))
+        last = event(error_envelope(exc.body())).encode()
     except Exception:
         log.exception("relay of %s failed", encoder.chunks.id)
-        yield event(error_envelope(GenerationFailed("the relay failed").body()))
-    yield DONE
+        last = event(error_envelope(GenerationFailed("the relay failed").body())).encode()
+    yield last + DONE.encode()
 
 
 async def collect(

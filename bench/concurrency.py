@@ -2,12 +2,16 @@
 
 Each level opens N streams at once; each stream is 60 tokens from the synthetic backend at
 30 tokens/s (about 2 s). sluice runs one `sluice api` and one `sluice worker` with 2048 slots; the
-anchor (bench/bare.py) streams the same chunks from its request handler. Per level: streams
-completed and failed, time to first token p50/p99, inter-token gap p99, wall time, the API
-process's CPU and peak RSS, the CPU of all server processes (for sluice: API, workers and
-Redis), and the Redis connections the API holds.
+anchor (bench/bare.py) streams the same chunks from its request handler. Both are up for the
+whole run and take turns: each level runs `--rounds` times on each, alternating which goes
+first, so that a noisy machine treats them alike. Per level (the median round): streams
+completed and failed, time to first token p50/p99, inter-token gap p99, wall time, content
+events per stream (fewer than tokens where the relay coalesced), the API process's CPU and
+peak RSS, the CPU of all server processes (for sluice: API, worker and Redis) and of the load
+generator, and the Redis connections the API holds. The sluice/bare ratio is the median of the
+rounds' ratios.
 
-    python -m bench.concurrency [--levels 1,10,100,500,1000,2000]
+    python -m bench.concurrency [--levels 1,10,100,500,1000,2000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -105,11 +110,22 @@ class Sampler:
             await asyncio.sleep(0.25)
 
 
-async def level(url: str, n: int, sampler: Sampler) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Target:
+    label: str
+    url: str
+    pids: list[int]
+    """The server processes: the front one (sluice's API) first."""
+    redis_url: str | None = None
+
+
+async def level(target: Target, n: int) -> dict[str, Any]:
+    sampler = Sampler(target.pids, target.redis_url)
     limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
     stop = asyncio.Event()
     front_before, all_before = sampler.cpu_s()
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    client_before = time.process_time()
+    async with httpx.AsyncClient(base_url=target.url, timeout=600, limits=limits) as client:
         watcher = asyncio.create_task(sampler.run(stop))
         start = time.perf_counter()
         timings: list[Timing] = await asyncio.gather(
@@ -118,10 +134,12 @@ async def level(url: str, n: int, sampler: Sampler) -> dict[str, Any]:
         wall = time.perf_counter() - start
         stop.set()
         await watcher
+    client_cpu = time.process_time() - client_before
     front_after, all_after = sampler.cpu_s()
     ok = [t for t in timings if t.ok and t.chars]
     gaps = [g for t in ok for g in t.gaps_s]
     return {
+        "system": target.label,
         "streams": n,
         "completed": len(ok),
         "failed": n - len(ok),
@@ -129,23 +147,48 @@ async def level(url: str, n: int, sampler: Sampler) -> dict[str, Any]:
         "ttft_p50_ms": median([t.ttft_s * 1000 for t in ok]),
         "ttft_p99_ms": pct([t.ttft_s * 1000 for t in ok], 99),
         "gap_p99_ms": pct(gaps, 99) * 1000,
+        "events_per_stream": sum(t.content_events for t in ok) / max(len(ok), 1),
         "tokens_per_s": sum(TOKENS for _ in ok) / wall,
         "front_cpu_pct": 100 * (front_after - front_before) / wall,
         "all_servers_cpu_pct": 100 * (all_after - all_before) / wall,
+        "load_generator_cpu_pct": 100 * client_cpu / wall,
         "server_rss_mb": sampler.peak_rss_mb,
-        "redis_connections": sampler.peak_connections if sampler.redis else None,
+        "redis_connections": sampler.peak_connections if target.redis_url else None,
         "first_error": next((t.error for t in timings if t.error), ""),
     }
 
 
 def sweep(
-    url: str, pids: list[int], redis_url: str | None, levels: list[int], label: str
-) -> list[dict[str, Any]]:
-    rows = []
-    for i, n in enumerate(levels):
-        rows.append({"system": label, **asyncio.run(level(url, n, Sampler(pids, redis_url)))})
-        progress(i + 1, len(levels), f"{label} concurrency")
-    return rows
+    targets: tuple[Target, Target], levels: list[int], rounds: int
+) -> tuple[list[dict[str, Any]], dict[int, dict[str, float]]]:
+    """Every round of every level on both targets, taking turns; the median round per system
+    and level, and per level the median of the rounds' sluice/bare ratios."""
+    rows: list[dict[str, Any]] = []
+    ratios: dict[int, dict[str, float]] = {}
+    done, total = 0, len(levels) * rounds * 2
+    for n in levels:
+        runs: dict[str, list[dict[str, Any]]] = {t.label: [] for t in targets}
+        for r in range(rounds):
+            for target in targets if r % 2 == 0 else targets[::-1]:
+                runs[target.label].append({**asyncio.run(level(target, n)), "round": r})
+                done += 1
+                progress(done, total, f"concurrency {n} streams")
+        sluice, bare = (runs[t.label] for t in targets)
+        for system_runs in (sluice, bare):
+            system_runs.sort(key=lambda row: row["wall_s"])
+            rows.append({**system_runs[len(system_runs) // 2], "rounds": system_runs})
+        sluice.sort(key=lambda row: row["round"])
+        bare.sort(key=lambda row: row["round"])
+        ratios[n] = {
+            "wall_sluice_over_bare": median(
+                [s["wall_s"] / b["wall_s"] for s, b in zip(sluice, bare, strict=True)]
+            ),
+            "throughput_sluice_over_bare": median(
+                [s["tokens_per_s"] / b["tokens_per_s"] for s, b in zip(sluice, bare, strict=True)]
+            ),
+            "failed_streams": float(sum(row["failed"] for row in sluice)),
+        }
+    return rows, ratios
 
 
 def plot(rows: list[dict[str, Any]]) -> Any:
@@ -171,6 +214,7 @@ def plot(rows: list[dict[str, Any]]) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="1,10,100,500,1000,2000")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
     workers = max(1, -(-max(levels) // WORKER_SLOTS))
@@ -187,21 +231,18 @@ def main() -> None:
                 queue_timeout_s="600",
             )
         )
-        pids = [sluice.api.pid, *(w.pid for w in sluice.workers), server.pid]
-        rows = sweep(sluice.base_url, pids, server.url(), levels, "sluice")
         bare_url, bare_pid = stack.enter_context(bare_server())
-        rows += sweep(bare_url, [bare_pid], None, levels, "bare")
-    ratios = {}
-    for n in levels:
-        s, b = (
-            next(r for r in rows if r["system"] == k and r["streams"] == n)
-            for k in ("sluice", "bare")
+        targets = (
+            Target(
+                "sluice",
+                sluice.base_url,
+                [sluice.api.pid, *(w.pid for w in sluice.workers), server.pid],
+                server.url(),
+            ),
+            Target("bare", bare_url, [bare_pid]),
         )
-        ratios[n] = {
-            "wall_sluice_over_bare": s["wall_s"] / b["wall_s"],
-            "throughput_sluice_over_bare": s["tokens_per_s"] / b["tokens_per_s"],
-        }
-    save("concurrency", {"levels": rows, "ratios": ratios}, plot(rows))
+        rows, ratios = sweep(targets, levels, args.rounds)
+    save("concurrency", {"rounds": args.rounds, "levels": rows, "ratios": ratios}, plot(rows))
     columns = [
         "system",
         "streams",
@@ -211,8 +252,10 @@ def main() -> None:
         "ttft_p50_ms",
         "ttft_p99_ms",
         "gap_p99_ms",
+        "events_per_stream",
         "front_cpu_pct",
         "all_servers_cpu_pct",
+        "load_generator_cpu_pct",
         "server_rss_mb",
         "redis_connections",
     ]
@@ -220,7 +263,7 @@ def main() -> None:
     print(
         table(
             [{"streams": n, **r} for n, r in ratios.items()],
-            ["streams", "wall_sluice_over_bare", "throughput_sluice_over_bare"],
+            ["streams", "wall_sluice_over_bare", "throughput_sluice_over_bare", "failed_streams"],
         )
     )
 

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     poll_delay_s: float = Field(1.0, gt=0)
     heartbeat_s: float = Field(1.0, gt=0)
     relay_check_s: float = Field(1.0, gt=0)
+    behind_s: float = Field(0.05, ge=0)
+    """A relay whose newest entry is older than this when read is behind: it holds, see below."""
+    max_hold_s: float = Field(0.25, ge=0)
+    """How long a relay that is behind waits before reading again, so the entries that pile
+    up meanwhile go out as one event (0: never; every read is sent at once)."""
 
     @model_validator(mode="after")
     def _model_file_exists(self) -> Settings:

@@ -14,7 +14,6 @@ from shared.protocol import (
     Finished,
     FinishReason,
     Started,
-    Token,
     cancel_key,
     meta_key,
     stream_key,
@@ -87,7 +86,7 @@ async def _generate(ctx: dict[str, Any], job: GenerationJob, signal: StopSignal)
             async for piece in pieces:
                 produced += 1
                 if out := text.feed(piece):
-                    await writer.send(key, Token(out))
+                    await writer.send(key, out)
                 if signal.stopped:
                     raise Cancelled(signal.reason)
                 if text.stopped:
@@ -96,7 +95,7 @@ async def _generate(ctx: dict[str, Any], job: GenerationJob, signal: StopSignal)
                     reason = "length"
                     break
         if tail := text.flush():
-            await writer.send(key, Token(tail))
+            await writer.send(key, tail)
         await finish(Finished(reason, generation.prompt_tokens, produced))
     except SluiceError as exc:
         await finish(Failed(exc.body()))

@@ -1,9 +1,11 @@
 """Appends entries to job streams, batching every job's writes into few Redis round trips.
 
-Order within a stream is kept: one pipeline at a time, entries in call order. Tokens are sent
-without waiting for Redis to store them (`send`), so a fast backend is not held to one token per
-round trip; the first and terminal entries wait (`append`). A failed write is raised by the next
-call for that stream.
+Order within a stream is kept: one write at a time, entries in call order. Text is sent without
+waiting for Redis to store it (`send`), so a fast backend is not held to one token per round
+trip; the first and terminal entries wait (`append`). Text sent while the stream's previous token
+entry is still unwritten joins that entry: a worker that falls behind writes fewer, larger
+entries instead of falling further behind, and one that keeps up writes a token per entry. A
+failed write is raised by the next call for that stream.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from shared.protocol import Entry, encode
+from shared.protocol import Entry, Token, encode
 
 # Appends a batch of entries, in order, each to its own job's stream: one command for the batch,
 # where a pipeline of XADDs costs this process a command's encoding per token.
@@ -45,27 +47,42 @@ class StreamWriter:
         self._append = redis.register_script(APPEND_SCRIPT)
         self._maxlen = maxlen
         self._pending: list[_Pending] = []
+        self._open_token: dict[str, int] = {}
+        """Stream key -> index in `_pending` of its token entry, while nothing follows it."""
         self._flusher: asyncio.Task[None] | None = None
         self._last_write = 0.0
         self._failed: dict[str, BaseException] = {}
         self._drained = asyncio.Event()
 
-    async def append(self, key: str, entry: Entry, *, expire_s: int | None = None) -> str:
-        """XADD `entry` to `key` (and set the key's TTL); returns the entry id once it is stored."""
+    def append(self, key: str, entry: Entry, *, expire_s: int | None = None) -> asyncio.Future[str]:
+        """XADD `entry` to `key` (and set the key's TTL), in order from this call on; the future
+        gives the entry's id once it is stored."""
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._enqueue(_Pending(key, entry, expire_s, done))
-        return await done
+        return done
 
-    async def send(self, key: str, entry: Entry) -> None:
-        """XADD `entry` to `key` soon, in order with this stream's other entries."""
-        self._enqueue(_Pending(key, entry, None, None))
+    async def send(self, key: str, text: str) -> None:
+        """Append `text` to `key` soon, in order with this stream's other entries."""
+        at = self._open_token.get(key)
+        if at is not None:
+            self._raise_failure(key)
+            unsent = self._pending[at].entry
+            assert isinstance(unsent, Token)
+            self._pending[at] = _Pending(key, Token(unsent.text + text), None, None)
+            return
+        self._enqueue(_Pending(key, Token(text), None, None))
+        self._open_token[key] = len(self._pending) - 1
         if len(self._pending) > MAX_UNSENT:
             self._drained.clear()
             await self._drained.wait()
 
-    def _enqueue(self, item: _Pending) -> None:
-        if failure := self._failed.pop(item.key, None):
+    def _raise_failure(self, key: str) -> None:
+        if failure := self._failed.pop(key, None):
             raise failure
+
+    def _enqueue(self, item: _Pending) -> None:
+        self._raise_failure(item.key)
+        self._open_token.pop(item.key, None)
         self._pending.append(item)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
@@ -80,6 +97,7 @@ class StreamWriter:
                 await asyncio.sleep(max(0.0, self._last_write + MIN_WRITE_INTERVAL_S - loop.time()))
                 self._last_write = loop.time()
                 batch, self._pending = self._pending, []
+                self._open_token.clear()
                 self._drained.set()
                 try:
                     ids = await self._write(batch)

@@ -1,0 +1,90 @@
+"""A relay that is behind waits and sends what piled up as one batch; one that keeps up sends
+every entry as it comes. The hub and the relay run here against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from arq.connections import ArqRedis
+
+from api.hub import StreamHub
+from api.jobs import JobQueue
+from api.relay import Batch, Waiting, follow
+from shared.protocol import Started, Token, encode, stream_key
+from shared.settings import Settings
+from tests.procs import RedisServer
+
+HOLD_S = 0.3
+SETTINGS = Settings(backend="synthetic", behind_s=0.05, max_hold_s=HOLD_S)
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[ArqRedis]:
+    client = ArqRedis.from_url(redis_server.url())
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def hub(redis: ArqRedis) -> AsyncIterator[StreamHub]:
+    hub = StreamHub(redis)
+    await hub.start()
+    yield hub
+    await hub.stop()
+
+
+async def batches(
+    hub: StreamHub, redis: ArqRedis, stream_id: str
+) -> AsyncIterator[tuple[float, Batch]]:
+    async for item in follow(hub, JobQueue(redis, SETTINGS), SETTINGS, stream_id):
+        if not isinstance(item, Waiting):
+            yield time.perf_counter(), item
+
+
+def texts(batch: Batch) -> list[str]:
+    return [entry.text for _, entry in batch if isinstance(entry, Token)]
+
+
+async def test_a_relay_behind_holds_then_sends_the_backlog_at_once(
+    hub: StreamHub, redis: ArqRedis
+) -> None:
+    stream_id = f"hold-{uuid.uuid4().hex}"
+    key = stream_key(stream_id)
+    written_long_ago = int(time.time() * 1000) - 2000  # Redis ids are milliseconds
+    await redis.xadd(key, dict([encode(Started("w", 1))]), id=f"{written_long_ago}-0")
+    await redis.xadd(key, dict([encode(Token("a"))]), id=f"{written_long_ago}-1")
+
+    relay = batches(hub, redis, stream_id)
+    _, first = await anext(relay)
+    for text in ("b", "c"):  # written while the relay holds
+        await redis.xadd(key, dict([encode(Token(text))]))
+    held_from = time.perf_counter()
+    at, second = await anext(relay)
+
+    assert texts(first) == ["a"]
+    assert texts(second) == ["b", "c"]
+    assert at - held_from >= HOLD_S * 0.9
+    await redis.delete(key)
+
+
+async def test_a_relay_that_keeps_up_sends_each_entry_as_it_comes(
+    hub: StreamHub, redis: ArqRedis
+) -> None:
+    stream_id = f"live-{uuid.uuid4().hex}"
+    key = stream_key(stream_id)
+    await redis.xadd(key, dict([encode(Started("w", 1))]))
+    relay = batches(hub, redis, stream_id)
+    await anext(relay)
+
+    seen = []
+    for text in ("a", "b", "c"):
+        await redis.xadd(key, dict([encode(Token(text))]))
+        _, batch = await asyncio.wait_for(anext(relay), HOLD_S / 2)
+        seen.append(texts(batch))
+
+    assert seen == [["a"], ["b"], ["c"]]
+    await redis.delete(key)
