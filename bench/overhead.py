@@ -4,6 +4,8 @@ The synthetic backend at unlimited rate, one request at a time, through sluice's
 (API → Redis queue → worker → Redis Stream → relay) and through bench/bare.py (the same tokens
 and chunks from the request handler). Queue-added TTFT is sluice's time to first token minus
 the anchor's; the per-token relay cost is the difference in time per token after the first.
+At unlimited rate sluice joins tokens that pile up (see README, How it works), so it sends fewer
+events than tokens; the events per request are reported beside the times.
 
     python -m bench.overhead [--requests 100]
 """
@@ -59,6 +61,9 @@ def row(system: str, timings: list[Timing]) -> dict[str, Any]:
         "ttft_p99_ms": pct([t.ttft_s * 1000 for t in ok], 99),
         "per_token_p50_us": median(per_token),
         "total_p50_ms": median([t.total_s * 1000 for t in ok]),
+        # At unlimited rate, tokens that pile up (in the worker's writer, in the relay) are
+        # sent together: fewer events than tokens, and a negative per-token difference.
+        "content_events_p50": median([t.content_events for t in ok]),
     }
 
 

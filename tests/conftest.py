@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+from arq.connections import ArqRedis
 
 from tests.procs import RedisServer, Stack, start_stack
 
@@ -20,6 +21,14 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[ArqRedis]:
+    """An asyncio client on database 0, where tests use keys of their own (no stack runs)."""
+    client = ArqRedis.from_url(redis_server.url())
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture(scope="session")

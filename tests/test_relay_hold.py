@@ -16,17 +16,9 @@ from api.jobs import JobQueue
 from api.relay import Batch, Waiting, follow
 from shared.protocol import Started, Token, encode, stream_key
 from shared.settings import Settings
-from tests.procs import RedisServer
 
 HOLD_S = 0.3
 SETTINGS = Settings(backend="synthetic", behind_s=0.05, max_hold_s=HOLD_S)
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[ArqRedis]:
-    client = ArqRedis.from_url(redis_server.url())
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

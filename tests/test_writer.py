@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
 from shared.protocol import Entry, Finished, Started, decode, stream_key
-from tests.procs import RedisServer
 from worker.writer import StreamWriter
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url())
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
