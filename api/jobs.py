@@ -5,7 +5,6 @@ from __future__ import annotations
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
-from redis.asyncio.client import Pipeline
 
 from shared.errors import (
     Cancelled,
@@ -63,12 +62,44 @@ return 1
 """
 
 
+# Admits and enqueues a job in one atomic round trip, writing the job as arq's enqueue_job does
+# (the job key, then the queue entry), then wakes the workers. arq's own enqueue_job spends
+# three round trips guarding against a duplicate id; ours are fresh.
+# KEYS: workers, worker slots, queue, arq job key, stream metadata, readers.
+# ARGV: max_queue ('': admit without checking), live since (ms), now (ms), job id, arq payload,
+# job TTL (ms), wake channel, stream id, metadata TTL (s), then metadata fields and values.
+# Returns {0} when enqueued, {1} with no live worker, {2, waiting} when the queue is full.
+_SUBMIT = """
+if ARGV[1] ~= '' then
+  local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')
+  if #live == 0 then return {1} end
+  local slots = 0
+  for _, worker in ipairs(live) do
+    slots = slots + (tonumber(redis.call('HGET', KEYS[2], worker)) or 1)
+  end
+  local waiting = redis.call('ZCARD', KEYS[3]) - slots  -- arq keeps running jobs in the queue
+  if waiting >= tonumber(ARGV[1]) then return {2, waiting} end
+end
+if #ARGV > 9 then
+  redis.call('HSET', KEYS[5], unpack(ARGV, 10))
+  redis.call('EXPIRE', KEYS[5], ARGV[9])
+end
+redis.call('ZADD', KEYS[6], ARGV[3], ARGV[8])
+redis.call('EXPIRE', KEYS[6], ARGV[9])
+redis.call('PSETEX', KEYS[4], ARGV[6], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+redis.call('PUBLISH', ARGV[7], ARGV[4])
+return {0}
+"""
+
+
 class JobQueue:
     def __init__(self, redis: ArqRedis, settings: Settings) -> None:
         self._redis = redis
         self._settings = settings
         self._withdraw = redis.register_script(_WITHDRAW)
         self._replace = redis.register_script(_REPLACE)
+        self._submit = redis.register_script(_SUBMIT)
         self._meta_ttl_s = int(
             2 * settings.queue_timeout_s + 2 * settings.job_timeout_s + settings.stream_ttl_s
         )
@@ -82,49 +113,54 @@ class JobQueue:
         beat = await self._redis.zscore(WORKERS_KEY, worker_id)
         return beat is not None and beat >= now_ms() - worker_ttl_ms(self._settings.heartbeat_s)
 
-    async def _admit(self) -> None:
-        """503 with no live worker; 429 with more than `max_queue` jobs waiting for a slot."""
-        since = now_ms() - worker_ttl_ms(self._settings.heartbeat_s)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zrangebyscore(WORKERS_KEY, since, "+inf")
-            pipe.hgetall(WORKER_SLOTS_KEY)
-            pipe.zcard(QUEUE_NAME)  # arq keeps running jobs in it too
-            live, slots_by_worker, queued = await pipe.execute()
-        if not live:
-            raise NoWorkers("no workers are available to serve this request")
-        slots = sum(int(slots_by_worker.get(worker, 1)) for worker in live)
-        if queued - slots >= self._settings.max_queue:
-            raise QueueFull(
-                f"{queued - slots} requests are waiting for a worker; try again shortly",
-                retry_after_s=self._settings.retry_after_s,
-            )
-
     async def submit(self, job: GenerationJob, kind: StreamKind, include_usage: bool) -> StreamMeta:
-        await self._admit()
+        """Queue the stream's first attempt: 503 with no live worker, 429 with more than
+        `max_queue` jobs waiting for a slot."""
         meta = StreamMeta(kind, now_ms() // 1000, include_usage, job_id(job.stream_id, 1))
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                meta_key(job.stream_id), mapping={**meta.fields(), "payload": job.model_dump_json()}
-            )
-            pipe.expire(meta_key(job.stream_id), self._meta_ttl_s)
-            pipe.zadd(READERS_KEY, {job.stream_id: now_ms()})  # whoever asked is reading
-            pipe.expire(READERS_KEY, self._meta_ttl_s)
-            self._enqueue(pipe, meta.job, job)
-            await pipe.execute()
+        fields = {**meta.fields(), "payload": job.model_dump_json()}
+        await self._enqueue(meta.job, job, admit=True, meta_fields=fields)
         return meta
 
-    def _enqueue(self, pipe: Pipeline, arq_job_id: str, job: GenerationJob) -> None:
-        """Queue a job as arq's enqueue_job writes one (the job key, then the queue entry).
-
-        arq's own enqueue_job spends three round trips guarding against a duplicate job id;
-        ours are fresh, so the job goes out in the caller's round trip instead.
-        """
+    async def _enqueue(
+        self,
+        arq_job_id: str,
+        job: GenerationJob,
+        *,
+        admit: bool,
+        meta_fields: dict[str, str | int] | None = None,
+    ) -> None:
         now = now_ms()
-        expires_ms = int((self._settings.queue_timeout_s + self._settings.job_timeout_s) * 1000)
-        payload = serialize_job(JOB_FUNCTION, (job.model_dump(),), {}, None, now)
-        pipe.psetex(job_key_prefix + arq_job_id, expires_ms, payload)
-        pipe.zadd(QUEUE_NAME, {arq_job_id: now})
-        pipe.publish(WAKE_CHANNEL, arq_job_id)
+        settings = self._settings
+        expires_ms = int((settings.queue_timeout_s + settings.job_timeout_s) * 1000)
+        result = await self._submit(
+            keys=[
+                WORKERS_KEY,
+                WORKER_SLOTS_KEY,
+                QUEUE_NAME,
+                job_key_prefix + arq_job_id,
+                meta_key(job.stream_id),
+                READERS_KEY,  # whoever asked is reading
+            ],
+            args=[
+                settings.max_queue if admit else "",
+                now - worker_ttl_ms(settings.heartbeat_s),
+                now,
+                arq_job_id,
+                serialize_job(JOB_FUNCTION, (job.model_dump(),), {}, None, now),
+                expires_ms,
+                WAKE_CHANNEL,
+                job.stream_id,
+                self._meta_ttl_s,
+                *(item for pair in (meta_fields or {}).items() for item in pair),
+            ],
+        )
+        if result[0] == 1:
+            raise NoWorkers("no workers are available to serve this request")
+        if result[0] == 2:
+            raise QueueFull(
+                f"{result[1]} requests are waiting for a worker; try again shortly",
+                retry_after_s=settings.retry_after_s,
+            )
 
     async def meta(self, stream_id: str) -> StreamMeta | None:
         fields: dict[bytes, bytes] = await self._redis.hgetall(meta_key(stream_id))  # type: ignore[misc]
@@ -164,9 +200,7 @@ class JobQueue:
         if not replaced:
             return False
         payload = await self._redis.hget(meta_key(stream_id), "payload")  # type: ignore[misc]
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self._enqueue(pipe, new_job, GenerationJob.model_validate_json(payload))
-            await pipe.execute()
+        await self._enqueue(new_job, GenerationJob.model_validate_json(payload), admit=False)
         return True
 
     async def cancel(self, stream_id: str) -> None:
