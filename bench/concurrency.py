@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -121,19 +122,24 @@ class Target:
 
 async def level(target: Target, n: int) -> dict[str, Any]:
     sampler = Sampler(target.pids, target.redis_url)
-    limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
     stop = asyncio.Event()
+    # A client (so a connection pool) per stream: httpcore's pool looks at every connection
+    # whenever a response closes, so one pool for all streams made the load generator's own
+    # bookkeeping quadratic, and late streams' last events waited behind it.
+    tls = ssl.create_default_context()
+
+    async def stream(i: int) -> Timing:
+        async with httpx.AsyncClient(base_url=target.url, timeout=600, verify=tls) as client:
+            return await timed_stream(client, "/v1/chat/completions", body(i))
+
     front_before, all_before = sampler.cpu_s()
     client_before = time.process_time()
-    async with httpx.AsyncClient(base_url=target.url, timeout=600, limits=limits) as client:
-        watcher = asyncio.create_task(sampler.run(stop))
-        start = time.perf_counter()
-        timings: list[Timing] = await asyncio.gather(
-            *(timed_stream(client, "/v1/chat/completions", body(i)) for i in range(n))
-        )
-        wall = time.perf_counter() - start
-        stop.set()
-        await watcher
+    watcher = asyncio.create_task(sampler.run(stop))
+    start = time.perf_counter()
+    timings: list[Timing] = await asyncio.gather(*(stream(i) for i in range(n)))
+    wall = time.perf_counter() - start
+    stop.set()
+    await watcher
     client_cpu = time.process_time() - client_before
     front_after, all_after = sampler.cpu_s()
     ok = [t for t in timings if t.ok and t.chars]
