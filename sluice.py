@@ -34,6 +34,7 @@ def serve_api(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level="info",
+        access_log=settings.access_log,
         # Longer than the streams' own grace, which ends each with an event saying why.
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )

@@ -235,6 +235,7 @@ def main() -> None:
                 worker_max_jobs=str(WORKER_SLOTS),
                 max_queue="100000",
                 queue_timeout_s="600",
+                access_log="false",  # as the bare anchor: no line per request
             )
         )
         bare_url, bare_pid = stack.enter_context(bare_server())

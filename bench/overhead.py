@@ -74,7 +74,9 @@ def main() -> None:
     with ExitStack() as stack:
         server = stack.enter_context(redis_server())
         sluice = stack.enter_context(
-            sluice_stack(server, 1, backend="synthetic", synthetic_tokens_per_s="0")
+            sluice_stack(
+                server, 1, backend="synthetic", synthetic_tokens_per_s="0", access_log="false"
+            )
         )
         rows = [row("sluice", asyncio.run(sequential(sluice.base_url, args.requests, "sluice")))]
         bare_url, _ = stack.enter_context(bare_server(tokens_per_s=0))

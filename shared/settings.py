@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(32, ge=4)
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=1, le=65535)
+    access_log: bool = True
+    """uvicorn's line per request; off, a busy API spends that CPU on streams instead."""
 
     backend: BackendName = "llama"
     model_path: Path | None = None

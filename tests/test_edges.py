@@ -8,7 +8,17 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.procs import RedisServer, Stack, free_port, sluice_env, start_api, start_stack
+from tests.procs import (
+    LOGS,
+    Proc,
+    RedisServer,
+    Stack,
+    eventually,
+    free_port,
+    sluice_env,
+    start_api,
+    start_stack,
+)
 from tests.sse import stream
 
 SEED = {"prompt": "hello", "stream": True}
@@ -95,3 +105,24 @@ async def test_resuming_an_expired_stream_gets_404(one_slow_slot: Stack) -> None
 
     assert late.status_code == 404
     assert late.json()["error"]["code"] == "stream_not_found"
+
+
+@pytest.fixture(scope="module")
+def api_without_access_log(redis_server: RedisServer) -> Iterator[tuple[Proc, str]]:
+    env = sluice_env(redis_server.url(4), free_port(), backend="synthetic", access_log="false")
+    api, url = start_api("no-access-log", env)
+    yield api, url
+    api.stop()
+
+
+async def test_access_log_can_be_turned_off(
+    api_without_workers: str, api_without_access_log: tuple[Proc, str]
+) -> None:
+    quiet, quiet_url = api_without_access_log
+    async with httpx.AsyncClient(timeout=10) as client:
+        for url in (api_without_workers, quiet_url):
+            await client.post(f"{url}/v1/chat/completions", json=SEED)
+
+    logged = LOGS / "no-workers.log"
+    await eventually(lambda: "POST /v1/chat/completions" in logged.read_text(), "an access log")
+    assert "POST /v1/chat/completions" not in quiet.log_tail(200)
