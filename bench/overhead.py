@@ -24,6 +24,7 @@ from bench.common import (
     median,
     pct,
     progress,
+    pyplot,
     redis_server,
     save,
     sluice_stack,
@@ -67,6 +68,27 @@ def row(system: str, timings: list[Timing]) -> dict[str, Any]:
     }
 
 
+def plot(rows: list[dict[str, Any]]) -> Any:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    figures = ["ttft_p50_ms", "ttft_p99_ms", "total_p50_ms"]
+    width = 0.38
+    for i, row in enumerate(rows):
+        ax.bar(
+            [x + i * width for x in range(len(figures))],
+            [row[f] for f in figures],
+            width,
+            label=row["system"],
+        )
+    ax.set_xticks(
+        [x + width / 2 for x in range(len(figures))], ["TTFT p50", "TTFT p99", "total p50"]
+    )
+    ax.set_ylabel("ms")
+    ax.legend()
+    ax.set_title(f"one request at a time, {TOKENS} tokens at unlimited rate")
+    return fig
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100)
@@ -87,7 +109,7 @@ def main() -> None:
         "queue_added_ttft_p99_ms": s["ttft_p99_ms"] - b["ttft_p99_ms"],
         "relay_added_per_token_us": s["per_token_p50_us"] - b["per_token_p50_us"],
     }
-    save("overhead", {"systems": rows, "added": added})
+    save("overhead", {"systems": rows, "added": added}, plot(rows))
     print(table(rows, list(rows[0])))
     print(added)
 

@@ -4,7 +4,7 @@
     python -m bench.seed_acceptance [--url http://127.0.0.1:8080] [--runs 3]
 
 Without --url it starts its own Redis, `sluice api` and one `sluice worker` (real model).
-Prints JSON and writes bench/results/seed_acceptance.json.
+Prints JSON and writes bench/results/seed_acceptance.json and .png.
 """
 
 from __future__ import annotations
@@ -17,9 +17,19 @@ from typing import Any
 
 import httpx
 
-from bench.common import Timing, median, progress, redis_server, save, sluice_stack, timed_stream
+from bench.common import (
+    Timing,
+    median,
+    progress,
+    pyplot,
+    redis_server,
+    save,
+    sluice_stack,
+    timed_stream,
+)
 
 SEED_PROMPTS = ["Explain streaming APIs", "Your prompt", "Your prompt text here"]
+THRESHOLDS = {"ttft_ms": 2401, "tokens_per_s": 29, "chars": 1375, "chunks": 6}
 BARS = {
     "ttft_under_2401ms": lambda worst: worst["ttft_ms"] < 2401,
     "over_29_tokens_per_s": lambda worst: worst["tokens_per_s"] > 29,
@@ -62,6 +72,22 @@ def summarize(results: list[tuple[str, Timing]]) -> dict[str, Any]:
     }
 
 
+def plot(report: dict[str, Any]) -> Any:
+    """Every run against each bar (the dashed line)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
+    titles = ["time to first token (ms)", "tokens/s", "characters", "chunks"]
+    for ax, (figure, bar), title in zip(axes, THRESHOLDS.items(), titles, strict=True):
+        values = [run[figure] for run in report["runs"]]
+        ax.plot(range(1, len(values) + 1), values, "o")
+        ax.axhline(bar, linestyle="--", color="r")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("run")
+        ax.set_title(title)
+    fig.suptitle("the seed's bars (dashed) and every run, on the real model", y=1.04)
+    return fig
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running sluice; default: start one")
@@ -73,7 +99,7 @@ def main() -> None:
             redis = stack.enter_context(redis_server())
             url = stack.enter_context(sluice_stack(redis, 1, backend="llama")).base_url
         report = {"url": url, **summarize(asyncio.run(measure(url, args.runs)))}
-    save("seed_acceptance", report)
+    save("seed_acceptance", report, plot(report))
     print(json.dumps({k: report[k] for k in ("summary", "bars")}, indent=2))
 
 

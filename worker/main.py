@@ -147,8 +147,9 @@ class SluiceWorker(Worker):
         """arq's start_jobs, claiming every job it can in one round trip.
 
         arq keeps running jobs in the queue, so each poll sees them again; arq spends three
-        round trips on each to find it taken, which with hundreds of streams open made pickup
-        quadratic. Jobs this worker runs are skipped here; the rest are claimed in one script.
+        round trips on each to find it taken (four to claim one), which with hundreds of
+        streams open made pickup quadratic. Jobs this worker runs are skipped here; the rest
+        are claimed in one script.
         """
         free = self.max_jobs - self.job_counter
         candidates = [i for i in (b.decode() for b in job_ids) if i not in self.tasks]
