@@ -165,10 +165,11 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @contextmanager
-def sluice_stack(redis: RedisServer, workers: int, **settings: str) -> Iterator[Stack]:
-    """`sluice api` and `workers` worker processes on `redis`, stopped on exit."""
+def sluice_stack(redis: RedisServer, workers: int, db: int = 0, **settings: str) -> Iterator[Stack]:
+    """`sluice api` and `workers` worker processes on database `db` of `redis`, stopped on
+    exit (stacks on one Redis need databases of their own, or they share a queue)."""
     stack = start_stack(
-        f"bench-{settings.get('backend', 'llama')}", redis.url(), workers, **settings
+        f"bench-{settings.get('backend', 'llama')}-{db}", redis.url(db), workers, **settings
     )
     try:
         yield stack

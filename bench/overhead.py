@@ -1,11 +1,15 @@
 """What the queue and the relay add per request and per token, against the bare anchor.
 
-The synthetic backend at unlimited rate, one request at a time, through sluice's full path
-(API → Redis queue → worker → Redis Stream → relay) and through bench/bare.py (the same tokens
-and chunks from the request handler). Queue-added TTFT is sluice's time to first token minus
-the anchor's; the per-token relay cost is the difference in time per token after the first.
-At unlimited rate sluice joins tokens that pile up (see README, How it works), so it sends fewer
-events than tokens; the events per request are reported beside the times.
+Per request: the synthetic backend at unlimited rate, one request at a time, through sluice's
+full path (API → Redis queue → worker → Redis Stream → relay) and through bench/bare.py (the
+same tokens and chunks from the request handler). Queue-added TTFT is sluice's time to first
+token minus the anchor's. At unlimited rate sluice joins tokens that pile up (see README, How it
+works), so it sends fewer events than tokens; the events per request are reported too.
+
+Per token: the same, paced at 100 tokens/s (slower than the writer's and the relay's 2 ms
+batching, so every token is its own event): the relay's latency per token (the worker's write
+to Redis, by the entry id's clock, to the client's read) and the CPU per token of the server
+processes (for sluice: API, worker and Redis).
 
     python -m bench.overhead [--requests 100]
 """
@@ -14,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.common import (
     Timing,
@@ -34,21 +41,72 @@ from bench.common import (
 from bench.concurrency import bare_server
 
 TOKENS = 60  # fewer than the synthetic text has: every request streams exactly this many
+PACED_RATE = 100
+BODY = {"messages": [{"role": "user", "content": "overhead"}], "stream": True, "max_tokens": TOKENS}
 
 
 async def sequential(url: str, requests: int, label: str) -> list[Timing]:
-    body = {
-        "messages": [{"role": "user", "content": "overhead"}],
-        "stream": True,
-        "max_tokens": TOKENS,
-    }
     timings = []
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        await timed_stream(client, "/v1/chat/completions", body)  # warm-up
+        await timed_stream(client, "/v1/chat/completions", BODY)  # warm-up
         for n in range(requests):
-            timings.append(await timed_stream(client, "/v1/chat/completions", body))
+            timings.append(await timed_stream(client, "/v1/chat/completions", BODY))
             progress(n + 1, requests, label)
     return timings
+
+
+async def relay_latencies_ms(url: str, requests: int) -> list[float]:
+    """Per content event: from the worker's write (the entry id is Redis's clock, in ms, on
+    this machine) to the client's read."""
+    latencies = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for n in range(requests):
+            async with client.stream("POST", "/v1/chat/completions", json=BODY) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("id: "):
+                        written_ms = int(line[4:].partition("-")[0])
+                        latencies.append(time.time() * 1000 - written_ms)
+            progress(n + 1, requests, "sluice, paced")
+    return latencies
+
+
+def cpu_per_token_us(pids: list[int], run: Callable[[], object], tokens: int) -> float:
+    processes = [psutil.Process(pid) for pid in pids]
+    before = sum(sum(p.cpu_times()[:2]) for p in processes)
+    run()
+    return (sum(sum(p.cpu_times()[:2]) for p in processes) - before) / tokens * 1e6
+
+
+def paced(requests: int) -> dict[str, float]:
+    with ExitStack() as stack:
+        server = stack.enter_context(redis_server())
+        sluice = stack.enter_context(
+            sluice_stack(
+                server,
+                1,
+                backend="synthetic",
+                synthetic_tokens_per_s=str(PACED_RATE),
+                access_log="false",
+            )
+        )
+        bare_url, bare_pid = stack.enter_context(bare_server(tokens_per_s=PACED_RATE))
+        latencies: list[float] = []
+        tokens = requests * TOKENS
+        sluice_pids = [sluice.api.pid, *(w.pid for w in sluice.workers), server.pid]
+        sluice_cpu = cpu_per_token_us(
+            sluice_pids,
+            lambda: latencies.extend(asyncio.run(relay_latencies_ms(sluice.base_url, requests))),
+            tokens,
+        )
+        bare_cpu = cpu_per_token_us(
+            [bare_pid], lambda: asyncio.run(sequential(bare_url, requests, "bare, paced")), tokens
+        )
+    return {
+        "relay_latency_p50_ms": median(latencies),
+        "relay_latency_p99_ms": pct(latencies, 99),
+        "sluice_cpu_per_token_us": sluice_cpu,
+        "bare_cpu_per_token_us": bare_cpu,
+    }
 
 
 def row(system: str, timings: list[Timing]) -> dict[str, Any]:
@@ -109,9 +167,11 @@ def main() -> None:
         "queue_added_ttft_p99_ms": s["ttft_p99_ms"] - b["ttft_p99_ms"],
         "relay_added_per_token_us": s["per_token_p50_us"] - b["per_token_p50_us"],
     }
-    save("overhead", {"systems": rows, "added": added}, plot(rows))
+    per_token = paced(max(1, args.requests // 5))
+    save("overhead", {"systems": rows, "added": added, "paced": per_token}, plot(rows))
     print(table(rows, list(rows[0])))
     print(added)
+    print(per_token)
 
 
 if __name__ == "__main__":
