@@ -45,6 +45,8 @@ class _Waiter:
 class StreamHub:
     def __init__(self, redis: Redis, *, count: int = 256, block_ms: int = 5000) -> None:
         self._redis = redis
+        self.count = count
+        """The most entries one read returns for a stream."""
         self._reader = MultiStreamReader(redis.connection_pool, count=count, block_ms=block_ms)
         self._wake_key = hub_wake_key(uuid.uuid4().hex)
         self._wake_after = "0-0"

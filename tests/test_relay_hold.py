@@ -1,5 +1,6 @@
 """A relay that is behind waits and sends what piled up as one batch; one that keeps up sends
-every entry as it comes. The hub and the relay run here against a real Redis."""
+every entry as it comes, and one replaying history does not wait. The hub and the relay run
+here against a real Redis."""
 
 from __future__ import annotations
 
@@ -14,25 +15,28 @@ from arq.connections import ArqRedis
 from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.relay import Batch, Waiting, follow
-from shared.protocol import Started, Token, encode, stream_key
+from shared.protocol import Finished, Started, Token, encode, stream_key
 from shared.settings import Settings
 
 HOLD_S = 0.3
 SETTINGS = Settings(backend="synthetic", behind_s=0.05, max_hold_s=HOLD_S)
 
 
+PAGE = 4  # entries one read returns per stream, small so that history takes pages
+
+
 @pytest.fixture
 async def hub(redis: ArqRedis) -> AsyncIterator[StreamHub]:
-    hub = StreamHub(redis)
+    hub = StreamHub(redis, count=PAGE)
     await hub.start()
     yield hub
     await hub.stop()
 
 
 async def batches(
-    hub: StreamHub, redis: ArqRedis, stream_id: str
+    hub: StreamHub, redis: ArqRedis, stream_id: str, after: str = "0-0"
 ) -> AsyncIterator[tuple[float, Batch]]:
-    async for item in follow(hub, JobQueue(redis, SETTINGS), SETTINGS, stream_id):
+    async for item in follow(hub, JobQueue(redis, SETTINGS), SETTINGS, stream_id, after):
         if not isinstance(item, Waiting):
             yield time.perf_counter(), item
 
@@ -79,4 +83,22 @@ async def test_a_relay_that_keeps_up_sends_each_entry_as_it_comes(
         seen.append(texts(batch))
 
     assert seen == [["a"], ["b"], ["c"]]
+    await redis.delete(key)
+
+
+async def test_a_resumed_relay_replays_history_page_after_page_without_waiting(
+    hub: StreamHub, redis: ArqRedis
+) -> None:
+    stream_id = f"replay-{uuid.uuid4().hex}"
+    key = stream_key(stream_id)
+    long_ago = int(time.time() * 1000) - 60_000
+    entries = [Started("w", 1), *(Token(str(n)) for n in range(2 * PAGE)), Finished("stop", 1, 8)]
+    for seq, entry in enumerate(entries):
+        await redis.xadd(key, dict([encode(entry)]), id=f"{long_ago}-{seq}")
+
+    started = time.perf_counter()
+    pages = [batch async for _, batch in batches(hub, redis, stream_id, f"{long_ago}-0")]
+
+    assert [len(page) for page in pages] == [PAGE, PAGE, 1]
+    assert time.perf_counter() - started < HOLD_S
     await redis.delete(key)
