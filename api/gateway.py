@@ -11,7 +11,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.readers import ReaderRegistry
-from api.relay import DONE, SEPARATOR, EventEncoder, collect, comment, follow, sse_events
+from api.relay import DONE, SEPARATOR, EventEncoder, collect, follow, sse_events
 from shared.errors import StreamNotFound
 from shared.protocol import StreamKind, StreamMeta
 from shared.schema import ChunkEncoder, GenerationJob
@@ -86,8 +86,9 @@ class Gateway:
         return EventSourceResponse(
             events(),
             headers=SSE_HEADERS | {STREAM_ID_HEADER: stream_id},
-            ping=self.settings.ping_s,
-            ping_message_factory=lambda: comment("ping"),
+            # No ping task of sse-starlette's: the relay sends its own keepalive comments
+            # (`: queued`, `: generating`) whenever a stream is quiet for `ping_s`.
+            ping=0,
             sep=SEPARATOR,
             shutdown_event=shutdown,
             shutdown_grace_period=self.settings.shutdown_grace_s,
