@@ -15,7 +15,7 @@ from arq.connections import ArqRedis
 from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.relay import Batch, Waiting, follow
-from shared.protocol import Finished, Started, Token, encode, stream_key
+from shared.protocol import Entry, Finished, Started, Token, encode, stream_key
 from shared.settings import Settings
 
 HOLD_S = 0.3
@@ -33,6 +33,18 @@ async def hub(redis: ArqRedis) -> AsyncIterator[StreamHub]:
     await hub.stop()
 
 
+@pytest.fixture
+async def stream_id(redis: ArqRedis) -> AsyncIterator[str]:
+    """A fresh stream's id; the stream is deleted after the test."""
+    stream_id = f"relay-test-{uuid.uuid4().hex}"
+    yield stream_id
+    await redis.delete(stream_key(stream_id))
+
+
+async def append(redis: ArqRedis, stream_id: str, entry: Entry, entry_id: str = "*") -> None:
+    await redis.xadd(stream_key(stream_id), dict([encode(entry)]), id=entry_id)
+
+
 async def batches(
     hub: StreamHub, redis: ArqRedis, stream_id: str, after: str = "0-0"
 ) -> AsyncIterator[tuple[float, Batch]]:
@@ -46,59 +58,50 @@ def texts(batch: Batch) -> list[str]:
 
 
 async def test_a_relay_behind_holds_then_sends_the_backlog_at_once(
-    hub: StreamHub, redis: ArqRedis
+    hub: StreamHub, redis: ArqRedis, stream_id: str
 ) -> None:
-    stream_id = f"hold-{uuid.uuid4().hex}"
-    key = stream_key(stream_id)
     written_long_ago = int(time.time() * 1000) - 2000  # Redis ids are milliseconds
-    await redis.xadd(key, dict([encode(Started("w", 1))]), id=f"{written_long_ago}-0")
-    await redis.xadd(key, dict([encode(Token("a"))]), id=f"{written_long_ago}-1")
+    await append(redis, stream_id, Started("w", 1), f"{written_long_ago}-0")
+    await append(redis, stream_id, Token("a"), f"{written_long_ago}-1")
 
     relay = batches(hub, redis, stream_id)
     _, first = await anext(relay)
     for text in ("b", "c"):  # written while the relay holds
-        await redis.xadd(key, dict([encode(Token(text))]))
+        await append(redis, stream_id, Token(text))
     held_from = time.perf_counter()
     at, second = await anext(relay)
 
     assert texts(first) == ["a"]
     assert texts(second) == ["b", "c"]
     assert at - held_from >= HOLD_S * 0.9
-    await redis.delete(key)
 
 
 async def test_a_relay_that_keeps_up_sends_each_entry_as_it_comes(
-    hub: StreamHub, redis: ArqRedis
+    hub: StreamHub, redis: ArqRedis, stream_id: str
 ) -> None:
-    stream_id = f"live-{uuid.uuid4().hex}"
-    key = stream_key(stream_id)
-    await redis.xadd(key, dict([encode(Started("w", 1))]))
+    await append(redis, stream_id, Started("w", 1))
     relay = batches(hub, redis, stream_id)
     await anext(relay)
 
     seen = []
     for text in ("a", "b", "c"):
-        await redis.xadd(key, dict([encode(Token(text))]))
+        await append(redis, stream_id, Token(text))
         _, batch = await asyncio.wait_for(anext(relay), HOLD_S / 2)
         seen.append(texts(batch))
 
     assert seen == [["a"], ["b"], ["c"]]
-    await redis.delete(key)
 
 
 async def test_a_resumed_relay_replays_history_page_after_page_without_waiting(
-    hub: StreamHub, redis: ArqRedis
+    hub: StreamHub, redis: ArqRedis, stream_id: str
 ) -> None:
-    stream_id = f"replay-{uuid.uuid4().hex}"
-    key = stream_key(stream_id)
     long_ago = int(time.time() * 1000) - 60_000
     entries = [Started("w", 1), *(Token(str(n)) for n in range(2 * PAGE)), Finished("stop", 1, 8)]
     for seq, entry in enumerate(entries):
-        await redis.xadd(key, dict([encode(entry)]), id=f"{long_ago}-{seq}")
+        await append(redis, stream_id, entry, f"{long_ago}-{seq}")
 
     started = time.perf_counter()
     pages = [batch async for _, batch in batches(hub, redis, stream_id, f"{long_ago}-0")]
 
     assert [len(page) for page in pages] == [PAGE, PAGE, 1]
     assert time.perf_counter() - started < HOLD_S
-    await redis.delete(key)
