@@ -26,9 +26,9 @@ from shared.protocol import (
     Failed,
     StreamKind,
     StreamMeta,
+    as_fields,
     cancel_key,
-    decode,
-    encode,
+    from_fields,
     job_id,
     meta_key,
     now_ms,
@@ -180,7 +180,7 @@ class JobQueue:
     async def ended_by(self, stream_id: str, entry_id: str) -> bool:
         """Whether the stream's terminal entry is at or before `entry_id` ("+": anywhere)."""
         last = await self._redis.xrevrange(stream_key(stream_id), max=entry_id, count=1)
-        return bool(last) and isinstance(decode(*next(iter(last[0][1].items()))), TERMINAL)
+        return bool(last) and isinstance(from_fields(last[0][1]), TERMINAL)
 
     async def withdraw(self, arq_job_id: str) -> bool:
         """True if the job was still waiting and is now gone; False if a worker has it."""
@@ -222,7 +222,7 @@ class JobQueue:
         now or resuming later, then ends the same way."""
         ttl = self._settings.stream_ttl_s
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(stream_key(stream_id), dict([encode(Failed(error.body()))]))
+            pipe.xadd(stream_key(stream_id), as_fields(Failed(error.body())))
             pipe.expire(stream_key(stream_id), ttl)
             pipe.expire(meta_key(stream_id), ttl)
             await pipe.execute()

@@ -136,9 +136,10 @@ async def follow(
         # entry at once would send many small events and fall further behind; it waits instead,
         # and sends what piled up meanwhile as one. One that keeps up sends every token, and one
         # replaying history (a resumed stream: full pages of old entries) does not wait.
-        lag = hub.age_s(after)
-        if tokens_sent and len(raw) < hub.count and lag > settings.behind_s:
-            await asyncio.sleep(min(lag, settings.max_hold_s))
+        if tokens_sent and len(raw) < hub.count:
+            lag = hub.age_s(after)
+            if lag > settings.behind_s:
+                await asyncio.sleep(min(lag, settings.max_hold_s))
 
 
 class EventEncoder:

@@ -24,7 +24,6 @@ from contextlib import ExitStack
 from typing import Any
 
 import httpx
-import psutil
 
 from bench.common import (
     Timing,
@@ -38,7 +37,7 @@ from bench.common import (
     table,
     timed_stream,
 )
-from bench.concurrency import bare_server
+from bench.concurrency import Sampler, bare_server
 
 TOKENS = 60  # fewer than the synthetic text has: every request streams exactly this many
 PACED_RATE = 100
@@ -71,10 +70,11 @@ async def relay_latencies_ms(url: str, requests: int) -> list[float]:
 
 
 def cpu_per_token_us(pids: list[int], run: Callable[[], object], tokens: int) -> float:
-    processes = [psutil.Process(pid) for pid in pids]
-    before = sum(sum(p.cpu_times()[:2]) for p in processes)
+    processes = Sampler(pids, redis_url=None)
+    _, before = processes.cpu_s()
     run()
-    return (sum(sum(p.cpu_times()[:2]) for p in processes) - before) / tokens * 1e6
+    _, after = processes.cpu_s()
+    return (after - before) / tokens * 1e6
 
 
 def paced(requests: int) -> dict[str, float]:

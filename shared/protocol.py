@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from redis.typing import EncodableT, FieldT
 
 from shared.errors import ErrorBody
 
@@ -155,6 +158,18 @@ def decode(kind: bytes, payload: bytes) -> Entry:
     if kind == b"e":
         return Failed(data)
     raise ValueError(f"unknown stream entry kind {kind!r}")
+
+
+def as_fields(entry: Entry) -> dict[FieldT, EncodableT]:
+    """The entry as redis-py's XADD takes it."""
+    kind, payload = encode(entry)
+    return {kind: payload}
+
+
+def from_fields(fields: Mapping[bytes, bytes]) -> Entry:
+    """An entry as redis-py's XRANGE and XREVRANGE give it: a one-field mapping."""
+    [(kind, payload)] = fields.items()
+    return decode(kind, payload)
 
 
 def entry_id_key(entry_id: str) -> tuple[int, int]:

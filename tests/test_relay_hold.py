@@ -15,7 +15,7 @@ from arq.connections import ArqRedis
 from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.relay import Batch, Waiting, follow
-from shared.protocol import Entry, Finished, Started, Token, encode, stream_key
+from shared.protocol import Entry, Finished, Started, Token, as_fields, stream_key
 from shared.settings import Settings
 
 HOLD_S = 0.3
@@ -42,7 +42,7 @@ async def stream_id(redis: ArqRedis) -> AsyncIterator[str]:
 
 
 async def append(redis: ArqRedis, stream_id: str, entry: Entry, entry_id: str = "*") -> None:
-    await redis.xadd(stream_key(stream_id), dict([encode(entry)]), id=entry_id)
+    await redis.xadd(stream_key(stream_id), as_fields(entry), id=entry_id)
 
 
 async def batches(

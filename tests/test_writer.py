@@ -7,7 +7,7 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from shared.protocol import Entry, Finished, Started, decode, stream_key
+from shared.protocol import Entry, Finished, Started, decode, from_fields, stream_key
 from worker.writer import StreamWriter
 
 
@@ -17,7 +17,7 @@ def key() -> str:
 
 
 async def entries(redis: Redis, key: str) -> list[Entry]:
-    return [decode(*next(iter(fields.items()))) for _, fields in await redis.xrange(key)]
+    return [from_fields(fields) for _, fields in await redis.xrange(key)]
 
 
 async def test_text_sent_before_the_stream_is_written_joins_its_unwritten_token(
