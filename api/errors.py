@@ -40,13 +40,20 @@ def to_sluice_error(exc: Exception) -> SluiceError:
             return GenerationFailed("internal server error")
 
 
+def _utf8(text: str) -> str:
+    """`text`, with any lone surrogate (it has no UTF-8 encoding) written as Python escapes it."""
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
 def error_response(exc: Exception) -> JSONResponse:
     error = to_sluice_error(exc)
     status = error.status if not isinstance(exc, HTTPException) else exc.status_code
     headers = {}
     if isinstance(error, QueueFull) and error.retry_after_s is not None:
         headers["Retry-After"] = str(error.retry_after_s)
-    return JSONResponse({"error": error.body()}, status_code=status, headers=headers)
+    # A message may quote the request; an error must not fail while it is being encoded.
+    body = {k: _utf8(v) if isinstance(v, str) else v for k, v in error.body().items()}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:

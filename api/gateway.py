@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import anyio
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -12,7 +15,8 @@ from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.readers import ReaderRegistry
 from api.relay import DONE, SEPARATOR, EventEncoder, collect, follow, sse_events
-from shared.errors import StreamNotFound
+from shared.errors import ClientDisconnected, SluiceError, StreamNotFound
+from shared.loops import LoopGroup
 from shared.protocol import StreamKind, StreamMeta
 from shared.schema import ChunkEncoder, GenerationJob
 from shared.settings import Settings
@@ -27,12 +31,19 @@ ID_PREFIX: dict[StreamKind, str] = {
 
 class Gateway:
     def __init__(
-        self, settings: Settings, queue: JobQueue, hub: StreamHub, readers: ReaderRegistry
+        self,
+        settings: Settings,
+        queue: JobQueue,
+        hub: StreamHub,
+        readers: ReaderRegistry,
+        loops: LoopGroup,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.hub = hub
         self.readers = readers
+        self.loops = loops
+        """The process's background loops, for health checks."""
 
     def chunk_encoder(self, stream_id: str, meta: StreamMeta) -> ChunkEncoder:
         return ChunkEncoder(
@@ -43,16 +54,42 @@ class Gateway:
         )
 
     async def serve(
-        self, job: GenerationJob, kind: StreamKind, *, stream: bool, include_usage: bool
+        self,
+        request: Request,
+        job: GenerationJob,
+        kind: StreamKind,
+        *,
+        stream: bool,
+        include_usage: bool,
     ) -> EventSourceResponse | JSONResponse:
         meta = await self.queue.submit(job, kind, include_usage)
         chunks = self.chunk_encoder(job.stream_id, meta)
         if not stream:
             with self.readers.reading(job.stream_id, announced=True):
-                entries = follow(self.hub, self.queue, self.settings, job.stream_id)
-                body = await collect(entries, chunks)
+                body = await self._collect_while_connected(request, job.stream_id, chunks)
             return JSONResponse(body, headers={STREAM_ID_HEADER: job.stream_id})
         return self._respond(job.stream_id, "0-0", meta, announced=True)
+
+    async def _collect_while_connected(
+        self, request: Request, stream_id: str, chunks: ChunkEncoder
+    ) -> dict[str, object]:
+        """The collected body; if the client hangs up first, its generation is cancelled: a
+        non-streaming response cannot be resumed, so nobody will ever read the rest."""
+        collecting = asyncio.ensure_future(
+            collect(follow(self.hub, self.settings, stream_id), chunks)
+        )
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collecting.done():
+                collecting.cancel()
+        if collecting.done() and not collecting.cancelled():
+            return collecting.result()
+        with contextlib.suppress(SluiceError):
+            await self.queue.cancel(stream_id)
+        raise ClientDisconnected("the client closed the connection before the response")
 
     async def resume(self, stream_id: str, after: str) -> EventSourceResponse:
         meta = await self.queue.meta(stream_id)
@@ -79,7 +116,7 @@ class Gateway:
                 yield DONE
                 return
             with self.readers.reading(stream_id, announced=announced):
-                entries = follow(self.hub, self.queue, self.settings, stream_id, after)
+                entries = follow(self.hub, self.settings, stream_id, after)
                 async for ev in sse_events(entries, encoder, self.settings, shutdown):
                     yield ev
 
@@ -93,3 +130,9 @@ class Gateway:
             shutdown_event=shutdown,
             shutdown_grace_period=self.settings.shutdown_grace_s,
         )
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client hangs up (the body has been read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

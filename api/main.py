@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,11 +14,15 @@ from api.errors import install_error_handlers
 from api.gateway import Gateway
 from api.hub import StreamHub
 from api.jobs import JobQueue
+from api.openapi import SluiceAPI
 from api.readers import ReaderRegistry
 from api.routes import chat, completions, health, models, streams
+from api.supervisor import Supervisor
+from shared.loops import LoopGroup
 from shared.settings import Settings
 
 API_CLIENT_NAME = "sluice-api"  # how an API process's connections show in Redis's CLIENT LIST
+log = logging.getLogger("sluice.api")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -40,17 +45,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = ArqRedis(connection_pool=pool)
         hub = StreamHub(redis)
         readers = ReaderRegistry(redis, period_s=settings.heartbeat_s, keep_s=60)
+        queue = JobQueue(redis, settings)
+        loops = LoopGroup(log)
         await hub.start()
-        await readers.start()
-        app.state.gateway = Gateway(settings, JobQueue(redis, settings), hub, readers)
+        loops.start("readers", readers.refresh_forever)
+        loops.start("supervisor", Supervisor(redis, queue, settings).run)
+        app.state.gateway = Gateway(settings, queue, hub, readers, loops)
         try:
             yield
         finally:
-            await readers.stop()
+            await loops.stop()
             await hub.stop()
             await redis.aclose(close_connection_pool=True)
 
-    app = FastAPI(title="sluice", lifespan=lifespan)
+    app = SluiceAPI(title="sluice", lifespan=lifespan)
     install_error_handlers(app)
     for module in (chat, completions, models, streams, health):
         app.include_router(module.router)

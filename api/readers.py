@@ -1,11 +1,11 @@
-"""Tells workers which streams still have a client reading them.
+"""Tells the supervisor which streams still have a client reading them.
 
 Each API process keeps a count of its open relays per stream and, once per `reader period`,
-refreshes all of them with one ZADD into `sluice:readers` (and at once when a stream gains its
-first reader here). A worker stops a generation whose
-stream has gone unread for `SLUICE_RESUME_GRACE_S`. When the last local reader of a stream
-leaves, its member is removed at the next refresh, so a grace of 0 stops the worker within a
-period and a check.
+refreshes all of them in `sluice:readers`, scored by Redis's clock (and at once when a stream
+gains its first reader here). The supervisor stops a generation, or withdraws a queued job,
+whose stream has gone unread for `SLUICE_RESUME_GRACE_S`. When the last local reader of a
+stream leaves, its member is removed at the next refresh, so a grace of 0 acts within a period
+and a supervisor tick.
 """
 
 from __future__ import annotations
@@ -19,9 +19,24 @@ from collections.abc import Awaitable, Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.protocol import READERS_KEY, now_ms
+from shared.protocol import READERS_KEY, REDIS_NOW_LUA
 
 log = logging.getLogger("sluice.api")
+
+# Marks streams as read now, by Redis's clock; forgets those this process stopped reading, and
+# members no process has refreshed for `keep`. KEYS: readers. ARGV: keep (ms), the number of
+# streams read, those streams, then the streams left.
+_REFRESH = (
+    REDIS_NOW_LUA
+    + """
+local now = redis_now_ms()
+local reading = tonumber(ARGV[2])
+for i = 3, 2 + reading do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
+for i = 3 + reading, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+"""
+)
 
 
 class ReaderRegistry:
@@ -29,9 +44,9 @@ class ReaderRegistry:
         self._redis = redis
         self._period_s = period_s
         self._keep_ms = int(keep_s * 1000)
+        self._refresh = redis.register_script(_REFRESH)
         self._open: Counter[str] = Counter()
         self._left: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
     @contextlib.contextmanager
@@ -41,7 +56,7 @@ class ReaderRegistry:
         self._open[stream_id] += 1
         self._left.discard(stream_id)
         if self._open[stream_id] == 1 and not announced:
-            self._soon(self._redis.zadd(READERS_KEY, {stream_id: now_ms()}))
+            self._soon(self._mark([stream_id], []))
         try:
             yield
         finally:
@@ -61,29 +76,20 @@ class ReaderRegistry:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._refresh_forever())
+    def _mark(self, reading: list[str], left: list[str]) -> Awaitable[object]:
+        return self._refresh(
+            keys=[READERS_KEY], args=[self._keep_ms, len(reading), *reading, *left]
+        )
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _refresh_forever(self) -> None:
+    async def refresh_forever(self) -> None:
+        """Refreshes every period; a failed refresh raises (its supervisor shows and retries
+        it), keeping what it could not write for the next one."""
         while True:
             if self._open or self._left:
-                now = now_ms()
                 left, self._left = self._left, set()
                 try:
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        if left:
-                            pipe.zrem(READERS_KEY, *left)
-                        if self._open:
-                            pipe.zadd(READERS_KEY, dict.fromkeys(self._open, now))
-                        pipe.zremrangebyscore(READERS_KEY, "-inf", now - self._keep_ms)
-                        pipe.pexpire(READERS_KEY, self._keep_ms)
-                        await pipe.execute()
-                except (RedisError, OSError) as exc:
-                    log.warning("could not refresh readers: %s", exc)
+                    await self._mark(list(self._open), list(left))
+                except BaseException:
+                    self._left |= left - self._open.keys()
+                    raise
             await asyncio.sleep(self._period_s)

@@ -14,15 +14,7 @@ import anyio
 from sse_starlette import ServerSentEvent
 
 from api.hub import StreamHub
-from api.jobs import JobQueue
-from shared.errors import (
-    GenerationFailed,
-    QueueTimeout,
-    RemoteError,
-    ShuttingDown,
-    SluiceError,
-    WorkerLost,
-)
+from shared.errors import GenerationFailed, RemoteError, ShuttingDown, SluiceError
 from shared.protocol import (
     TERMINAL,
     Entry,
@@ -38,8 +30,7 @@ from shared.settings import Settings
 
 log = logging.getLogger("sluice.api")
 
-MAX_ATTEMPTS = 2
-"""A job lost with its worker before any token is tried once more; a second loss is final."""
+RELAY_TICK_S = 1.0
 
 # Lines end in "\n" alone: naive clients split on it and compare the data to "[DONE]".
 # sse-starlette encodes each ServerSentEvent with the event's own separator ("\r\n" by default).
@@ -67,67 +58,27 @@ class Waiting:
 
 
 async def follow(
-    hub: StreamHub,
-    queue: JobQueue,
-    settings: Settings,
-    stream_id: str,
-    after: str = "0-0",
+    hub: StreamHub, settings: Settings, stream_id: str, after: str = "0-0"
 ) -> AsyncIterator[Batch | Waiting]:
     """The stream's entries after `after`, in batches as they arrive, up to the terminal entry.
 
-    While nothing arrives it yields `Waiting` about once a `relay_check_s`, and checks on the
-    job: one no worker starts within `queue_timeout_s` is withdrawn and its stream ended with a
-    `queue_timeout` error, which arrives like any entry; one whose
-    worker stopped beating is tried again if no token was sent yet, else ends (WorkerLost).
+    Only relays: whatever happens to the job (a timeout, a lost worker, an abandoned request),
+    the supervisor ends its stream with an entry, which arrives here like any other. While
+    nothing arrives it yields `Waiting` about once a second, for keepalives and shutdown.
     """
     key = stream_key(stream_id)
-    loop = asyncio.get_running_loop()
-    tick = min(settings.relay_check_s, settings.ping_s)
-    tokens_sent = after != "0-0"  # a resumed client may have had tokens: never re-run then
-    quiet_since = loop.time()
-    queued_until = quiet_since + settings.queue_timeout_s
-    # Quiet for less than this, the job needs no look: nothing could be decided yet, and no
-    # keepalive comment (which says whether the job is queued) is due. With thousands of open
-    # streams, a look every tick would be thousands of Redis calls a second.
-    look_after = min(settings.stall_s, settings.ping_s)
-    queued = not tokens_sent
+    tick = min(RELAY_TICK_S, settings.ping_s)
+    tokens_sent = after != "0-0"
+    started = tokens_sent
     while True:
         try:
             raw = await asyncio.wait_for(hub.read(key, after), tick)
         except TimeoutError:
-            raw = None
-        if raw is None:
-            now = loop.time()
-            if now - quiet_since < look_after and now < queued_until:
-                yield Waiting(queued)
-                continue
-            job, worker = await queue.attempt(stream_id)
-            queued = worker is None
-            if worker is None:
-                yield Waiting(queued=True)
-                if now >= queued_until and await queue.withdraw(job):
-                    timeout = settings.queue_timeout_s
-                    await queue.end_unstarted(
-                        stream_id,
-                        QueueTimeout(f"no worker started this request within {timeout:g} s"),
-                    )
-                continue
-            yield Waiting(queued=False)
-            if now - quiet_since < settings.stall_s or await queue.worker_alive(worker):
-                continue
-            attempt = int(job.rpartition(".")[2]) + 1
-            if tokens_sent or attempt > MAX_ATTEMPTS:
-                raise WorkerLost(
-                    "the worker generating this stream stopped"
-                    + ("" if tokens_sent else f" ({MAX_ATTEMPTS} times)")
-                )
-            log.warning("stream %s lost worker %s before any token; retrying", stream_id, worker)
-            await queue.retry(stream_id, job, attempt)
-            quiet_since, queued_until = now, now + settings.queue_timeout_s
+            yield Waiting(queued=not started)
             continue
         batch = [(entry_id.decode(), decode(kind, value)) for entry_id, (kind, value) in raw]
         after = batch[-1][0]
-        quiet_since = loop.time()
+        started = started or any(isinstance(e, Started) for _, e in batch)
         tokens_sent = tokens_sent or any(isinstance(e, Token) for _, e in batch)
         yield batch
         if isinstance(batch[-1][1], TERMINAL):

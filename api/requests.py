@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -17,23 +17,35 @@ M = TypeVar("M", bound=BaseModel)
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
+def _not_json(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not JSON")
+
+
 async def read_json_object(request: Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+        # Python's parser also takes NaN and Infinity, and recurses once per level of nesting.
+        body = json.loads(await request.body(), parse_constant=_not_json)
+    except (ValueError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
 
 
-def _param(loc: tuple[int | str, ...]) -> str:
-    """pydantic's error location as OpenAI names a parameter: `messages[0].role`."""
+def _path(loc: tuple[int | str, ...]) -> list[int | str]:
+    """pydantic's error location without the tags it adds for a union's members."""
+    return [
+        p for p in loc if isinstance(p, int) or (p.isidentifier() and p.lower() not in _TYPE_TAGS)
+    ]
+
+
+def _param(path: list[int | str]) -> str:
+    """A location as OpenAI names a parameter: `messages[0].role`."""
     name = ""
-    for part in loc:
+    for part in path:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif part.isidentifier() and part.lower() not in _TYPE_TAGS:
+        else:
             name += f".{part}" if name else part
     return name
 
@@ -42,9 +54,11 @@ def parse(model: type[M], body: dict[str, Any]) -> M:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = _param(first["loc"])
-        raise InvalidRequest(f"{param}: {first['msg']}", param=param or None) from None
+        # A union reports an error for each of its members; the member that got deepest into the
+        # value is the one the client meant (`content` as a list of parts, not as a string).
+        error = max(exc.errors(), key=lambda e: len(_path(e["loc"])))
+        param = _param(_path(error["loc"]))
+        raise InvalidRequest(f"{param}: {error['msg']}", param=param or None) from None
 
 
 def check_model(request: SamplingRequest, settings: Settings) -> None:
@@ -60,6 +74,32 @@ def check_text(text: str, param: str, settings: Settings) -> None:
             f"'{param}' is {len(text)} characters; the limit is {settings.max_prompt_chars}",
             param=param,
         )
+
+
+def check_token_limits(request: SamplingRequest, settings: Settings) -> int | None:
+    """The client's cap on generated tokens, if it gave one, once the cap is known to fit.
+
+    The API has no tokenizer: a cap the context cannot hold whatever the prompt is refused here,
+    as vLLM does; the worker cuts any other to the room the prompt leaves.
+    """
+    limits = request.token_limits()
+    for param, limit in limits.items():
+        if limit >= settings.n_ctx:
+            raise InvalidRequest(
+                f"This model's maximum context length is {settings.n_ctx} tokens. However, you "
+                f"requested {limit} tokens for the completion ('{param}'), which leaves no room "
+                f"for the prompt. Please reduce '{param}'.",
+                param=param,
+            )
+    if not limits:
+        return None
+    param, limit = list(limits.items())[-1]
+    if request.min_tokens > limit:
+        raise InvalidRequest(
+            f"'min_tokens' ({request.min_tokens}) must not be above '{param}' ({limit})",
+            param="min_tokens",
+        )
+    return limit
 
 
 def message_dicts(messages: list[ChatMessage], settings: Settings) -> list[dict[str, str]]:
@@ -80,18 +120,19 @@ def build_job(
     request: SamplingRequest,
     settings: Settings,
     *,
-    max_tokens: int | None,
+    default_max_tokens: int,
     min_tokens: int | None = None,
     messages: list[dict[str, str]] | None = None,
     prompt: str | None = None,
 ) -> GenerationJob:
     check_model(request, settings)
     request.refuse_unsupported()
+    max_tokens = check_token_limits(request, settings)
     return GenerationJob(
         stream_id=new_stream_id(),
         messages=messages,
         prompt=prompt,
-        max_tokens=max_tokens or request.max_tokens or settings.max_tokens,
+        max_tokens=max_tokens or default_max_tokens,
         min_tokens=request.min_tokens if min_tokens is None else min_tokens,
         temperature=settings.default_temperature
         if request.temperature is None

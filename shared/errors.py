@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, TypedDict
+from typing import ClassVar
+
+# Not typing's: before Python 3.12 pydantic cannot describe that one (shared.schema.ErrorResponse).
+from typing_extensions import TypedDict
 
 
 class ErrorBody(TypedDict):
@@ -101,6 +104,14 @@ class Cancelled(SluiceError):
 
     type = "cancelled"
     code = "cancelled"
+
+
+class ClientDisconnected(SluiceError):
+    """The client hung up before its (non-streaming) response was ready; nobody reads this."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
 
 
 class ShuttingDown(ServiceUnavailable):

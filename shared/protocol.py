@@ -29,7 +29,16 @@ WORKER_SLOTS_KEY = PREFIX + "worker-slots"
 READERS_KEY = PREFIX + "readers"
 """Sorted set: stream id -> when an API process last saw a client reading it (ms)."""
 CANCEL_CHANNEL = PREFIX + "cancel"
-"""Pub/Sub channel: a stream id to stop generating, published by the cancel endpoint."""
+"""Pub/Sub channel: `<stream id> <reason>` for a generation to stop (see `StopReason`)."""
+ACTIVE_KEY = PREFIX + "active"
+"""Sorted set: stream id -> when it was submitted (Redis's clock, ms), until its stream ends.
+The supervisor's worklist."""
+SUPERVISOR_KEY = PREFIX + "supervisor"
+"""The supervisor's lease: the id of the one API process that supervises jobs, with a TTL."""
+WORKER_LOOPS_KEY = PREFIX + "worker-loops"
+"""Hash: worker id -> its background loops that are not running ('' when all are)."""
+
+StopReason = Literal["cancelled", "unread"]
 
 
 def stream_key(stream_id: str) -> str:
@@ -37,7 +46,10 @@ def stream_key(stream_id: str) -> str:
 
 
 def meta_key(stream_id: str) -> str:
-    """Hash: what a resumed relay needs (`StreamMeta`), and which job attempt is current."""
+    """Hash: what a resumed relay needs (`StreamMeta`), which job attempt is current (`job`,
+    the fencing token of every append), and the supervisor's facts: `queued` and `started`
+    (Redis's clock, ms), `unread` (since when no client reads it), `ended` (the id of its
+    terminal entry, once written)."""
     return f"{PREFIX}meta:{stream_id}"
 
 
@@ -51,6 +63,27 @@ def job_id(stream_id: str, attempt: int) -> str:
     return f"{stream_id}.{attempt}"
 
 
+def attempt_number(arq_job_id: str) -> int:
+    return int(arq_job_id.rpartition(".")[2])
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt at a stream: who may append to it, and where."""
+
+    stream_id: str
+    job: str
+    """The arq job id, `<stream id>.<n>`: the fencing token of its appends."""
+
+    @property
+    def stream_key(self) -> str:
+        return stream_key(self.stream_id)
+
+    @property
+    def meta_key(self) -> str:
+        return meta_key(self.stream_id)
+
+
 def hub_wake_key(instance_id: str) -> str:
     """A small stream per API process, written to interrupt that process's blocking XREAD."""
     return f"{PREFIX}hub:{instance_id}"
@@ -62,7 +95,37 @@ def worker_ttl_ms(heartbeat_s: float) -> int:
 
 
 def now_ms() -> int:
+    """This host's clock: for what clients are told (`created`), never to judge liveness."""
     return int(time.time() * 1000)
+
+
+# Liveness is judged by one clock, Redis's, read inside the scripts that compare times: the
+# hosts of API processes and workers may disagree by seconds.
+REDIS_NOW_LUA = """
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# The one way anything is appended to a job's stream, by a worker or by the supervisor.
+# `job` is the appender's attempt: the fencing token. The append is refused (returns 0) unless
+# that attempt is still the stream's current one and the stream has not ended, so a worker
+# presumed dead cannot write after its successor or after the end. A terminal entry (`f`, `e`)
+# ends the stream and gives its metadata the stream's TTL.
+FENCED_APPEND_LUA = """
+local function fenced_append(stream, meta, job, kind, payload, maxlen, ttl)
+  local current = redis.call('HMGET', meta, 'job', 'ended')
+  if current[1] ~= job or current[2] then return 0 end
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', kind, payload)
+  if kind == 'f' or kind == 'e' then
+    redis.call('HSET', meta, 'ended', id)
+    redis.call('EXPIRE', meta, ttl)
+  end
+  if ttl ~= '0' then redis.call('EXPIRE', stream, ttl) end
+  return id
+end
+"""
 
 
 FinishReason = Literal["stop", "length"]

@@ -4,12 +4,39 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from shared.errors import ErrorBody, UnsupportedParameter
 from shared.protocol import FinishReason, StreamKind
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise PydanticCustomError(
+            "lone_surrogate", "must be valid Unicode: it holds a lone surrogate (\\ud800-\\udfff)"
+        ) from None
+    return text
+
+
+# Every string the API reads. JSON's "\ud800" escape decodes to a lone surrogate, which has no
+# UTF-8 encoding (for the tokenizer, Redis or a response): refused here, it is a 400 naming the
+# parameter instead of a 500 wherever it would first be encoded.
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
 
 
 class OpenAIModel(BaseModel):
@@ -18,20 +45,26 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class TextPart(OpenAIModel):
-    type: Literal["text"]
-    text: StrictStr
-
-
 class ContentPart(OpenAIModel):
+    """One part of a message's content. Any type validates; all but `text` are refused by name."""
+
     model_config = ConfigDict(extra="allow", strict=True)
-    type: StrictStr
+    # The examples also lead tests/test_fuzz.py to the one type with rules of its own.
+    type: Annotated[Text, Field(examples=["text", "image_url"])]
+    text: Text | None = Field(None, validate_default=True)
+
+    @field_validator("text")
+    @classmethod
+    def _text_part_has_text(cls, text: str | None, info: ValidationInfo) -> str | None:
+        if text is None and info.data.get("type") == "text":
+            raise PydanticCustomError("missing", "a content part of type 'text' needs 'text'")
+        return text
 
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[ContentPart] | None = None
-    name: StrictStr | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -45,11 +78,11 @@ class ChatMessage(OpenAIModel):
                     f"content parts of type {part.type!r} are not supported; only 'text'",
                     param=f"messages[{index}].content[{n}].type",
                 )
-            texts.append(TextPart.model_validate(part.model_dump()).text)
+            texts.append(part.text or "")
         return "".join(texts)
 
 
-Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None
+Stop = Text | Annotated[list[Text], Field(max_length=4)] | None
 Probability = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 
@@ -61,13 +94,15 @@ class StreamOptions(OpenAIModel):
 class SamplingRequest(OpenAIModel):
     """What every endpoint accepts to steer generation."""
 
-    model: StrictStr | None = None
+    model: Text | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     temperature: Probability | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: Stop = None
-    seed: StrictInt | None = None
+    # A signed or an unsigned 64-bit integer: OpenAI documents the one, llama.cpp and vLLM take
+    # the other, and clients send both.
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     stream_options: StreamOptions | None = None
@@ -81,8 +116,8 @@ class SamplingRequest(OpenAIModel):
     response_format: dict[str, Any] | None = None
     best_of: StrictInt | None = None
     echo: StrictBool = False
-    suffix: StrictStr | None = None
-    modalities: list[StrictStr] | None = None
+    suffix: Text | None = None
+    modalities: list[Text] | None = None
 
     def refuse_unsupported(self) -> None:
         refusals = {
@@ -103,6 +138,10 @@ class SamplingRequest(OpenAIModel):
             if refused:
                 raise UnsupportedParameter(f"sluice does not support '{param}'", param=param)
 
+    def token_limits(self) -> dict[str, int]:
+        """The caps on generated tokens that the client gave, by parameter; the last one applies."""
+        return {} if self.max_tokens is None else {"max_tokens": self.max_tokens}
+
     @property
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -118,7 +157,7 @@ class SamplingRequest(OpenAIModel):
 class SeedRequest(SamplingRequest):
     """The seed's own format: a bare prompt, always streamed."""
 
-    prompt: StrictStr
+    prompt: Text
     stream: Literal[True]
 
 
@@ -127,9 +166,16 @@ class ChatCompletionRequest(SamplingRequest):
     stream: StrictBool = False
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
 
+    def token_limits(self) -> dict[str, int]:
+        # OpenAI's newer name for `max_tokens`: it wins when both are given.
+        limits = super().token_limits()
+        if self.max_completion_tokens is not None:
+            limits["max_completion_tokens"] = self.max_completion_tokens
+        return limits
+
 
 class CompletionRequest(SamplingRequest):
-    prompt: StrictStr
+    prompt: Text
     stream: StrictBool = False
 
 
@@ -192,16 +238,64 @@ class ChunkEncoder:
         return f'{self._head}"text":"","logprobs":null,"finish_reason":"{reason}"}}]}}'
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
-        counts = json.dumps(usage(prompt_tokens, completion_tokens), separators=(",", ":"))
+        counts = Usage.of(prompt_tokens, completion_tokens).model_dump_json()
         return f'{self._base},"choices":[],"usage":{counts}}}'
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class Choice(BaseModel):
+    index: int = 0
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(Choice):
+    message: AssistantMessage
+
+
+class TextChoice(Choice):
+    text: str
+
+
+ObjectT = TypeVar("ObjectT", bound=str)
+ChoiceT = TypeVar("ChoiceT", bound=Choice)
+
+
+class Completion(BaseModel, Generic[ObjectT, ChoiceT]):
+    """The non-streaming response: the same stream, collected."""
+
+    id: str
+    object: ObjectT
+    created: int
+    model: str
+    choices: list[ChoiceT]
+    usage: Usage
+
+
+class ChatCompletion(Completion[Literal["chat.completion"], ChatChoice]):
+    """A non-streaming answer of `/v1/chat/completions`."""
+
+
+class TextCompletion(Completion[Literal["text_completion"], TextChoice]):
+    """A non-streaming answer of `/v1/completions`."""
 
 
 def completion_body(
@@ -211,21 +305,46 @@ def completion_body(
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
-    """The non-streaming response: the same stream, collected."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+    head = {"id": encoder.id, "created": encoder.created, "model": encoder.model}
+    usage = Usage.of(prompt_tokens, completion_tokens)
     if encoder.is_chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return {
-        "id": encoder.id,
-        "object": "chat.completion" if encoder.is_chat else "text_completion",
-        "created": encoder.created,
-        "model": encoder.model,
-        "choices": [choice],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+        return ChatCompletion(
+            **head,
+            object="chat.completion",
+            choices=[ChatChoice(finish_reason=reason, message=AssistantMessage(content=text))],
+            usage=usage,
+        ).model_dump()
+    return TextCompletion(
+        **head,
+        object="text_completion",
+        choices=[TextChoice(finish_reason=reason, text=text)],
+        usage=usage,
+    ).model_dump()
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx body, and a failed stream's last event before `[DONE]`."""
+
+    error: ErrorBody
 
 
 def error_envelope(error: ErrorBody) -> str:
     return json.dumps({"error": error})
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class StreamCancelled(BaseModel):
+    id: str
+    object: Literal["stream"] = "stream"
+    status: Literal["cancelled"] = "cancelled"

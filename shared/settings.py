@@ -65,12 +65,12 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(10_000, ge=100)
     ping_s: float = Field(15.0, gt=0)
     resume_grace_s: float = Field(5.0, ge=0)
-    stall_s: float = Field(3.0, gt=0)
     drain_s: int = Field(60, ge=0)
     shutdown_grace_s: float = Field(10.0, ge=0)
     poll_delay_s: float = Field(1.0, gt=0)
     heartbeat_s: float = Field(1.0, gt=0)
-    relay_check_s: float = Field(1.0, gt=0)
+    supervise_s: float = Field(0.5, gt=0)
+    """How often the supervisor looks at every active stream (see api/supervisor.py)."""
     behind_s: float = Field(0.05, ge=0)
     """A relay whose newest entry is older than this when read is behind: it holds, see below."""
     max_hold_s: float = Field(0.25, ge=0)

@@ -21,6 +21,9 @@ import redis
 T = TypeVar("T")
 LOGS = Path(__file__).parent / ".logs"
 NO_PERSISTENCE = ["--save", "", "--appendonly", "no"]
+DATABASES = 64
+"""Databases of the tests' redis-server: 0-15 for fixtures that name theirs, the rest for
+stacks made per test (tests/faults)."""
 
 
 def free_port() -> int:
@@ -100,7 +103,10 @@ class RedisServer(Proc):
         server = shutil.which("redis-server") or "redis-server"
         super().__init__(
             f"redis-{self.port}",
-            [server, "--port", str(self.port), "--bind", "127.0.0.1", *NO_PERSISTENCE],
+            [
+                *(server, "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--databases", str(DATABASES), *NO_PERSISTENCE),
+            ],
         )
 
     def url(self, db: int = 0) -> str:
@@ -122,8 +128,13 @@ class RedisServer(Proc):
             return False
 
 
-def sluice(command: str, name: str, env: dict[str, str]) -> Proc:
-    return Proc(name, [sys.executable, "-m", "sluice", command], env).start()
+def sluice(command: str, name: str, env: dict[str, str], clock_offset: str | None = None) -> Proc:
+    """`sluice <command>`; with `clock_offset` (faketime's, e.g. "+5s"), on a shifted wall clock."""
+    args = [sys.executable, "-m", "sluice", command]
+    if clock_offset is not None:
+        args = ["faketime", "-f", clock_offset, *args]
+        env = env | {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    return Proc(name, args, env).start()
 
 
 def answers(url: str) -> bool:
@@ -141,9 +152,9 @@ def sluice_env(redis_url: str, port: int, **settings: str) -> dict[str, str]:
     return env | {f"SLUICE_{k.upper()}": v for k, v in settings.items()}
 
 
-def start_api(name: str, env: dict[str, str]) -> tuple[Proc, str]:
+def start_api(name: str, env: dict[str, str], clock_offset: str | None = None) -> tuple[Proc, str]:
     """`sluice api` with `env`, once it answers; returns the process and its URL."""
-    api = sluice("api", name, env)
+    api = sluice("api", name, env, clock_offset)
     url = f"http://127.0.0.1:{env['SLUICE_PORT']}"
     wait_until(lambda: answers(f"{url}/health"), 30, name)
     return api, url
@@ -172,8 +183,9 @@ class Stack:
         self.replicas.append(replica)
         return replica, url
 
-    def add_worker(self, **env: str) -> Proc:
-        worker = sluice("worker", f"{self.api.name}-w{len(self.workers)}", {**self.env, **env})
+    def add_worker(self, clock_offset: str | None = None, **env: str) -> Proc:
+        name = f"{self.api.name}-w{len(self.workers)}"
+        worker = sluice("worker", name, {**self.env, **env}, clock_offset)
         self.workers.append(worker)
         return worker
 
@@ -198,11 +210,20 @@ class Stack:
             proc.stop()
 
 
-def start_stack(name: str, redis_url: str, workers: int, **settings: str) -> Stack:
+def start_stack(
+    name: str,
+    redis_url: str,
+    workers: int,
+    *,
+    api_clock: str | None = None,
+    worker_clock: str | None = None,
+    **settings: str,
+) -> Stack:
+    """An API and `workers` workers; `*_clock`: faketime offsets for their wall clocks."""
     port = free_port()
     env = sluice_env(redis_url, port, **settings)
-    stack = Stack(redis_url, sluice("api", name, env), [], port, env)
+    stack = Stack(redis_url, sluice("api", name, env, api_clock), [], port, env)
     for _ in range(workers):
-        stack.add_worker()
+        stack.add_worker(worker_clock)
     stack.wait_ready(workers, timeout=120)
     return stack

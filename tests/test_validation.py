@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import pytest
 
+from api.errors import error_response
+from shared.errors import ModelNotFound
+from shared.settings import Settings
+
 USER = [{"role": "user", "content": "hi"}]
+N_CTX = Settings(backend="synthetic").n_ctx  # what the test stacks run with
+SURROGATE = "\ud800"  # a lone surrogate, as the JSON escape "\ud800" decodes
+
+
+def text_parts(*texts: Any) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": t} for t in texts]}]
+
 
 BAD_BODIES: list[tuple[str, Any, str | None]] = [
     ("empty prompt", {"prompt": "", "stream": True}, "prompt"),
@@ -51,6 +63,67 @@ BAD_BODIES: list[tuple[str, Any, str | None]] = [
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
         "messages[0].content[0].type",
     ),
+    ("lone surrogate in prompt", {"prompt": f"hi {SURROGATE}", "stream": True}, "prompt"),
+    (
+        "lone surrogate in message content",
+        {"messages": [{"role": "user", "content": SURROGATE}]},
+        "messages[0].content",
+    ),
+    (
+        "lone surrogate in a text part",
+        {"messages": text_parts("fine", SURROGATE)},
+        "messages[0].content[1].text",
+    ),
+    (
+        "lone surrogate in a message name",
+        {"messages": [{"role": "user", "content": "hi", "name": SURROGATE}]},
+        "messages[0].name",
+    ),
+    ("lone surrogate in stop", {"messages": USER, "stop": SURROGATE}, "stop"),
+    ("lone surrogate in a stop list", {"messages": USER, "stop": ["end", SURROGATE]}, "stop[1]"),
+    ("lone surrogate in model", {"messages": USER, "model": SURROGATE}, "model"),
+    (
+        "text part without text",
+        {"messages": [*USER, {"role": "user", "content": [{"type": "text"}]}]},
+        "messages[1].content[0].text",
+    ),
+    ("text part with null text", {"messages": text_parts(None)}, "messages[0].content[0].text"),
+    ("text part with a number", {"messages": text_parts(5)}, "messages[0].content[0].text"),
+    ("max_tokens the context cannot hold", {"messages": USER, "max_tokens": N_CTX}, "max_tokens"),
+    (
+        "max_completion_tokens the context cannot hold",
+        {"messages": USER, "max_completion_tokens": 10**9},
+        "max_completion_tokens",
+    ),
+    (
+        "seed format with max_tokens the context cannot hold",
+        {"prompt": "hi", "stream": True, "max_tokens": N_CTX},
+        "max_tokens",
+    ),
+    (
+        "min_tokens above max_tokens",
+        {"messages": USER, "max_tokens": 5, "min_tokens": 6},
+        "min_tokens",
+    ),
+    (
+        "min_tokens above max_completion_tokens",
+        {"messages": USER, "max_tokens": 50, "max_completion_tokens": 5, "min_tokens": 6},
+        "min_tokens",
+    ),
+    ("seed above 2**64 - 1", {"messages": USER, "seed": 2**64}, "seed"),
+    ("seed below -2**63", {"messages": USER, "seed": -(2**63) - 1}, "seed"),
+]
+
+BAD_COMPLETION_BODIES: list[tuple[str, Any, str | None]] = [
+    ("lone surrogate in prompt", {"prompt": SURROGATE}, "prompt"),
+    ("lone surrogate in a stop list", {"prompt": "hi", "stop": [SURROGATE]}, "stop[0]"),
+    ("max_tokens the context cannot hold", {"prompt": "hi", "max_tokens": N_CTX}, "max_tokens"),
+    (
+        "min_tokens above max_tokens",
+        {"prompt": "hi", "max_tokens": 1, "min_tokens": 2},
+        "min_tokens",
+    ),
+    ("seed above 2**64 - 1", {"prompt": "hi", "seed": 2**64}, "seed"),
 ]
 
 
@@ -63,18 +136,76 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     assert "Traceback" not in response.text
 
 
-@pytest.mark.parametrize(("case", "body", "param"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+async def post(client: httpx.AsyncClient, path: str, body: Any) -> httpx.Response:
+    """POST `body` as JSON with `\\u` escapes: how a lone surrogate travels (it has no UTF-8)."""
+    return await client.post(
+        path, content=json.dumps(body), headers={"content-type": "application/json"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [pytest.param("/v1/chat/completions", *case[1:], id=case[0]) for case in BAD_BODIES]
+    + [
+        pytest.param("/v1/completions", *case[1:], id=f"completions: {case[0]}")
+        for case in BAD_COMPLETION_BODIES
+    ],
+)
 async def test_bad_request_body_gets_400_with_openai_error(
-    client: httpx.AsyncClient, case: str, body: Any, param: str | None
+    client: httpx.AsyncClient, path: str, body: Any, param: str | None
 ) -> None:
-    response = await client.post("/v1/chat/completions", json=body)
+    response = await post(client, path, body)
 
     assert_openai_error(response, 400, param)
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+async def test_max_tokens_error_says_the_context_length(client: httpx.AsyncClient) -> None:
+    response = await post(client, "/v1/chat/completions", {"messages": USER, "max_tokens": 10**6})
+
+    assert f"maximum context length is {N_CTX} tokens" in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
-    "raw", [b"{not json", b"[1, 2]", b'"a string"', b"", b"\xff\xfe"], ids=repr
+    "body",
+    [
+        {"max_tokens": N_CTX - 1},
+        {"max_tokens": 8, "min_tokens": 8},
+        {"max_tokens": 8, "max_completion_tokens": 9, "min_tokens": 9},
+        {"seed": 2**64 - 1},
+        {"seed": -(2**63)},
+        {"messages": text_parts("a", "b")},
+    ],
+    ids=repr,
+)
+async def test_values_at_the_limits_are_accepted(
+    client: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    response = await post(client, "/v1/chat/completions", {"messages": USER} | body)
+
+    assert response.status_code == 200, response.text
+
+
+def test_error_response_escapes_a_lone_surrogate_it_quotes() -> None:
+    response = error_response(ModelNotFound(f"The model `{SURROGATE}` does not exist."))
+    error = json.loads(bytes(response.body))["error"]
+
+    assert response.status_code == 404
+    assert error["message"] == "The model `\\ud800` does not exist."
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'"a string"',
+        b"",
+        b"\xff\xfe",
+        b'{"prompt": "hi", "stream": true, "temperature": NaN}',
+        b"[" * 100_000,
+    ],
+    ids=lambda raw: repr(raw[:60]),
 )
 async def test_body_that_is_not_a_json_object_gets_400(
     client: httpx.AsyncClient, raw: bytes

@@ -3,25 +3,45 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
 
-from shared.protocol import Entry, Finished, Started, decode, from_fields, stream_key
+from shared.protocol import Attempt, Entry, Finished, Started, decode, from_fields, job_id
 from worker.writer import StreamWriter
+
+NewAttempt = Callable[[], Awaitable[Attempt]]
 
 
 @pytest.fixture
-def key() -> str:
-    return stream_key(f"writer-test-{uuid.uuid4().hex}")
+async def new_attempt(redis: Redis) -> AsyncIterator[NewAttempt]:
+    """Makes streams whose current attempt is the one returned, as a submit leaves them."""
+    made: list[Attempt] = []
+
+    async def make() -> Attempt:
+        stream_id = f"writer-test-{uuid.uuid4().hex}"
+        attempt = Attempt(stream_id, job_id(stream_id, 1))
+        await redis.hset(attempt.meta_key, "job", attempt.job)  # type: ignore[misc]
+        made.append(attempt)
+        return attempt
+
+    yield make
+    for attempt in made:
+        await redis.delete(attempt.stream_key, attempt.meta_key)
 
 
-async def entries(redis: Redis, key: str) -> list[Entry]:
-    return [from_fields(fields) for _, fields in await redis.xrange(key)]
+@pytest.fixture
+async def key(new_attempt: NewAttempt) -> Attempt:
+    return await new_attempt()
+
+
+async def entries(redis: Redis, key: Attempt) -> list[Entry]:
+    return [from_fields(fields) for _, fields in await redis.xrange(key.stream_key)]
 
 
 async def test_text_sent_before_the_stream_is_written_joins_its_unwritten_token(
-    redis: Redis, key: str
+    redis: Redis, key: Attempt
 ) -> None:
     writer = StreamWriter(redis, maxlen=1000)
     await writer.append(key, Started("w", 1))
@@ -31,11 +51,12 @@ async def test_text_sent_before_the_stream_is_written_joins_its_unwritten_token(
 
     assert [type(e).__name__ for e in await entries(redis, key)] == ["Started", "Token", "Finished"]
     assert (await entries(redis, key))[1] == decode(b"t", b"abc")
-    await redis.delete(key)
 
 
-async def test_text_never_joins_across_another_entry_or_stream(redis: Redis, key: str) -> None:
-    other = key + "-other"
+async def test_text_never_joins_across_another_entry_or_stream(
+    redis: Redis, key: Attempt, new_attempt: NewAttempt
+) -> None:
+    other = await new_attempt()
     writer = StreamWriter(redis, maxlen=1000)
     await writer.send(key, "a")
     await writer.send(other, "x")
@@ -48,13 +69,14 @@ async def test_text_never_joins_across_another_entry_or_stream(redis: Redis, key
     mine = await entries(redis, key)
     assert [getattr(e, "text", type(e).__name__) for e in mine] == ["ab", "Started", "c"]
     assert [getattr(e, "text", None) for e in await entries(redis, other)] == ["x", None]
-    await redis.delete(key, other)
 
 
-async def test_a_writer_that_keeps_up_writes_one_entry_per_token(redis: Redis, key: str) -> None:
+async def test_a_writer_that_keeps_up_writes_one_entry_per_token(
+    redis: Redis, key: Attempt, new_attempt: NewAttempt
+) -> None:
     writer = StreamWriter(redis, maxlen=1000)
+    sync = await new_attempt()
     for piece in ("a", "b", "c"):
         await writer.send(key, piece)
-        await writer.append(key + "-sync", Started("w", 0))  # wait until written
+        await writer.append(sync, Started("w", 0))  # wait until written
     assert [getattr(e, "text", None) for e in await entries(redis, key)] == ["a", "b", "c"]
-    await redis.delete(key, key + "-sync")

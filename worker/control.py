@@ -1,17 +1,18 @@
-"""Decides when a running job must stop early: it was cancelled, or nobody is reading it."""
+"""Stops running jobs early when told to: a cancel request, or the supervisor finding that no
+client has read the stream for the resume grace. Both arrive on `CANCEL_CHANNEL`."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from shared.errors import Cancelled
+from shared.protocol import StopReason
 
-from shared.protocol import READERS_KEY, now_ms, worker_ttl_ms
-
-log = logging.getLogger("sluice.worker")
+_MESSAGES: dict[StopReason, str] = {
+    "cancelled": "cancelled by request",
+    "unread": "no client was reading the stream",
+}
 
 
 @dataclass
@@ -19,10 +20,9 @@ class StopSignal:
     """Set when the job should stop; `reason` says why, for the client's error event."""
 
     event: asyncio.Event = field(default_factory=asyncio.Event)
-    reason: str = ""
-    last_read_ms: int = field(default_factory=now_ms)
+    reason: StopReason = "cancelled"
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: StopReason) -> None:
         if not self.event.is_set():
             self.reason = reason
             self.event.set()
@@ -31,15 +31,14 @@ class StopSignal:
     def stopped(self) -> bool:
         return self.event.is_set()
 
+    def error(self) -> Cancelled:
+        return Cancelled(_MESSAGES[self.reason])
+
 
 class JobControl:
-    """One per worker process: a single loop checks every running job's readers at once."""
+    """One per worker process: the stop signal of each running job, by stream id."""
 
-    def __init__(self, redis: Redis, heartbeat_s: float, grace_s: float) -> None:
-        self._redis = redis
-        self._period_s = min(heartbeat_s, 0.5)
-        self._reader_ttl_ms = worker_ttl_ms(heartbeat_s)
-        self._grace_ms = int(grace_s * 1000)
+    def __init__(self) -> None:
         self._running: dict[str, StopSignal] = {}
 
     def watch(self, stream_id: str) -> StopSignal:
@@ -49,27 +48,8 @@ class JobControl:
     def release(self, stream_id: str) -> None:
         self._running.pop(stream_id, None)
 
-    def cancel(self, stream_id: str) -> None:
+    def stop(self, message: str) -> None:
+        """Act on a `CANCEL_CHANNEL` message, `<stream id> <reason>`."""
+        stream_id, _, reason = message.partition(" ")
         if signal := self._running.get(stream_id):
-            signal.stop("cancelled by request")
-
-    async def check_readers_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._period_s)
-            if not self._running:
-                continue
-            ids = list(self._running)
-            try:
-                seen = await self._redis.zmscore(READERS_KEY, ids)
-            except (RedisError, OSError) as exc:
-                log.warning("could not check readers: %s", exc)
-                continue
-            now = now_ms()
-            for stream_id, last in zip(ids, seen, strict=True):
-                signal = self._running.get(stream_id)
-                if signal is None:
-                    continue
-                if last is not None and now - last <= self._reader_ttl_ms:
-                    signal.last_read_ms = now
-                elif now - signal.last_read_ms > self._grace_ms:
-                    signal.stop("no client was reading the stream")
+            signal.stop("unread" if reason == "unread" else "cancelled")

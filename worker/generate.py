@@ -7,8 +7,10 @@ import logging
 from contextlib import aclosing
 from typing import Any
 
-from shared.errors import Cancelled, GenerationFailed, SluiceError
+from shared.errors import GenerationFailed, SluiceError
 from shared.protocol import (
+    REDIS_NOW_LUA,
+    Attempt,
     Entry,
     Failed,
     Finished,
@@ -16,66 +18,74 @@ from shared.protocol import (
     Started,
     cancel_key,
     meta_key,
-    stream_key,
 )
 from shared.schema import GenerationJob
 from shared.settings import Settings
 from worker.backends import Backend, BackendError
 from worker.control import JobControl, StopSignal
 from worker.text import TextAssembler
-from worker.writer import StreamWriter
+from worker.writer import Fenced, StreamWriter
 
 log = logging.getLogger("sluice.worker")
 
-# Records which worker runs the stream's current attempt, for the API's liveness checks.
-# Returns 0, and the job does nothing, if the stream is gone or this attempt was replaced;
-# 2 if the stream was cancelled before the job started.
-CLAIM_SCRIPT = """
-if redis.call('HGET', KEYS[1], 'job') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'worker', ARGV[2])
+# Records which worker runs the stream's current attempt, and since when (Redis's clock), for
+# the supervisor. Returns 0, and the job does nothing, if the stream is gone or ended or this
+# attempt was replaced; 2 if the stream was cancelled before the job started.
+CLAIM_SCRIPT = (
+    REDIS_NOW_LUA
+    + """
+local current = redis.call('HMGET', KEYS[1], 'job', 'ended')
+if current[1] ~= ARGV[1] or current[2] then return 0 end
+redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'started', redis_now_ms())
 if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 return 1
 """
+)
 
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     job = GenerationJob.model_validate(payload)
+    attempt = Attempt(job.stream_id, ctx["job_id"])
     claim = await ctx["claim"](
         keys=[meta_key(job.stream_id), cancel_key(job.stream_id)],
-        args=[ctx["job_id"], ctx["worker_id"]],
+        args=[attempt.job, ctx["worker_id"]],
     )
     if not claim:
-        log.info("job %s is no longer wanted; skipped", ctx["job_id"])
+        log.info("job %s is no longer wanted; skipped", attempt.job)
         return
     control: JobControl = ctx["control"]
     signal = control.watch(job.stream_id)
     if claim == 2:
-        signal.stop("cancelled by request")
+        signal.stop("cancelled")
     try:
-        await _generate(ctx, job, signal)
+        await _generate(ctx, job, attempt, signal)
+    except Fenced:
+        # The supervisor ended the stream or gave it to a newer attempt while this one was
+        # presumed dead (a frozen process, a long pause): it has nothing more to say.
+        log.warning("job %s lost its stream to the supervisor; stopped", attempt.job)
     finally:
         control.release(job.stream_id)
 
 
-async def _generate(ctx: dict[str, Any], job: GenerationJob, signal: StopSignal) -> None:
+async def _generate(
+    ctx: dict[str, Any], job: GenerationJob, attempt: Attempt, signal: StopSignal
+) -> None:
     settings: Settings = ctx["settings"]
     backend: Backend = ctx["backend"]
     writer: StreamWriter = ctx["writer"]
-    key = stream_key(job.stream_id)
 
     async def finish(entry: Entry) -> None:
         # The terminal entry must land even if this task is being cancelled (arq's habit too).
-        await asyncio.shield(writer.append(key, entry, expire_s=settings.stream_ttl_s))
-        # The stream's metadata goes when the stream does, so a late resume gets a clean 404.
-        await asyncio.shield(ctx["redis"].expire(meta_key(job.stream_id), settings.stream_ttl_s))
+        # Its append also gives the metadata the stream's TTL, so a late resume gets a 404.
+        await asyncio.shield(writer.append(attempt, entry, expire_s=settings.stream_ttl_s))
 
     try:
         if signal.stopped:
-            raise Cancelled(signal.reason)
+            raise signal.error()
         generation = await backend.start(job)
         # While generating, the stream outlives any job: its TTL is reset when the job ends.
         await writer.append(
-            key,
+            attempt,
             Started(ctx["worker_id"], generation.prompt_tokens),
             expire_s=int(settings.stream_ttl_s + settings.job_timeout_s),
         )
@@ -86,17 +96,19 @@ async def _generate(ctx: dict[str, Any], job: GenerationJob, signal: StopSignal)
             async for piece in pieces:
                 produced += 1
                 if out := text.feed(piece):
-                    await writer.send(key, out)
+                    await writer.send(attempt, out)
                 if signal.stopped:
-                    raise Cancelled(signal.reason)
+                    raise signal.error()
                 if text.stopped:
                     break
                 if produced >= job.max_tokens:
                     reason = "length"
                     break
         if tail := text.flush():
-            await writer.send(key, tail)
+            await writer.send(attempt, tail)
         await finish(Finished(reason, generation.prompt_tokens, produced))
+    except Fenced:
+        raise
     except SluiceError as exc:
         await finish(Failed(exc.body()))
     except BackendError as exc:

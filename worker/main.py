@@ -13,19 +13,20 @@ from typing import Any
 
 import uvloop
 from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
-from arq.worker import Worker, func
+from arq.worker import func
 from redis.exceptions import RedisError
 
+from shared.arq_internals import ClaimingWorker
+from shared.loops import LoopGroup
 from shared.protocol import (
     CANCEL_CHANNEL,
     JOB_FUNCTION,
     QUEUE_NAME,
+    REDIS_NOW_LUA,
     WAKE_CHANNEL,
+    WORKER_LOOPS_KEY,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
-    now_ms,
     worker_ttl_ms,
 )
 from shared.settings import Settings
@@ -36,27 +37,26 @@ from worker.writer import StreamWriter
 
 log = logging.getLogger("sluice.worker")
 
-# arq's claim (WATCH the in-progress key, check the queue score, set the key), for many jobs in
-# one atomic round trip instead of four each. ARGV: in-progress key prefix, now (ms), free
-# slots, in-progress TTL (ms), then candidate job ids. Returns claimed ids, each with its score.
-CLAIM_JOBS_SCRIPT = """
-local claimed = {}
-local free = tonumber(ARGV[3])
-for i = 5, #ARGV do
-  if free <= 0 then break end
-  local in_progress = ARGV[1] .. ARGV[i]
-  if redis.call('EXISTS', in_progress) == 0 then
-    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-    if score and tonumber(score) <= tonumber(ARGV[2]) then
-      redis.call('PSETEX', in_progress, ARGV[4], '1')
-      table.insert(claimed, ARGV[i])
-      table.insert(claimed, score)
-      free = free - 1
-    end
-  end
+# A heartbeat, by Redis's clock: this worker's score, its slots and the state of its loops;
+# workers not heard from for a TTL are dropped (they died without saying goodbye).
+# KEYS: workers, worker slots, worker loops. ARGV: worker id, TTL (ms), slots, failing loops.
+HEARTBEAT_SCRIPT = (
+    REDIS_NOW_LUA
+    + """
+local now = redis_now_ms()
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+for _, worker in ipairs(dead) do
+  redis.call('ZREM', KEYS[1], worker)
+  redis.call('HDEL', KEYS[2], worker)
+  redis.call('HDEL', KEYS[3], worker)
 end
-return claimed
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[2]) end
+return #dead
 """
+)
 
 
 def default_max_jobs(settings: Settings) -> int:
@@ -65,22 +65,22 @@ def default_max_jobs(settings: Settings) -> int:
     return 1 if settings.backend == "llama" else 512
 
 
-class SluiceWorker(Worker):
-    """arq's worker, with two changes.
+class SluiceWorker(ClaimingWorker):
+    """arq's worker (claiming as `ClaimingWorker` does), woken instead of polling.
 
     Pickup: arq sleeps `poll_delay` (0.5 s by default) between polls of the queue, which a job
     waits out before it starts. Here the poll loop instead waits on an event set by a Pub/Sub
     message that the API publishes after each enqueue, or by a job finishing; `poll_delay_s` is
     only the fallback period. Idle workers cost Redis one command per period, not a busy loop.
 
-    Liveness: a heartbeat in `sluice:workers` every `heartbeat_s`, read by the API.
+    Liveness: a heartbeat in `sluice:workers` every `heartbeat_s`, by Redis's clock.
     """
 
     def __init__(self, settings: Settings, **overrides: Any) -> None:
         self.settings = settings
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._wake = asyncio.Event()
-        self._background: list[asyncio.Task[None]] = []
+        self._loops = LoopGroup(log)
         options: dict[str, Any] = {
             "functions": [func(generate, name=JOB_FUNCTION)],
             "queue_name": QUEUE_NAME,
@@ -90,7 +90,7 @@ class SluiceWorker(Worker):
             "max_jobs": default_max_jobs(settings),
             "job_timeout": settings.job_timeout_s,
             "keep_result": 0,
-            # A cancelled job has written its stream's end; the API, not arq, retries lost jobs.
+            # A cancelled job has written its stream's end; the supervisor retries lost jobs.
             "retry_jobs": False,
             "job_completion_wait": settings.drain_s,
             "poll_delay": 0,
@@ -106,25 +106,21 @@ class SluiceWorker(Worker):
             raise SystemExit(1) from exc
         ctx["writer"] = StreamWriter(ctx["redis"], self.settings.stream_maxlen)
         ctx["claim"] = ctx["redis"].register_script(CLAIM_SCRIPT)
-        self._claim_jobs = ctx["redis"].register_script(CLAIM_JOBS_SCRIPT)
-        control = ctx["control"] = JobControl(
-            ctx["redis"], self.settings.heartbeat_s, self.settings.resume_grace_s
-        )
-        self._background = [
-            asyncio.create_task(self._listen(control)),
-            asyncio.create_task(self._beat()),
-            asyncio.create_task(control.check_readers_forever()),
-        ]
+        self._heartbeat = ctx["redis"].register_script(HEARTBEAT_SCRIPT)
+        control = ctx["control"] = JobControl()
+        # Alive before it claims anything: the supervisor retries jobs of workers not beating.
+        await self._beat_once()
+        self._loops.start("listen", lambda: self._listen(control))
+        self._loops.start("heartbeat", self._beat)
         log.info("worker %s ready: backend %s", self.worker_id, self.settings.backend)
 
     async def _shutdown(self, ctx: dict[str, Any]) -> None:
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._loops.stop()
         with contextlib.suppress(Exception):
             async with self.pool.pipeline(transaction=False) as pipe:
                 pipe.zrem(WORKERS_KEY, self.worker_id)
                 pipe.hdel(WORKER_SLOTS_KEY, self.worker_id)
+                pipe.hdel(WORKER_LOOPS_KEY, self.worker_id)
                 await pipe.execute()
         if "backend" in ctx:
             ctx["backend"].close()
@@ -137,84 +133,43 @@ class SluiceWorker(Worker):
             log.warning("queue poll failed: %s", exc)
             await asyncio.sleep(self.settings.poll_delay_s)
             return
-        if self.burst:
-            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), self.settings.poll_delay_s)
         self._wake.clear()
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's start_jobs, claiming every job it can in one round trip.
-
-        arq keeps running jobs in the queue, so each poll sees them again; arq spends three
-        round trips on each to find it taken (four to claim one), which with hundreds of
-        streams open made pickup quadratic. Jobs this worker runs are skipped here; the rest
-        are claimed in one script.
-        """
-        free = self.max_jobs - self.job_counter
-        candidates = [i for i in (b.decode() for b in job_ids) if i not in self.tasks]
-        if free <= 0 or not candidates:
-            return
-        claimed = await self._claim_jobs(
-            keys=[self.queue_name],
-            args=[
-                in_progress_key_prefix,
-                timestamp_ms(),
-                free,
-                int(self.in_progress_timeout_s * 1000),
-                *candidates,
-            ],
-        )
-        for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True):
-            await self.sem.acquire()  # free: the slots were counted above
-            self.job_counter += 1
-            job_id = raw_id.decode()
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
-
-    def _release_sem_dec_counter_on_complete(self) -> None:
-        super()._release_sem_dec_counter_on_complete()
+    def on_slot_free(self) -> None:
         self._wake.set()  # a slot is free: look at the queue now
 
     async def _listen(self, control: JobControl) -> None:
-        """Wake-ups (a job was enqueued) and cancellations, as they are published."""
-        while True:
-            try:
-                async with self.pool.pubsub() as pubsub:
-                    await pubsub.subscribe(WAKE_CHANNEL, CANCEL_CHANNEL)
-                    self._wake.set()  # anything enqueued while we were not listening
-                    async for message in pubsub.listen():
-                        if message["type"] != "message":
-                            continue
-                        if message["channel"] == CANCEL_CHANNEL.encode():
-                            control.cancel(message["data"].decode())
-                        else:
-                            self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("wake-up channel lost (%s); retrying", exc)
-                await asyncio.sleep(self.settings.poll_delay_s)
+        """Wake-ups (a job was enqueued) and stops (cancel, unread), as they are published.
+        A lost subscription raises, and the loop's supervisor subscribes again."""
+        async with self.pool.pubsub() as pubsub:
+            await pubsub.subscribe(WAKE_CHANNEL, CANCEL_CHANNEL)
+            self._wake.set()  # anything enqueued while we were not listening
+            async for message in pubsub.listen():
+                if message["type"] != "message":
+                    continue
+                if message["channel"] == CANCEL_CHANNEL.encode():
+                    control.stop(message["data"].decode())
+                else:
+                    self._wake.set()
+
+    async def _beat_once(self) -> None:
+        await self._heartbeat(
+            keys=[WORKERS_KEY, WORKER_SLOTS_KEY, WORKER_LOOPS_KEY],
+            args=[
+                self.worker_id,
+                worker_ttl_ms(self.settings.heartbeat_s),
+                self.max_jobs,
+                ",".join(loop.name for loop in self._loops.failing()),
+            ],
+        )
 
     async def _beat(self) -> None:
-        ttl = worker_ttl_ms(self.settings.heartbeat_s)
         while True:
             try:
-                now = now_ms()
-                dead = await self.pool.zrangebyscore(WORKERS_KEY, "-inf", now - ttl)
-                async with self.pool.pipeline(transaction=False) as pipe:
-                    pipe.zadd(WORKERS_KEY, {self.worker_id: now})
-                    if dead:  # workers that died without saying goodbye
-                        pipe.zrem(WORKERS_KEY, *dead)
-                        pipe.hdel(WORKER_SLOTS_KEY, *dead)
-                    pipe.pexpire(WORKERS_KEY, ttl)
-                    pipe.hset(WORKER_SLOTS_KEY, self.worker_id, str(self.max_jobs))
-                    pipe.pexpire(WORKER_SLOTS_KEY, ttl)
-                    await pipe.execute()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+                await self._beat_once()
+            except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(self.settings.heartbeat_s)
 

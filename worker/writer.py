@@ -6,6 +6,9 @@ trip; the first and terminal entries wait (`append`). Text sent while the stream
 entry is still unwritten joins that entry: a worker that falls behind writes fewer, larger
 entries instead of falling further behind, and one that keeps up writes a token per entry. A
 failed write is raised by the next call for that stream.
+
+Every append is fenced (see `FENCED_APPEND_LUA`): one refused because the attempt was replaced
+or the stream already ended raises `Fenced`, and the job stops.
 """
 
 from __future__ import annotations
@@ -15,28 +18,36 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from shared.protocol import Entry, Token, encode
+from shared.protocol import FENCED_APPEND_LUA, Attempt, Entry, Token, encode
 
 # Appends a batch of entries, in order, each to its own job's stream: one command for the batch,
 # where a pipeline of XADDs costs this process a command's encoding per token.
-# KEYS: each entry's stream. ARGV: MAXLEN, then per entry its kind, payload and TTL (0: none).
-APPEND_SCRIPT = """
+# KEYS: per entry its stream and metadata. ARGV: MAXLEN, then per entry its attempt, kind,
+# payload and TTL (0: none). Returns per entry its id, or 0 where the append was refused.
+APPEND_SCRIPT = (
+    FENCED_APPEND_LUA
+    + """
 local ids = {}
-for i, key in ipairs(KEYS) do
-  local at = 2 + (i - 1) * 3
-  ids[i] = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '*', ARGV[at], ARGV[at + 1])
-  if ARGV[at + 2] ~= '0' then redis.call('EXPIRE', key, ARGV[at + 2]) end
+for i = 1, #KEYS / 2 do
+  local at = 2 + (i - 1) * 4
+  ids[i] = fenced_append(KEYS[2 * i - 1], KEYS[2 * i], ARGV[at], ARGV[at + 1], ARGV[at + 2],
+                         ARGV[1], ARGV[at + 3])
 end
 return ids
 """
+)
 MIN_WRITE_INTERVAL_S = 0.002
 MAX_UNSENT = 8192
 """Past this many entries not yet written, `send` waits: memory stays bounded if Redis stalls."""
 
 
+class Fenced(RuntimeError):
+    """The stream no longer takes this attempt's entries: it ended, or a newer attempt owns it."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
-    key: str
+    attempt: Attempt
     entry: Entry
     expire_s: int | None
     done: asyncio.Future[str] | None
@@ -54,23 +65,26 @@ class StreamWriter:
         self._failed: dict[str, BaseException] = {}
         self._drained = asyncio.Event()
 
-    def append(self, key: str, entry: Entry, *, expire_s: int | None = None) -> asyncio.Future[str]:
-        """XADD `entry` to `key` (and set the key's TTL), in order from this call on; the future
-        gives the entry's id once it is stored."""
+    def append(
+        self, attempt: Attempt, entry: Entry, *, expire_s: int | None = None
+    ) -> asyncio.Future[str]:
+        """XADD `entry` to the attempt's stream (and set the key's TTL), in order from this call
+        on; the future gives the entry's id once it is stored."""
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Pending(key, entry, expire_s, done))
+        self._enqueue(_Pending(attempt, entry, expire_s, done))
         return done
 
-    async def send(self, key: str, text: str) -> None:
-        """Append `text` to `key` soon, in order with this stream's other entries."""
+    async def send(self, attempt: Attempt, text: str) -> None:
+        """Append `text` to the attempt's stream soon, in order with its other entries."""
+        key = attempt.stream_key
         at = self._open_token.get(key)
         if at is not None:
             self._raise_failure(key)
             unsent = self._pending[at].entry
             assert isinstance(unsent, Token)
-            self._pending[at] = _Pending(key, Token(unsent.text + text), None, None)
+            self._pending[at] = _Pending(attempt, Token(unsent.text + text), None, None)
             return
-        self._enqueue(_Pending(key, Token(text), None, None))
+        self._enqueue(_Pending(attempt, Token(text), None, None))
         self._open_token[key] = len(self._pending) - 1
         if len(self._pending) > MAX_UNSENT:
             self._drained.clear()
@@ -81,8 +95,9 @@ class StreamWriter:
             raise failure
 
     def _enqueue(self, item: _Pending) -> None:
-        self._raise_failure(item.key)
-        self._open_token.pop(item.key, None)
+        key = item.attempt.stream_key
+        self._raise_failure(key)
+        self._open_token.pop(key, None)
         self._pending.append(item)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
@@ -101,24 +116,32 @@ class StreamWriter:
                 self._drained.set()
                 try:
                     ids = await self._write(batch)
-                except Exception as exc:
-                    for item in batch:
-                        if item.done is None:
-                            self._failed[item.key] = exc
-                        elif not item.done.done():
-                            item.done.set_exception(exc)
-                    continue
-                for item, entry_id in zip(batch, ids, strict=True):
-                    if item.done is not None and not item.done.done():
-                        item.done.set_result(entry_id)
+                except Exception as exc:  # whatever failed, no caller is left waiting
+                    ids = [exc] * len(batch)
+                for item, outcome in zip(batch, ids, strict=True):
+                    if isinstance(outcome, str):
+                        if item.done is not None and not item.done.done():
+                            item.done.set_result(outcome)
+                    elif item.done is None:
+                        self._failed[item.attempt.stream_key] = outcome
+                    elif not item.done.done():
+                        item.done.set_exception(outcome)
         finally:
             self._flusher = None
             self._drained.set()
 
-    async def _write(self, batch: list[_Pending]) -> list[str]:
+    async def _write(self, batch: list[_Pending]) -> list[str | BaseException]:
+        keys: list[str] = []
         args: list[str | int] = [self._maxlen]
         for item in batch:
+            keys += (item.attempt.stream_key, item.attempt.meta_key)
+            args.append(item.attempt.job)
             args.extend(encode(item.entry))
             args.append(item.expire_s or 0)
-        ids = await self._append(keys=[item.key for item in batch], args=args)
-        return [entry_id.decode() for entry_id in ids]
+        ids = await self._append(keys=keys, args=args)
+        return [
+            entry_id.decode()
+            if entry_id
+            else Fenced(f"{item.attempt.job} may no longer append to its stream")
+            for item, entry_id in zip(batch, ids, strict=True)
+        ]

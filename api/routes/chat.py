@@ -7,14 +7,20 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from api.deps import GatewayDep
+from api.openapi import ERRORS, generated, json_body
 from api.requests import build_job, check_text, message_dicts, parse, read_json_object
 from shared.errors import InvalidRequest
-from shared.schema import ChatCompletionRequest, SeedRequest
+from shared.schema import ChatCompletion, ChatCompletionRequest, SeedRequest
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    openapi_extra=json_body(ChatCompletionRequest, SeedRequest),
+    responses=generated(ChatCompletion, "chat.completion.chunk"),
+)
 async def chat_completions(
     request: Request, gateway: GatewayDep
 ) -> EventSourceResponse | JSONResponse:
@@ -37,12 +43,12 @@ async def chat_completions(
         job = build_job(
             seed,
             settings,
-            max_tokens=seed.max_tokens or settings.seed_max_tokens,
+            default_max_tokens=settings.seed_max_tokens,
             min_tokens=min_tokens,
             messages=messages,
         )
         return await gateway.serve(
-            job, "chat.completion.chunk", stream=True, include_usage=seed.include_usage
+            request, job, "chat.completion.chunk", stream=True, include_usage=seed.include_usage
         )
     if "messages" not in body:
         raise InvalidRequest("one of 'messages' or 'prompt' is required", param="messages")
@@ -50,9 +56,13 @@ async def chat_completions(
     job = build_job(
         chat,
         settings,
-        max_tokens=chat.max_completion_tokens,
+        default_max_tokens=settings.max_tokens,
         messages=message_dicts(chat.messages, settings),
     )
     return await gateway.serve(
-        job, "chat.completion.chunk", stream=chat.stream, include_usage=chat.include_usage
+        request,
+        job,
+        "chat.completion.chunk",
+        stream=chat.stream,
+        include_usage=chat.include_usage,
     )

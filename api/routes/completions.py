@@ -7,24 +7,34 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from api.deps import GatewayDep
+from api.openapi import ERRORS, generated, json_body
 from api.requests import build_job, check_text, parse, read_json_object
-from shared.schema import CompletionRequest
+from shared.schema import CompletionRequest, TextCompletion
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # what OpenAI's legacy endpoint uses when max_tokens is omitted
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    openapi_extra=json_body(CompletionRequest),
+    responses=generated(TextCompletion, "text_completion"),
+)
 async def completions(request: Request, gateway: GatewayDep) -> EventSourceResponse | JSONResponse:
     completion = parse(CompletionRequest, await read_json_object(request))
     check_text(completion.prompt, "prompt", gateway.settings)
     job = build_job(
         completion,
         gateway.settings,
-        max_tokens=completion.max_tokens or OPENAI_DEFAULT_MAX_TOKENS,
+        default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS,
         prompt=completion.prompt,
     )
     return await gateway.serve(
-        job, "text_completion", stream=completion.stream, include_usage=completion.include_usage
+        request,
+        job,
+        "text_completion",
+        stream=completion.stream,
+        include_usage=completion.include_usage,
     )

@@ -9,9 +9,11 @@ from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse
 
 from api.deps import GatewayDep
+from api.openapi import ERRORS, EVENT_STREAM
 from shared.errors import InvalidRequest
+from shared.schema import StreamCancelled
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 ENTRY_ID = re.compile(r"\d+-\d+")
 
 
@@ -20,7 +22,17 @@ def bare_id(stream_id: str) -> str:
     return stream_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
 
 
-@router.get("/v1/streams/{stream_id}", response_model=None)
+@router.get(
+    "/v1/streams/{stream_id}",
+    response_model=None,
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "The stream's chunks after the position, as `POST` streamed them",
+            "content": {"text/event-stream": EVENT_STREAM},
+        }
+    },
+)
 async def resume_stream(
     stream_id: str,
     gateway: GatewayDep,
@@ -35,7 +47,7 @@ async def resume_stream(
 
 
 @router.post("/v1/streams/{stream_id}/cancel")
-async def cancel_stream(stream_id: str, gateway: GatewayDep) -> dict[str, str]:
+async def cancel_stream(stream_id: str, gateway: GatewayDep) -> StreamCancelled:
     stream_id = bare_id(stream_id)
     await gateway.queue.cancel(stream_id)
-    return {"id": stream_id, "object": "stream", "status": "cancelled"}
+    return StreamCancelled(id=stream_id)

@@ -7,14 +7,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.procs import RedisServer, Stack, start_stack
+from tests.procs import DATABASES, RedisServer, Stack, start_stack
 
 FAST_LIVENESS = {
     "heartbeat_s": "0.5",  # a worker is dead 1.5 s after its last beat
-    "stall_s": "1",
-    "relay_check_s": "0.2",
+    "supervise_s": "0.2",
 }
-_databases = itertools.count(6)
+_databases = itertools.count(16)
 
 StackFactory = Callable[..., Stack]
 
@@ -24,7 +23,7 @@ def make_stack(redis_server: RedisServer) -> Iterator[StackFactory]:
     stacks: list[Stack] = []
 
     def make(workers: int = 1, redis: RedisServer = redis_server, **settings: str) -> Stack:
-        db = next(_databases) % 16
+        db = 16 + (next(_databases) - 16) % (DATABASES - 16)
         stack = start_stack(
             f"fault-db{db}",
             redis.url(db),

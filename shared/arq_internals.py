@@ -1,0 +1,117 @@
+"""Everything sluice takes from arq beyond its public API, in one place.
+
+arq is our queue: a sorted set of job ids scored by when they may run (`queue_name`), a record
+per job (`arq:job:<id>`, arq's serialized job), and an in-progress key per claimed job
+(`arq:in-progress:<id>`, set by the worker that claims it; running jobs stay in the queue until
+they finish). The API writes job records itself (to admit and enqueue in one script), and the
+worker replaces arq's poll loop. Both rely on the details below, checked against the pinned arq
+by tests/test_arq_contract.py: if arq changes them, that test fails before anything else does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.jobs import serialize_job
+from arq.worker import Worker
+
+from shared.protocol import REDIS_NOW_LUA
+
+ARQ_VERSION = "0.28.0"
+"""The arq these internals were read from (pyproject pins it)."""
+
+def job_key(arq_job_id: str) -> str:
+    return job_key_prefix + arq_job_id
+
+
+def in_progress_key(arq_job_id: str) -> str:
+    return in_progress_key_prefix + arq_job_id
+
+
+def job_record(function: str, args: tuple[Any, ...], enqueue_time_ms: int) -> bytes:
+    """A job as arq's `enqueue_job` stores it, for a worker's `run_job` to read."""
+    return serialize_job(function, args, {}, None, enqueue_time_ms)
+
+
+# arq's poll reads `max(5 * max_jobs, 100)` due ids from the head of the queue and claims each
+# with WATCH/EXISTS/ZSCORE/MULTI: running jobs stay in the queue, so a worker with a free slot
+# behind 100 running jobs (all workers' together) never sees a waiting one, and a burst costs
+# round trips per running job. This claims in one
+# script, scanning past claimed jobs, by Redis's clock (a worker's own clock may be seconds off).
+# KEYS: the queue. ARGV: in-progress key prefix, free slots, in-progress TTL (ms), most ids to
+# scan. Returns the claimed ids, each followed by its score.
+CLAIM_SCRIPT = (
+    REDIS_NOW_LUA
+    + """
+local now = redis_now_ms()
+local free = tonumber(ARGV[2])
+local claimed = {}
+local offset = 0
+while free > 0 and offset < tonumber(ARGV[4]) do
+  local page = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', offset, 200)
+  if #page == 0 then break end
+  for i = 1, #page, 2 do
+    local in_progress = ARGV[1] .. page[i]
+    if free > 0 and redis.call('EXISTS', in_progress) == 0 then
+      redis.call('PSETEX', in_progress, ARGV[3], '1')
+      table.insert(claimed, page[i])
+      table.insert(claimed, page[i + 1])
+      free = free - 1
+    end
+  end
+  offset = offset + 200
+end
+return claimed
+"""
+)
+MAX_SCAN = 10_000
+"""Queue entries one claim looks at: far more than the jobs running at once in a deployment."""
+
+
+class ClaimingWorker(Worker):
+    """arq's Worker with its poll replaced by one claim script (see `CLAIM_SCRIPT`).
+
+    What arq's `_poll_iteration` also does is kept: reaping finished job tasks (re-raising what
+    they raised) and arq's health-check record. Job aborts (`allow_abort_jobs`) and burst mode
+    are arq features sluice does not use; they are refused at construction.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.allow_abort_jobs or self.burst:
+            raise ValueError("ClaimingWorker supports neither allow_abort_jobs nor burst")
+        self._claim_script: Any = None
+
+    async def _poll_iteration(self) -> None:
+        free = self.max_jobs - self.job_counter
+        if self.allow_pick_jobs and free > 0:
+            await self._claim(free)
+        for arq_job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[arq_job_id]
+                task.result()
+        await self.heart_beat()
+
+    async def _claim(self, free: int) -> None:
+        if self._claim_script is None:
+            self._claim_script = self.pool.register_script(CLAIM_SCRIPT)
+        claimed = await self._claim_script(
+            keys=[self.queue_name],
+            args=[in_progress_key_prefix, free, int(self.in_progress_timeout_s * 1000), MAX_SCAN],
+        )
+        for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True):
+            await self.sem.acquire()  # free: the slots were counted above
+            self.job_counter += 1
+            arq_job_id = raw_id.decode()
+            task = self.loop.create_task(self.run_job(arq_job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._job_done())
+            self.tasks[arq_job_id] = task
+
+    def _job_done(self) -> None:
+        """A job's task ended: arq's own bookkeeping, then `on_slot_free`."""
+        self._release_sem_dec_counter_on_complete()
+        self.on_slot_free()
+
+    def on_slot_free(self) -> None:
+        """Called when a job ends; subclasses may look at the queue again at once."""
