@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis
 
 from tests.procs import (
     LOGS,
@@ -52,7 +53,7 @@ def one_slow_slot(redis_server: RedisServer) -> Iterator[Stack]:
         worker_max_jobs="1",
         queue_timeout_s="1",
         stream_ttl_s="2",
-        relay_check_s="0.2",
+        supervise_s="0.2",
     )
     yield stack
     stack.stop()
@@ -75,33 +76,57 @@ async def test_no_live_worker_gets_503_no_workers(api_without_workers: str) -> N
     assert response.json()["error"]["code"] == "no_workers"
 
 
+def running_stream(r: redis.Redis) -> str:
+    """The stream id of the one job in the queue, once a worker has claimed it ('' till then)."""
+    jobs = r.zrange("sluice:queue", 0, -1)
+    if len(jobs) != 1:
+        return ""
+    stream_id = str(jobs[0].decode().rpartition(".")[0])
+    return stream_id if r.hget(f"sluice:meta:{stream_id}", "worker") else ""
+
+
 async def test_job_nobody_starts_in_time_errors_and_is_withdrawn(
     one_slow_slot: Stack, redis_server: RedisServer
 ) -> None:
-    async with httpx.AsyncClient(base_url=one_slow_slot.base_url, timeout=30) as client:
-        busy = asyncio.create_task(stream(client, {"prompt": "occupy the worker", "stream": True}))
-        await asyncio.sleep(0.3)
-        queued = await stream(client, {"prompt": "wait in line", "stream": True})
-        stream_id = queued.headers["x-sluice-stream-id"]
-        resumed = await stream(client, path=f"/v1/streams/{stream_id}")
-        first = await busy
+    with redis_server.client(3) as r:
+        async with httpx.AsyncClient(base_url=one_slow_slot.base_url, timeout=30) as client:
+            busy = asyncio.create_task(
+                stream(client, {"prompt": "occupy the worker", "stream": True})
+            )
+            await eventually(lambda: running_stream(r), "the worker to take the first job")
+            queued = await stream(client, {"prompt": "wait in line", "stream": True})
+            stream_id = queued.headers["x-sluice-stream-id"]
+            # Checked while the one slot is still busy: once it is free, the worker would take
+            # (and so remove) a job that was not withdrawn.
+            worker_was_busy = not busy.done()
+            job_record = r.exists(f"arq:job:{stream_id}.1")
+            in_queue = r.zscore("sluice:queue", f"{stream_id}.1")
+            resumed = await stream(client, path=f"/v1/streams/{stream_id}")
+            first = await busy
 
     assert queued.events[-1].data == "[DONE]"
     assert queued.errors[0]["code"] == "queue_timeout"
+    assert worker_was_busy
+    assert not job_record
+    assert in_queue is None
     assert resumed.errors[0]["code"] == "queue_timeout"  # a later reader ends the same way
     assert resumed.events[-1].data == "[DONE]"
-    with redis_server.client(3) as r:
-        assert not r.exists(f"arq:job:{stream_id}")
-        assert r.zscore("sluice:queue", stream_id) is None
     assert first.events[-1].data == "[DONE]"
     assert not first.errors
 
 
-async def test_resuming_an_expired_stream_gets_404(one_slow_slot: Stack) -> None:
+async def test_resuming_an_expired_stream_gets_404(
+    one_slow_slot: Stack, redis_server: RedisServer
+) -> None:
     async with httpx.AsyncClient(base_url=one_slow_slot.base_url, timeout=30) as client:
         done = await stream(client, {"prompt": "short", "stream": True, "max_tokens": 2})
-        await asyncio.sleep(3)  # SLUICE_STREAM_TTL_S is 2 here
-        late = await client.get(f"/v1/streams/{done.headers['x-sluice-stream-id']}")
+        stream_id = done.headers["x-sluice-stream-id"]
+        with redis_server.client(3) as r:  # SLUICE_STREAM_TTL_S is 2 here
+            await eventually(
+                lambda: not r.exists(f"sluice:stream:{stream_id}", f"sluice:meta:{stream_id}"),
+                "the stream to expire",
+            )
+        late = await client.get(f"/v1/streams/{stream_id}")
 
     assert late.status_code == 404
     assert late.json()["error"]["code"] == "stream_not_found"

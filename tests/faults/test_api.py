@@ -8,9 +8,10 @@ import signal
 
 import httpx
 import pytest
+import redis
 
 from tests.faults.conftest import StackFactory
-from tests.procs import Stack
+from tests.procs import Stack, eventually
 from tests.sse import stream
 
 
@@ -60,7 +61,8 @@ async def test_api_sigterm_lets_short_streams_finish_and_ends_long_ones_cleanly(
             stream(client, {"prompt": "short", "stream": True, "max_tokens": 8})
         )
         long = asyncio.create_task(stream(client, {"prompt": "long", "stream": True}))
-        await asyncio.sleep(0.3)
+        with redis.Redis.from_url(stack.redis_url) as r:
+            await eventually(lambda: len(list(r.scan_iter("sluice:stream:*"))) == 2, "both begun")
         stack.api.signal(signal.SIGTERM)
         finished, cut = await asyncio.gather(short, long)
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+import redis
 
 from tests.faults.conftest import StackFactory
 from tests.procs import RedisServer, eventually
@@ -21,7 +22,8 @@ async def test_redis_restart_ends_open_streams_then_everything_recovers_by_itsel
         stack = make_stack(workers=1, redis=own, synthetic_tokens_per_s="20")
         async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
             open_stream = asyncio.create_task(stream(client, {"prompt": "cut", "stream": True}))
-            await asyncio.sleep(0.5)
+            with redis.Redis.from_url(stack.redis_url) as r:
+                await eventually(lambda: tokens_written(r), "the stream to be under way")
             own.stop()
             stopped_at = time.monotonic()
             cut = await open_stream
@@ -46,6 +48,11 @@ async def test_redis_restart_ends_open_streams_then_everything_recovers_by_itsel
     assert not after.errors
     assert after.text.endswith("will never come.")
     assert all(p.alive() for p in (stack.api, *stack.workers))
+
+
+def tokens_written(r: redis.Redis) -> bool:
+    """Whether the stack's one stream has its `Started` entry and a token after it."""
+    return any(r.xlen(key) >= 2 for key in r.scan_iter("sluice:stream:*"))
 
 
 def healthy(base_url: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -26,6 +27,16 @@ def stream_id_of_only_job(r: redis.Redis) -> str:
     return str(job.decode().rpartition(".")[0])
 
 
+def entries(r: redis.Redis, stream_id: str) -> int:
+    return int(r.xlen(f"sluice:stream:{stream_id}"))
+
+
+def started_by(r: redis.Redis, stream_id: str) -> str:
+    """The worker named by the stream's `Started` entry."""
+    [(_, fields)] = r.xrange(f"sluice:stream:{stream_id}", count=1)
+    return str(json.loads(fields[b"s"])["w"])
+
+
 def db_client(stack: Stack) -> redis.Redis:
     return redis.Redis.from_url(stack.redis_url)
 
@@ -37,8 +48,10 @@ async def test_worker_killed_mid_stream_ends_it_with_worker_lost_within_seconds(
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
         reading = asyncio.create_task(stream(client, {"prompt": "die midway", "stream": True}))
         with db_client(stack) as r:
-            await asyncio.sleep(1)  # ~10 tokens out
-            worker = running_worker(r, stream_id_of_only_job(r))
+            await eventually(lambda: r.zcard("sluice:queue") == 1, "the job")
+            stream_id = stream_id_of_only_job(r)
+            await eventually(lambda: entries(r, stream_id) > 10, "~10 tokens out")
+            worker = running_worker(r, stream_id)
             killed_at = time.monotonic()
             os.kill(worker_pid(worker), signal.SIGKILL)
             result = await reading
@@ -92,16 +105,20 @@ async def test_sigterm_drains_the_running_stream_takes_no_new_job_and_exits_0(
     draining = stack.workers[0]
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
         running = asyncio.create_task(stream(client, {"prompt": "finish me", "stream": True}))
-        await asyncio.sleep(0.5)
-        draining.signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        fresh = stack.add_worker()
-        later = await stream(client, {"prompt": "after the deploy", "stream": True})
-        finished = await running
+        with db_client(stack) as r:
+            await eventually(lambda: r.zcard("sluice:queue") == 1, "the job")
+            running_id = stream_id_of_only_job(r)
+            await eventually(lambda: entries(r, running_id) >= 2, "its first token")
+            draining.signal(signal.SIGTERM)
+            fresh = stack.add_worker()
+            later = await stream(client, {"prompt": "after the deploy", "stream": True})
+            finished = await running
+            later_worker = started_by(r, later.headers["x-sluice-stream-id"])
 
     assert not finished.errors
     assert finished.text.endswith("will never come.")
     assert not later.errors
+    assert worker_pid(later_worker) == fresh.pid
     assert draining.stop(timeout=15) == 0
     assert fresh.alive()
 
