@@ -6,7 +6,10 @@ XREAD over all of them. A client is included only while it waits, so a slow clie
 backlog in Redis (capped by MAXLEN) rather than in this process.
 
 A client that starts waiting while the XREAD is blocked is not in it; the hub then appends to
-its own small wake stream, which every XREAD includes, so the call returns and is reissued.
+its own small wake stream, which every XREAD includes, so the call returns and is reissued. The
+same holds for a client whose stream is in the call but from a later id than the client has (a
+client resuming on this process while its old connection still reads): the reply lacks the
+entries between the two ids, so that client waits for the next call, which asks from its id.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.xread import MultiStreamReader
-from shared.errors import RedisUnavailable
+from shared.errors import RedisUnavailable, StreamReaderFailed
+from shared.loops import LoopGroup
 from shared.protocol import entry_id_key, hub_wake_key
 
 log = logging.getLogger("sluice.api")
@@ -55,21 +59,16 @@ class StreamHub:
         self._blocked = False
         self._wake_sent = False
         self._has_waiters = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._clock_task: asyncio.Task[None] | None = None
         self._wake_task: asyncio.Task[None] | None = None
         self._redis_clock_ahead_s = 0.0
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-        self._clock_task = asyncio.create_task(self._follow_redis_clock())
+    def start(self, loops: LoopGroup) -> None:
+        loops.start("stream-reader", self.read_forever)
+        loops.start("redis-clock", self.follow_redis_clock)
 
-    async def stop(self) -> None:
-        for task in (self._task, self._clock_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+    async def close(self) -> None:
+        """After its loops have stopped."""
+        self._fail_all(RedisUnavailable("the API is shutting down"))
         await self._reader.close()
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(self._wake_key)
@@ -79,7 +78,7 @@ class StreamHub:
         written = int(entry_id.partition("-")[0]) / 1000
         return time.time() + self._redis_clock_ahead_s - written
 
-    async def _follow_redis_clock(self) -> None:
+    async def follow_redis_clock(self) -> None:
         """Keeps `age_s` right when this host's clock and Redis's differ."""
         while True:
             with contextlib.suppress(RedisError, OSError):
@@ -99,10 +98,15 @@ class StreamHub:
         waiter = _Waiter(after)
         self._waiters.setdefault(key, []).append(waiter)
         self._has_waiters.set()
-        if self._blocked and key not in self._in_call and not self._wake_sent:
+        if self._blocked and not self._wake_sent and self._call_misses(key, after):
             self._wake_sent = True
             self._wake_task = asyncio.create_task(self._wake())
         return waiter.done
+
+    def _call_misses(self, key: str, after: str) -> bool:
+        """Whether the XREAD now blocked could not serve a waiter for `key` after `after`."""
+        asked = self._in_call.get(key)
+        return asked is None or (asked != after and entry_id_key(after) < entry_id_key(asked))
 
     async def _wake(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -126,7 +130,17 @@ class StreamHub:
                 del self._waiters[key]
         return wanted
 
-    async def _run(self) -> None:
+    async def read_forever(self) -> None:
+        """The one XREAD loop. Should it fail for a reason other than Redis, its waiters are
+        ended too (a relay then ends its stream with an error event the client can resume
+        after), and the loop's supervisor restarts it."""
+        try:
+            await self._read_forever()
+        except Exception:
+            self._fail_all(StreamReaderFailed("this API process's stream reader failed"))
+            raise
+
+    async def _read_forever(self) -> None:
         backoff = 0.05
         loop = asyncio.get_running_loop()
         last_call = 0.0
@@ -145,9 +159,6 @@ class StreamHub:
             self._blocked = True
             try:
                 reply = await self._reader.read({self._wake_key: self._wake_after, **wanted})
-            except asyncio.CancelledError:
-                self._fail_all(RedisUnavailable("the API is shutting down"))
-                raise
             except (RedisError, OSError) as exc:
                 log.warning("stream reader lost Redis: %s", exc)
                 self._fail_all(RedisUnavailable(f"lost the connection to Redis: {exc}"))
@@ -165,7 +176,11 @@ class StreamHub:
                     self._deliver(key, wanted[key], entries)
 
     def _deliver(self, key: str, asked: str, entries: list[RawEntry]) -> None:
-        """Hand `entries` (those after `asked`) to each waiter, less any it already has."""
+        """Hand `entries` (those after `asked`) to each waiter, less any it already has.
+
+        A waiter from before `asked` (it came while the call was blocked) gets nothing from
+        them: it lacks the entries up to `asked`. It waits, and the next call asks from its id.
+        """
         still_waiting = []
         for waiter in self._waiters.get(key, []):
             if waiter.done.done():
@@ -174,6 +189,9 @@ class StreamHub:
                 mine = entries
             else:
                 after = entry_id_key(waiter.after)
+                if after < entry_id_key(asked):
+                    still_waiting.append(waiter)
+                    continue
                 mine = [e for e in entries if entry_id_key(e[0].decode()) > after]
             if mine:
                 waiter.done.set_result(mine)

@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         readers = ReaderRegistry(redis, period_s=settings.heartbeat_s, keep_s=60)
         queue = JobQueue(redis, settings)
         loops = LoopGroup(log)
-        await hub.start()
+        hub.start(loops)
         loops.start("readers", readers.refresh_forever)
         loops.start("supervisor", Supervisor(redis, queue, settings).run)
         app.state.gateway = Gateway(settings, queue, hub, readers, loops)
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await loops.stop()
-            await hub.stop()
+            await hub.close()
             await redis.aclose(close_connection_pool=True)
 
     app = SluiceAPI(title="sluice", lifespan=lifespan)

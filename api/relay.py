@@ -72,7 +72,10 @@ async def follow(
     started = tokens_sent
     while True:
         try:
-            raw = await asyncio.wait_for(hub.read(key, after), tick)
+            # Not wait_for: on Python 3.11 it can swallow a cancel that arrives as the read
+            # completes, and a relay whose client left would go on.
+            async with asyncio.timeout(tick):
+                raw = await hub.read(key, after)
         except TimeoutError:
             yield Waiting(queued=not started)
             continue

@@ -83,6 +83,12 @@ class RedisUnavailable(ServiceUnavailable):
     code = "redis_unavailable"
 
 
+class StreamReaderFailed(ServiceUnavailable):
+    """The API process's shared stream reader failed; resume the stream (it is restarting)."""
+
+    code = "stream_reader_failed"
+
+
 class NoWorkers(ServiceUnavailable):
     code = "no_workers"
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import redis
+from redis.asyncio import Redis
 
+from shared.errors import StreamReaderFailed
 from shared.loops import LoopGroup
 from shared.protocol import ACTIVE_KEY
+from tests.hubs import running_hub
 from tests.procs import RedisServer, Stack, eventually, start_stack
 
 
@@ -84,3 +88,32 @@ async def test_health_names_a_loop_that_fails_and_recovers_when_it_runs_again(
     assert body["redis"] is True
     assert health(stack).json()["loops"]["supervisor"] == "running"
     assert "loop supervisor failed" in stack.api.log_tail(400)
+
+
+async def test_a_stream_reader_that_fails_ends_its_waiters_and_reads_again_once_restarted(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the shared XREAD loop (injected: its read raises once) must neither leave the
+    relays waiting for ever nor stop the process reading: they end, and new reads succeed."""
+    client = Redis.from_url(redis_server.url())
+    key = f"loops-test-{uuid.uuid4().hex}"
+    async with running_hub(client) as (hub, loops):
+        read = hub._reader.read
+        failures = iter([RuntimeError("injected")])
+
+        async def read_once_broken(streams: dict[str, str]) -> object:
+            if (failure := next(failures, None)) is not None:
+                raise failure
+            return await read(streams)
+
+        monkeypatch.setattr(hub._reader, "read", read_once_broken)
+        with pytest.raises(StreamReaderFailed):
+            await asyncio.wait_for(hub.read(key, "0-0"), 5)
+        restarts = next(loop.restarts for loop in loops._loops if loop.name == "stream-reader")
+        await client.xadd(key, {"t": "after the restart"})
+        entries = await asyncio.wait_for(hub.read(key, "0-0"), 5)
+    await client.delete(key)
+    await client.aclose()
+
+    assert restarts == 1
+    assert entries[0][1] == [b"t", b"after the restart"]

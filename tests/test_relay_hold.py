@@ -13,10 +13,10 @@ import pytest
 from arq.connections import ArqRedis
 
 from api.hub import StreamHub
-from api.jobs import JobQueue
 from api.relay import Batch, Waiting, follow
 from shared.protocol import Entry, Finished, Started, Token, as_fields, stream_key
 from shared.settings import Settings
+from tests.hubs import running_hub
 
 HOLD_S = 0.3
 SETTINGS = Settings(backend="synthetic", behind_s=0.05, max_hold_s=HOLD_S)
@@ -27,10 +27,8 @@ PAGE = 4  # entries one read returns per stream, small so that history takes pag
 
 @pytest.fixture
 async def hub(redis: ArqRedis) -> AsyncIterator[StreamHub]:
-    hub = StreamHub(redis, count=PAGE)
-    await hub.start()
-    yield hub
-    await hub.stop()
+    async with running_hub(redis, count=PAGE) as (hub, _):
+        yield hub
 
 
 @pytest.fixture
@@ -48,7 +46,7 @@ async def append(redis: ArqRedis, stream_id: str, entry: Entry, entry_id: str = 
 async def batches(
     hub: StreamHub, redis: ArqRedis, stream_id: str, after: str = "0-0"
 ) -> AsyncIterator[tuple[float, Batch]]:
-    async for item in follow(hub, JobQueue(redis, SETTINGS), SETTINGS, stream_id, after):
+    async for item in follow(hub, SETTINGS, stream_id, after):
         if not isinstance(item, Waiting):
             yield time.perf_counter(), item
 

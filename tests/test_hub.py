@@ -1,0 +1,199 @@
+"""The hub hands each reader every entry after the reader's own id, in order, once, whatever
+other readers of the same streams on the same process do. Readers join at any id (a client
+resuming here while its old connection still reads), give up a read and make it again (as the
+relay does each tick), and leave, while a writer appends; against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+
+from hypothesis import Phase, example, given, note, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from api.hub import StreamHub
+from tests.hubs import running_hub
+from tests.procs import RedisServer
+
+STREAMS = 2
+PAGE = 3  # entries one read returns per stream: small, so that replies are cut short too
+BLOCK_MS = 30_000  # no wait here is this long: a reader must never wait out a blocked call
+CATCH_UP_S = 2.0
+SETTLE_S = 0.005  # once the readers have caught up, time for the hub to block in its next call
+
+
+@dataclass(frozen=True)
+class Write:
+    stream: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Join:
+    stream: int
+    cursor: int
+    """Which entry the reader has: 0 none, n the n-th written (modulo those written so far)."""
+    tick_ms: int | None
+    """How long each read waits before the reader gives it up and makes it again. Well over the
+    hub's MIN_CALL_INTERVAL_S: a reader that always gives up before the hub's next call could
+    starve (the relay's tick is a second)."""
+
+
+@dataclass(frozen=True)
+class Leave:
+    reader: int
+    """Which of the readers still reading (modulo their number)."""
+
+
+Op = Write | Join | Leave
+
+steps = st.lists(
+    st.tuples(
+        st.one_of(
+            st.builds(Write, st.integers(0, STREAMS - 1), st.integers(1, 2 * PAGE + 1)),
+            st.builds(
+                Join,
+                st.integers(0, STREAMS - 1),
+                st.integers(0, 1000),
+                st.sampled_from([None, None, 10, 50]),
+            ),
+            st.builds(Leave, st.integers(0, 1000)),
+        ),
+        st.booleans(),  # whether the readers catch up and the hub blocks again before the next
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@dataclass(eq=False)
+class Reader:
+    key: str
+    after: str
+    tick_s: float | None
+    progress: asyncio.Event = field(repr=False)
+    got: list[str] = field(default_factory=list)
+
+    @property
+    def last(self) -> str:
+        return self.got[-1] if self.got else self.after
+
+    async def run(self, hub: StreamHub) -> None:
+        while True:
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that comes as the read
+            # completes, and the reader would never stop.
+            try:
+                async with asyncio.timeout(self.tick_s):
+                    entries = await hub.read(self.key, self.last)
+            except TimeoutError:
+                continue
+            self.got.extend(entry_id.decode() for entry_id, _ in entries)
+            self.progress.set()
+
+
+class Scenario:
+    def __init__(self, redis: Redis, hub: StreamHub) -> None:
+        self.redis = redis
+        self.hub = hub
+        self.keys = [f"test-hub:{uuid.uuid4().hex}:{n}" for n in range(STREAMS)]
+        self.written: dict[str, list[str]] = {key: [] for key in self.keys}
+        self.reading: dict[Reader, asyncio.Task[None]] = {}
+        self.left: list[Reader] = []
+        self.progress = asyncio.Event()
+
+    async def play(self, op: Op) -> None:
+        match op:
+            case Write(stream, count):
+                key = self.keys[stream]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for n in range(count):
+                        pipe.xadd(key, {"n": n})
+                    ids: list[bytes] = await pipe.execute()
+                self.written[key].extend(entry_id.decode() for entry_id in ids)
+            case Join(stream, cursor, tick_ms):
+                key = self.keys[stream]
+                have = ["0-0", *self.written[key]]
+                tick_s = None if tick_ms is None else tick_ms / 1000
+                reader = Reader(key, have[cursor % len(have)], tick_s, self.progress)
+                self.reading[reader] = asyncio.create_task(reader.run(self.hub))
+            case Leave(n) if self.reading:
+                reader = list(self.reading)[n % len(self.reading)]
+                await self._stop(reader)
+                self.left.append(reader)
+
+    def behind(self) -> list[Reader]:
+        return [r for r in self.reading if r.last != (self.written[r.key] or ["0-0"])[-1]]
+
+    async def catch_up(self) -> None:
+        """Until every reader has the last entry written to its stream."""
+        try:
+            async with asyncio.timeout(CATCH_UP_S):
+                while self.behind():
+                    self.progress.clear()
+                    await self.progress.wait()
+        except TimeoutError:
+            stuck = [(r.after, r.got, self.written[r.key]) for r in self.behind()]
+            raise AssertionError(f"readers stuck (after, got, written): {stuck}") from None
+
+    def expected(self, reader: Reader) -> list[str]:
+        """Every entry of the reader's stream after its id."""
+        ids = self.written[reader.key]
+        return ids[ids.index(reader.after) + 1 :] if reader.after in ids else ids
+
+    async def close(self) -> None:
+        for reader in list(self.reading):
+            await self._stop(reader)
+        await self.redis.delete(*self.keys)
+
+    async def _stop(self, reader: Reader) -> None:
+        task = self.reading.pop(reader)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# No shrinking: a reader stuck behind a blocked call costs CATCH_UP_S per replay, and shrinking
+# would replay such an example for minutes before reporting it.
+@settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+@given(steps=steps)
+@example(  # issue 12: a client resumes here while its old connection, at the head, still reads
+    steps=[
+        (Write(stream=0, count=4), True),
+        (Join(stream=0, cursor=4, tick_ms=None), True),
+        (Join(stream=0, cursor=1, tick_ms=None), False),
+        (Write(stream=0, count=2), True),
+    ]
+)
+async def test_every_reader_gets_each_entry_after_its_id_once_in_order(
+    redis_server: RedisServer, steps: list[tuple[Op, bool]]
+) -> None:
+    note(f"steps: {steps}")
+    redis = Redis.from_url(redis_server.url())
+    async with running_hub(redis, count=PAGE, block_ms=BLOCK_MS) as (hub, _):
+        scenario = Scenario(redis, hub)
+        try:
+            for op, settle in steps:
+                await scenario.play(op)
+                if settle:
+                    await scenario.catch_up()
+                    await asyncio.sleep(SETTLE_S)
+            await scenario.catch_up()
+            still_reading = list(scenario.reading)
+        finally:
+            await scenario.close()
+    await redis.aclose()
+
+    for reader in still_reading:
+        assert reader.got == scenario.expected(reader), f"read after {reader.after}"
+    for reader in scenario.left:
+        assert reader.got == scenario.expected(reader)[: len(reader.got)], (
+            f"read after {reader.after}, left"
+        )
