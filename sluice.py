@@ -1,4 +1,5 @@
-"""The `sluice` command: `sluice api`, `sluice worker`, and `sluice dev` (both, for a laptop)."""
+"""The `sluice` command: `sluice api`, `sluice worker`, `sluice dev` (both, for a laptop), and
+`sluice keys` (API keys kept in Redis)."""
 
 from __future__ import annotations
 
@@ -103,6 +104,37 @@ def dev(settings: Settings, workers: int) -> None:
                 child.wait()
 
 
+def keys_command(settings: Settings, args: argparse.Namespace) -> None:
+    """`sluice keys create|list|revoke`: a new key is the only line on stdout; errors exit 1."""
+    from shared.keys import KeyExists, Limits, UnknownKey, create_key, list_keys, revoke_key
+
+    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as client:
+        try:
+            if args.action == "create":
+                limits = Limits(args.rpm, args.tpm, args.max_streams)
+                print(create_key(client, args.name, limits))
+            elif args.action == "revoke":
+                revoke_key(client, args.name)
+                print(f"revoked {args.name}", file=sys.stderr)
+            else:
+                print("name\trpm\ttpm\tmax_streams\tcreated\tlast_used")
+                for record, used in list_keys(client):
+                    limits = record.limits
+                    cells = [record.name, limits.rpm, limits.tpm, limits.max_streams]
+                    cells += [_when(record.created), _when(used)]
+                    print("\t".join("default" if c is None else str(c) for c in cells))
+        except (KeyExists, UnknownKey) as exc:
+            sys.exit(f"sluice keys: {exc}")
+        except (redis.RedisError, OSError) as exc:
+            sys.exit(f"sluice keys: Redis is unavailable: {exc}")
+
+
+def _when(unix_s: int | None) -> str:
+    if unix_s is None:
+        return "never"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,13 +142,24 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("worker", help="run a generation worker")
     dev_parser = commands.add_parser("dev", help="api + workers (+ Redis if none answers)")
     dev_parser.add_argument("--workers", type=int, default=1)
+    keys_parser = commands.add_parser("keys", help="manage API keys (stored hashed in Redis)")
+    keys_actions = keys_parser.add_subparsers(dest="action", required=True)
+    create = keys_actions.add_parser("create", help="make a key; prints it, the only time")
+    create.add_argument("name")
+    for option, what in (("--rpm", "requests"), ("--tpm", "generated tokens")):
+        create.add_argument(option, type=int, help=f"{what} per minute (default: the server's)")
+    create.add_argument("--max-streams", type=int, help="streams open at once")
+    keys_actions.add_parser("list", help="names, limits, created and last used (never a key)")
+    keys_actions.add_parser("revoke", help="revoke a key everywhere").add_argument("name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # arq logs two lines per job, each quoting the job's arguments, the prompt included: at
     # thousands of streams that is real CPU, and prompts do not belong in logs.
     logging.getLogger("arq.worker").setLevel(logging.WARNING)
     settings = Settings()
-    if args.command == "api":
+    if args.command == "keys":
+        keys_command(settings, args)
+    elif args.command == "api":
         serve_api(settings)
     elif args.command == "worker":
         serve_worker(settings)

@@ -13,7 +13,6 @@ from starlette.exceptions import HTTPException
 from shared.errors import (
     GenerationFailed,
     InvalidRequest,
-    QueueFull,
     RedisUnavailable,
     SluiceError,
     UnknownRoute,
@@ -28,7 +27,9 @@ def to_sluice_error(exc: Exception) -> SluiceError:
         case SluiceError():
             return exc
         case RedisError() | OSError():
-            return RedisUnavailable(f"Redis is unavailable: {exc}")
+            # The detail names Redis's host and port: it is for the log, not for clients.
+            log.warning("Redis is unavailable: %s", exc)
+            return RedisUnavailable("Redis is unavailable")
         case RequestValidationError():
             return InvalidRequest(str(exc.errors()[0].get("msg", "invalid request")))
         case HTTPException(status_code=404):
@@ -48,9 +49,7 @@ def _utf8(text: str) -> str:
 def error_response(exc: Exception) -> JSONResponse:
     error = to_sluice_error(exc)
     status = error.status if not isinstance(exc, HTTPException) else exc.status_code
-    headers = {}
-    if isinstance(error, QueueFull) and error.retry_after_s is not None:
-        headers["Retry-After"] = str(error.retry_after_s)
+    headers = error.headers()
     # A message may quote the request; an error must not fail while it is being encoded.
     body = {k: _utf8(v) if isinstance(v, str) else v for k, v in error.body().items()}
     return JSONResponse({"error": body}, status_code=status, headers=headers)

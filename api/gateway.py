@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api.auth import Principal
 from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.readers import ReaderRegistry
@@ -56,22 +57,24 @@ class Gateway:
     async def serve(
         self,
         request: Request,
+        owner: Principal,
         job: GenerationJob,
         kind: StreamKind,
         *,
         stream: bool,
         include_usage: bool,
     ) -> EventSourceResponse | JSONResponse:
-        meta = await self.queue.submit(job, kind, include_usage)
+        meta, use = await self.queue.submit(job, kind, include_usage, owner)
         chunks = self.chunk_encoder(job.stream_id, meta)
+        headers = {STREAM_ID_HEADER: job.stream_id} | use.headers()
         if not stream:
             with self.readers.reading(job.stream_id, announced=True):
-                body = await self._collect_while_connected(request, job.stream_id, chunks)
-            return JSONResponse(body, headers={STREAM_ID_HEADER: job.stream_id})
-        return self._respond(job.stream_id, "0-0", meta, announced=True)
+                body = await self._collect_while_connected(request, owner, job.stream_id, chunks)
+            return JSONResponse(body, headers=headers)
+        return self._respond(job.stream_id, "0-0", meta, headers, announced=True)
 
     async def _collect_while_connected(
-        self, request: Request, stream_id: str, chunks: ChunkEncoder
+        self, request: Request, owner: Principal, stream_id: str, chunks: ChunkEncoder
     ) -> dict[str, object]:
         """The collected body; if the client hangs up first, its generation is cancelled: a
         non-streaming response cannot be resumed, so nobody will ever read the rest."""
@@ -88,22 +91,24 @@ class Gateway:
         if collecting.done() and not collecting.cancelled():
             return collecting.result()
         with contextlib.suppress(SluiceError):
-            await self.queue.cancel(stream_id)
+            await self.queue.cancel(stream_id, owner)
         raise ClientDisconnected("the client closed the connection before the response")
 
-    async def resume(self, stream_id: str, after: str) -> EventSourceResponse:
-        meta = await self.queue.meta(stream_id)
-        if meta is None or not await self.queue.stream_exists(stream_id, meta):
+    async def resume(self, stream_id: str, after: str, reader: Principal) -> EventSourceResponse:
+        meta = await self.queue.meta(stream_id, reader)
+        if not await self.queue.stream_exists(stream_id, meta):
             raise StreamNotFound(f"no stream {stream_id!r} (unknown, or expired)")
         # A client that has seen the end already gets nothing more but [DONE].
         seen_end = await self.queue.ended_by(stream_id, after)
-        return self._respond(stream_id, after, meta, seen_end=seen_end)
+        headers = {STREAM_ID_HEADER: stream_id}
+        return self._respond(stream_id, after, meta, headers, seen_end=seen_end)
 
     def _respond(
         self,
         stream_id: str,
         after: str,
         meta: StreamMeta,
+        headers: dict[str, str],
         *,
         seen_end: bool = False,
         announced: bool = False,
@@ -122,7 +127,7 @@ class Gateway:
 
         return EventSourceResponse(
             events(),
-            headers=SSE_HEADERS | {STREAM_ID_HEADER: stream_id},
+            headers=SSE_HEADERS | headers,
             # No ping task of sse-starlette's: the relay sends its own keepalive comments
             # (`: queued`, `: generating`) whenever a stream is quiet for `ping_s`.
             ping=0,

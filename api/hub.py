@@ -161,7 +161,7 @@ class StreamHub:
                 reply = await self._reader.read({self._wake_key: self._wake_after, **wanted})
             except (RedisError, OSError) as exc:
                 log.warning("stream reader lost Redis: %s", exc)
-                self._fail_all(RedisUnavailable(f"lost the connection to Redis: {exc}"))
+                self._fail_all(RedisUnavailable("lost the connection to Redis"))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue

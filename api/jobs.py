@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
+
 from arq.connections import ArqRedis
 
+from api.auth import KeyUse, Principal, rate_limited
 from shared.arq_internals import in_progress_key, job_key, job_record
 from shared.errors import (
     Cancelled,
@@ -13,16 +16,21 @@ from shared.errors import (
     StreamFinished,
     StreamNotFound,
 )
+from shared.keys import ANONYMOUS, Limits
 from shared.protocol import (
     ACTIVE_KEY,
     CANCEL_CHANNEL,
     FENCED_APPEND_LUA,
     JOB_FUNCTION,
+    KEY_REQUESTS_PREFIX,
+    KEY_STREAMS_PREFIX,
+    KEY_TOKENS_PREFIX,
     QUEUE_NAME,
     READERS_KEY,
     REDIS_NOW_LUA,
     TERMINAL,
     WAKE_CHANNEL,
+    WINDOW_LUA,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
     Failed,
@@ -74,26 +82,55 @@ return 1
 
 # Admits and enqueues a job in one atomic round trip, writing the job as arq's enqueue_job does
 # (the job key, then the queue entry), then wakes the workers. arq's own enqueue_job spends
-# three round trips guarding against a duplicate id; ours are fresh. Times are Redis's.
-# KEYS: workers, worker slots, queue, arq job key, stream metadata, readers, active streams.
-# ARGV: max_queue ('': admit without checking), worker TTL (ms), job id, arq payload,
-# job TTL (ms), wake channel, stream id, metadata TTL (s), then metadata fields and values.
-# Returns {0} when enqueued, {1} with no live worker, {2, waiting} when the queue is full.
+# three round trips guarding against a duplicate id; ours are fresh. Times are Redis's. Being
+# one script, two API processes cannot both admit past a limit.
+# KEYS: workers, worker slots, queue, arq job key, stream metadata, readers, active streams, and
+# the owner's requests, tokens and open streams (see `KEY_*_PREFIX`).
+# ARGV: max_queue ('': a retry, admitted without checks or counting), worker TTL (ms), job id,
+# arq payload, job TTL (ms), wake channel, stream id, metadata TTL (s), the owner's requests
+# per minute, tokens per minute and open streams (0: no limit), then metadata fields and values.
+# Returns {0, requests, tokens, ms to the window's next minute} when enqueued (the owner's use
+# of its windows, this request included), {1} with no live worker, {2, waiting} when the queue
+# is full, {3, limit, retry after (ms)} when the owner is at `limit`.
 _SUBMIT = (
     REDIS_NOW_LUA
+    + WINDOW_LUA
     + """
 local now = redis_now_ms()
+local to_next_minute = 60000 - now % 60000
+local function wait_ms(used, previous, current, limit)
+  if previous > 0 and current + 1 <= limit then
+    return math.min(math.ceil((used + 1 - limit) * 60000 / previous), to_next_minute)
+  end
+  return to_next_minute
+end
 if ARGV[1] ~= '' then
   local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
   if #live == 0 then return {1} end
+  local rpm, tpm, max_streams = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+  if rpm > 0 then
+    local used, previous, current = window_used(KEYS[8], now)
+    if used + 1 > rpm then return {3, 'requests', wait_ms(used, previous, current, rpm)} end
+  end
+  if tpm > 0 then
+    local used, previous, current = window_used(KEYS[9], now)
+    if used >= tpm then return {3, 'tokens', wait_ms(used, previous, current, tpm)} end
+  end
+  if max_streams > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now - tonumber(ARGV[8]) * 1000)
+    if redis.call('ZCARD', KEYS[10]) >= max_streams then return {3, 'streams', 1000} end
+  end
   local slots = 0
   for _, worker in ipairs(live) do
     slots = slots + (tonumber(redis.call('HGET', KEYS[2], worker)) or 1)
   end
   local waiting = redis.call('ZCARD', KEYS[3]) - slots  -- arq keeps running jobs in the queue
   if waiting >= tonumber(ARGV[1]) then return {2, waiting} end
+  window_add(KEYS[8], now, 1)
+  redis.call('ZADD', KEYS[10], now, ARGV[7])
+  redis.call('EXPIRE', KEYS[10], ARGV[8])
 end
-if #ARGV > 8 then redis.call('HSET', KEYS[5], unpack(ARGV, 9)) end
+if #ARGV > 11 then redis.call('HSET', KEYS[5], unpack(ARGV, 12)) end
 redis.call('HSET', KEYS[5], 'queued', now)
 redis.call('EXPIRE', KEYS[5], ARGV[8])
 redis.call('ZADD', KEYS[6], now, ARGV[7])
@@ -103,7 +140,9 @@ redis.call('EXPIRE', KEYS[7], ARGV[8])
 redis.call('PSETEX', KEYS[4], ARGV[5], ARGV[4])
 redis.call('ZADD', KEYS[3], now, ARGV[3])
 redis.call('PUBLISH', ARGV[6], ARGV[3])
-return {0}
+local requests = window_used(KEYS[8], now)
+local tokens = window_used(KEYS[9], now)
+return {0, math.ceil(requests), math.ceil(tokens), to_next_minute}
 """
 )
 
@@ -132,25 +171,32 @@ class JobQueue:
         )
         return [m.decode() for m in members]
 
-    async def submit(self, job: GenerationJob, kind: StreamKind, include_usage: bool) -> StreamMeta:
+    async def submit(
+        self, job: GenerationJob, kind: StreamKind, include_usage: bool, owner: Principal
+    ) -> tuple[StreamMeta, KeyUse]:
         """Queue the stream's first attempt: 503 with no live worker, 429 with more than
-        `max_queue` jobs waiting for a slot."""
-        meta = StreamMeta(kind, now_ms() // 1000, include_usage, job_id(job.stream_id, 1))
+        `max_queue` jobs waiting for a slot or with `owner` at one of its limits."""
+        meta = StreamMeta(
+            kind, now_ms() // 1000, include_usage, job_id(job.stream_id, 1), owner.name
+        )
         fields = {**meta.fields(), "payload": job.model_dump_json()}
-        await self._enqueue(meta.job, job, admit=True, meta_fields=fields)
-        return meta
+        result = await self._enqueue(meta.job, job, owner=owner, meta_fields=fields)
+        return meta, KeyUse(owner.limits, result[1], result[2], result[3])
 
     async def _enqueue(
         self,
         arq_job_id: str,
         job: GenerationJob,
         *,
-        admit: bool,
+        owner: Principal | None,
         meta_fields: dict[str, str | int] | None = None,
-    ) -> None:
+    ) -> list[int]:
+        """Enqueue; admitted against the limits when `owner` is given, else (a retry) as is."""
         settings = self._settings
         expires_ms = int((settings.queue_timeout_s + settings.job_timeout_s) * 1000)
-        result = await self._submit(
+        name = owner.name if owner else ANONYMOUS
+        limits = owner.limits if owner else Limits(0, 0, 0)
+        result: list[int | bytes] = await self._submit(
             keys=[
                 WORKERS_KEY,
                 WORKER_SLOTS_KEY,
@@ -159,9 +205,12 @@ class JobQueue:
                 meta_key(job.stream_id),
                 READERS_KEY,  # whoever asked is reading
                 ACTIVE_KEY,
+                KEY_REQUESTS_PREFIX + name,
+                KEY_TOKENS_PREFIX + name,
+                KEY_STREAMS_PREFIX + name,
             ],
             args=[
-                settings.max_queue if admit else "",
+                settings.max_queue if owner else "",
                 worker_ttl_ms(settings.heartbeat_s),
                 arq_job_id,
                 job_record(JOB_FUNCTION, (job.model_dump(),), now_ms()),
@@ -169,20 +218,32 @@ class JobQueue:
                 WAKE_CHANNEL,
                 job.stream_id,
                 self._meta_ttl_s,
+                limits.rpm or 0,
+                limits.tpm or 0,
+                limits.max_streams or 0,
                 *(item for pair in (meta_fields or {}).items() for item in pair),
             ],
         )
-        if result[0] == 1:
-            raise NoWorkers("no workers are available to serve this request")
-        if result[0] == 2:
-            raise QueueFull(
-                f"{result[1]} requests are waiting for a worker; try again shortly",
-                retry_after_s=settings.retry_after_s,
-            )
+        match result:
+            case [1]:
+                raise NoWorkers("no workers are available to serve this request")
+            case [2, int(waiting)]:
+                raise QueueFull(
+                    f"{waiting} requests are waiting for a worker; try again shortly",
+                    retry_after_s=settings.retry_after_s,
+                )
+            case [3, bytes(limit), int(wait_ms)]:
+                raise rate_limited(limit.decode(), limits, wait_ms)
+        return [int(n) for n in result]
 
-    async def meta(self, stream_id: str) -> StreamMeta | None:
+    async def meta(self, stream_id: str, reader: Principal) -> StreamMeta:
+        """The stream's metadata, if it exists and belongs to `reader`'s key: another key's
+        stream is answered exactly as one that does not exist."""
         fields: dict[bytes, bytes] = await self._redis.hgetall(meta_key(stream_id))  # type: ignore[misc]
-        return StreamMeta.from_fields(fields) if fields else None
+        meta = StreamMeta.from_fields(fields) if fields else None
+        if meta is None or not hmac.compare_digest(meta.owner, reader.name):
+            raise StreamNotFound(f"no stream {stream_id!r} (unknown, or expired)")
+        return meta
 
     async def stream_exists(self, stream_id: str, meta: StreamMeta) -> bool:
         """False once a started stream has expired (its metadata may outlive it briefly)."""
@@ -219,14 +280,12 @@ class JobQueue:
         if not replaced:
             return False
         payload = await self._redis.hget(meta_key(stream_id), "payload")  # type: ignore[misc]
-        await self._enqueue(new_job, GenerationJob.model_validate_json(payload), admit=False)
+        await self._enqueue(new_job, GenerationJob.model_validate_json(payload), owner=None)
         return True
 
-    async def cancel(self, stream_id: str) -> None:
+    async def cancel(self, stream_id: str, reader: Principal) -> None:
         """Stop a stream's generation, wherever it runs; a stream still queued never starts."""
-        meta = await self.meta(stream_id)
-        if meta is None:
-            raise StreamNotFound(f"no stream {stream_id!r} (unknown, or expired)")
+        meta = await self.meta(stream_id, reader)
         if await self.ended_by(stream_id, "+"):
             raise StreamFinished(f"stream {stream_id!r} has already finished")
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -8,10 +8,13 @@ from contextlib import asynccontextmanager
 
 from arq.connections import ArqRedis
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import BlockingConnectionPool
 
+from api.auth import RATE_LIMIT_HEADERS, Authenticator
+from api.body_limit import BodyLimit
 from api.errors import install_error_handlers
-from api.gateway import Gateway
+from api.gateway import STREAM_ID_HEADER, Gateway
 from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.openapi import SluiceAPI
@@ -51,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loops.start("readers", readers.refresh_forever)
         loops.start("supervisor", Supervisor(redis, queue, settings).run)
         app.state.gateway = Gateway(settings, queue, hub, readers, loops)
+        app.state.authenticator = Authenticator(redis, settings)
         try:
             yield
         finally:
@@ -60,6 +64,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = SluiceAPI(title="sluice", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if origins := settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            # A page reads the stream id to resume, and the limits to pace itself.
+            expose_headers=[STREAM_ID_HEADER, "Retry-After", *RATE_LIMIT_HEADERS],
+            max_age=600,
+        )
     for module in (chat, completions, models, streams, health):
         app.include_router(module.router)
     return app

@@ -6,10 +6,15 @@ per job (`arq:job:<id>`, arq's serialized job), and an in-progress key per claim
 they finish). The API writes job records itself (to admit and enqueue in one script), and the
 worker replaces arq's poll loop. Both rely on the details below, checked against the pinned arq
 by tests/test_arq_contract.py: if arq changes them, that test fails before anything else does.
+
+Job records are JSON, never arq's default pickle: unpickling runs whatever the bytes say, so
+write access to Redis would be code execution on every worker (issue 13). A record that is not
+JSON fails its job, unread, and the worker carries on.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from arq.constants import in_progress_key_prefix, job_key_prefix
@@ -21,6 +26,7 @@ from shared.protocol import REDIS_NOW_LUA
 ARQ_VERSION = "0.28.0"
 """The arq these internals were read from (pyproject pins it)."""
 
+
 def job_key(arq_job_id: str) -> str:
     return job_key_prefix + arq_job_id
 
@@ -29,9 +35,30 @@ def in_progress_key(arq_job_id: str) -> str:
     return in_progress_key_prefix + arq_job_id
 
 
+def _exception_text(value: object) -> str:
+    """arq serializes a failed job's exception as its result; JSON has no type for it."""
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def job_serializer(data: dict[str, Any]) -> bytes:
+    """arq's job and result records as JSON (arq's `job_serializer`)."""
+    return json.dumps(data, separators=(",", ":"), default=_exception_text).encode()
+
+
+def job_deserializer(raw: bytes) -> dict[str, Any]:
+    """arq's job and result records from JSON (arq's `job_deserializer`); anything else raises,
+    and arq fails the job (a job's arguments come back as a list, not a tuple)."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("an arq record is a JSON object")
+    return data
+
+
 def job_record(function: str, args: tuple[Any, ...], enqueue_time_ms: int) -> bytes:
     """A job as arq's `enqueue_job` stores it, for a worker's `run_job` to read."""
-    return serialize_job(function, args, {}, None, enqueue_time_ms)
+    return serialize_job(function, args, {}, None, enqueue_time_ms, serializer=job_serializer)
 
 
 # arq's poll reads `max(5 * max_jobs, 100)` due ids from the head of the queue and claims each
@@ -74,11 +101,14 @@ class ClaimingWorker(Worker):
 
     What arq's `_poll_iteration` also does is kept: reaping finished job tasks (re-raising what
     they raised) and arq's health-check record. Job aborts (`allow_abort_jobs`) and burst mode
-    are arq features sluice does not use; they are refused at construction.
+    are arq features sluice does not use; they are refused at construction, as is any job
+    serializer but JSON's.
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        if {"job_serializer", "job_deserializer"} & set(kwargs):
+            raise ValueError("ClaimingWorker reads JSON job records only (see job_deserializer)")
+        super().__init__(job_serializer=job_serializer, job_deserializer=job_deserializer, **kwargs)
         if self.allow_abort_jobs or self.burst:
             raise ValueError("ClaimingWorker supports neither allow_abort_jobs nor burst")
         self._claim_script: Any = None

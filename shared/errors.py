@@ -28,6 +28,10 @@ class SluiceError(Exception):
     def body(self) -> ErrorBody:
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
+    def headers(self) -> dict[str, str]:
+        """Response headers that come with this error."""
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, param={self.param!r})"
 
@@ -35,6 +39,11 @@ class SluiceError(Exception):
 class InvalidRequest(SluiceError):
     status = 400
     type = "invalid_request_error"
+
+
+class RequestTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
 
 
 class UnsupportedParameter(InvalidRequest):
@@ -72,6 +81,31 @@ class QueueFull(SluiceError):
     def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+
+
+class RateLimited(QueueFull):
+    """An API key at one of its limits: requests or tokens per minute, or open streams."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int, limit_headers: dict[str, str]) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.limit_headers = limit_headers
+
+    def headers(self) -> dict[str, str]:
+        return super().headers() | self.limit_headers
+
+
+class InvalidApiKey(SluiceError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class ServiceUnavailable(SluiceError):

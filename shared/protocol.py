@@ -38,6 +38,13 @@ SUPERVISOR_KEY = PREFIX + "supervisor"
 WORKER_LOOPS_KEY = PREFIX + "worker-loops"
 """Hash: worker id -> its background loops that are not running ('' when all are)."""
 
+KEY_REQUESTS_PREFIX = PREFIX + "key-requests:"
+KEY_TOKENS_PREFIX = PREFIX + "key-tokens:"
+"""Hashes per API key name: minute (Redis's clock) -> requests admitted / tokens generated in it,
+for the key's sliding-window limits. They expire three minutes after their last write."""
+KEY_STREAMS_PREFIX = PREFIX + "key-streams:"
+"""Sorted set per API key name: its streams still generating -> when submitted (Redis ms)."""
+
 StopReason = Literal["cancelled", "unread"]
 
 
@@ -108,24 +115,54 @@ local function redis_now_ms()
 end
 """
 
+# A key's sliding window over the last minute (Cloudflare's estimate): this minute's count plus
+# the last minute's, weighted by how much of it the window still covers.
+WINDOW_LUA = """
+local function window_used(key, now)
+  local minute = math.floor(now / 60000)
+  local current = tonumber(redis.call('HGET', key, minute) or '0')
+  local previous = tonumber(redis.call('HGET', key, minute - 1) or '0')
+  return previous * (1 - (now % 60000) / 60000) + current, previous, current
+end
+local function window_add(key, now, amount)
+  local minute = math.floor(now / 60000)
+  redis.call('HINCRBY', key, minute, amount)
+  redis.call('HDEL', key, minute - 2)
+  redis.call('EXPIRE', key, 180)
+end
+"""
+
 # The one way anything is appended to a job's stream, by a worker or by the supervisor.
 # `job` is the appender's attempt: the fencing token. The append is refused (returns 0) unless
 # that attempt is still the stream's current one and the stream has not ended, so a worker
 # presumed dead cannot write after its successor or after the end. A terminal entry (`f`, `e`)
-# ends the stream and gives its metadata the stream's TTL.
-FENCED_APPEND_LUA = """
+# ends the stream, gives its metadata the stream's TTL, closes it for its owner's concurrent
+# streams and charges a finished one's tokens to its owner's tokens per minute.
+FENCED_APPEND_LUA = (
+    REDIS_NOW_LUA
+    + WINDOW_LUA
+    + f"""
 local function fenced_append(stream, meta, job, kind, payload, maxlen, ttl)
-  local current = redis.call('HMGET', meta, 'job', 'ended')
+  local current = redis.call('HMGET', meta, 'job', 'ended', 'owner')
   if current[1] ~= job or current[2] then return 0 end
   local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', kind, payload)
   if kind == 'f' or kind == 'e' then
     redis.call('HSET', meta, 'ended', id)
     redis.call('EXPIRE', meta, ttl)
+    local owner = current[3]
+    if owner then
+      local stream_id = string.sub(stream, {len(stream_key("")) + 1})
+      redis.call('ZREM', '{KEY_STREAMS_PREFIX}' .. owner, stream_id)
+      if kind == 'f' then
+        window_add('{KEY_TOKENS_PREFIX}' .. owner, redis_now_ms(), cjson.decode(payload)['c'])
+      end
+    end
   end
   if ttl ~= '0' then redis.call('EXPIRE', stream, ttl) end
   return id
 end
 """
+)
 
 
 FinishReason = Literal["stop", "length"]
@@ -139,6 +176,8 @@ class StreamMeta:
     include_usage: bool
     job: str
     """The arq job id of the current attempt."""
+    owner: str
+    """The name of the API key that created it (`ANONYMOUS` while authentication is off)."""
     worker: str | None = None
     """The worker running it; None while it waits in the queue."""
 
@@ -148,6 +187,7 @@ class StreamMeta:
             "created": self.created,
             "usage": int(self.include_usage),
             "job": self.job,
+            "owner": self.owner,
         }
 
     @classmethod
@@ -161,6 +201,7 @@ class StreamMeta:
             int(fields[b"created"]),
             fields[b"usage"] == b"1",
             fields[b"job"].decode(),
+            fields[b"owner"].decode(),
             worker.decode() if worker else None,
         )
 

@@ -33,6 +33,41 @@ def _encodable(text: str) -> str:
     return text
 
 
+# Caps on the shape of a request (issue 13). A body is at most SLUICE_MAX_BODY_BYTES, but 1 MiB
+# of tiny messages is ~60,000 of them, each a chat-template turn for the worker to render and
+# tokenize, and a long stop string is matched against the output at every token and holds back
+# that much text from the stream. These are protocol limits, not deployment tunables, so they are
+# constants and the OpenAPI document shows them: OpenAI's API takes at most 2048 messages and
+# documents up to 4 stop sequences; no real stop sequence is longer than a line.
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 64
+"""Content parts per message (only `text` parts are served)."""
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
+
+
+def _at_most(limit: int, what: str) -> AfterValidator:
+    """A cap on a list that is one member of a union (a string or a list of them), checked on
+    the union's result: inside the member, a too-long list would be reported together with the
+    other member's complaint ("should be a valid string"), and the client told the wrong one."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and len(value) > limit:
+            raise PydanticCustomError(
+                "too_long",
+                "at most {limit} {what}, not {count}",
+                {"limit": limit, "what": what, "count": len(value)},
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _max_items(limit: int) -> Any:
+    """The cap `_at_most` enforces, shown in the OpenAPI document."""
+    return Field(json_schema_extra={"maxItems": limit})
+
+
 # Every string the API reads. JSON's "\ud800" escape decodes to a lone surrogate, which has no
 # UTF-8 encoding (for the tokenizer, Redis or a response): refused here, it is a 400 naming the
 # parameter instead of a 500 wherever it would first be encoded.
@@ -63,7 +98,10 @@ class ContentPart(OpenAIModel):
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[ContentPart] | None = None
+    content: Annotated[
+        Text | Annotated[list[ContentPart], _max_items(MAX_CONTENT_PARTS)] | None,
+        _at_most(MAX_CONTENT_PARTS, "content parts"),
+    ] = None
     name: Text | None = None
 
     def text(self, index: int) -> str:
@@ -82,7 +120,11 @@ class ChatMessage(OpenAIModel):
         return "".join(texts)
 
 
-Stop = Text | Annotated[list[Text], Field(max_length=4)] | None
+StopString = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
+Stop = Annotated[
+    StopString | Annotated[list[StopString], _max_items(MAX_STOPS)] | None,
+    _at_most(MAX_STOPS, "stop strings"),
+]
 Probability = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 
@@ -162,7 +204,7 @@ class SeedRequest(SamplingRequest):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     stream: StrictBool = False
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
 

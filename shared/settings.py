@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     served_model_name: str | None = None
     n_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     n_ctx: int = Field(4096, ge=256)
+    n_batch: int = Field(256, ge=16)
+    """Tokens one decode step may take in (llama backend): every running job's next token, then
+    chunks of new prompts; a longer prompt is evaluated over several steps (issue 14)."""
     # 0.6, not SmolLM2's suggested 0.2: at 0.2 the 135M model loops in long answers (measured:
     # 31% of 6-grams repeated and 3 of 8 answers stuck until the cap, vs 6% and 1 of 8 at 0.6).
     default_temperature: float = Field(0.6, ge=0, le=2)
@@ -54,6 +57,8 @@ class Settings(BaseSettings):
         "short summary."
     )
     max_prompt_chars: int = Field(5000, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Largest request body the API reads (1 MiB); a larger one gets 413 before it is read."""
     synthetic_tokens_per_s: float = Field(50.0, ge=0)
     worker_max_jobs: int | None = Field(None, ge=1)
 
@@ -76,6 +81,30 @@ class Settings(BaseSettings):
     max_hold_s: float = Field(0.25, ge=0)
     """How long a relay that is behind waits before reading again, so the entries that pile
     up meanwhile go out as one event (0: never; every read is sent at once)."""
+
+    api_keys: str = ""
+    """Comma-separated static API keys; any turns authentication on."""
+    auth: Literal["required"] | None = None
+    """`required`: keys even when `api_keys` is empty (keys from `sluice keys create` only)."""
+    rate_limit_rpm: int | None = Field(None, ge=0)
+    rate_limit_tpm: int | None = Field(None, ge=0)
+    max_streams_per_key: int | None = Field(None, ge=0)
+    """Defaults for every key (a key made with `sluice keys create` may set its own); unset or
+    0: no limit."""
+    cors_origins: str = ""
+    """Comma-separated origins browsers may call the API from (none by default)."""
+
+    @property
+    def static_api_keys(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth == "required" or bool(self.static_api_keys)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @model_validator(mode="after")
     def _model_file_exists(self) -> Settings:

@@ -223,7 +223,11 @@ def start_stack(
     port = free_port()
     env = sluice_env(redis_url, port, **settings)
     stack = Stack(redis_url, sluice("api", name, env, api_clock), [], port, env)
-    for _ in range(workers):
-        stack.add_worker(worker_clock)
-    stack.wait_ready(workers, timeout=120)
+    try:
+        for _ in range(workers):
+            stack.add_worker(worker_clock)
+        stack.wait_ready(workers, timeout=120)
+    except BaseException:
+        stack.stop()  # a stack that never came up leaves no process behind
+        raise
     return stack

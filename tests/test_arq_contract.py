@@ -24,8 +24,10 @@ from shared.arq_internals import (
     ARQ_VERSION,
     ClaimingWorker,
     in_progress_key,
+    job_deserializer,
     job_key,
     job_record,
+    job_serializer,
 )
 from tests.procs import RedisServer
 
@@ -78,7 +80,12 @@ def new_job_id(queue: str) -> str:
 
 @pytest.fixture
 async def pool(settings: RedisSettings, queue: str) -> AsyncIterator[ArqRedis]:
-    client = await create_pool(settings, default_queue_name=queue)
+    client = await create_pool(
+        settings,
+        default_queue_name=queue,
+        job_serializer=job_serializer,
+        job_deserializer=job_deserializer,
+    )
     yield client
     keys = [k async for k in client.scan_iter(f"*{queue}*")]
     if keys:
@@ -144,13 +151,15 @@ def test_job_record_reads_back_through_arqs_deserializers() -> None:
     enqueued_ms = 1_767_225_600_123
     record = job_record(FUNCTION, ARGS, enqueued_ms)
 
-    job = deserialize_job(record)
-    assert (job.function, job.args, job.kwargs) == (FUNCTION, ARGS, {})
+    job = deserialize_job(record, deserializer=job_deserializer)
+    assert (job.function, tuple(job.args), job.kwargs) == (FUNCTION, ARGS, {})
     assert job.job_try is None  # arq counts tries itself (its retry key)
     assert job.enqueue_time == ms_to_datetime(enqueued_ms)
     # what Worker.run_job itself reads
-    function, args, kwargs, job_try, enqueue_time_ms = deserialize_job_raw(record)
-    assert (function, args, kwargs) == (FUNCTION, ARGS, {})
+    function, args, kwargs, job_try, enqueue_time_ms = deserialize_job_raw(
+        record, deserializer=job_deserializer
+    )
+    assert (function, tuple(args), kwargs) == (FUNCTION, ARGS, {})
     assert job_try is None
     assert enqueue_time_ms == enqueued_ms
 
@@ -218,6 +227,8 @@ def test_worker_takes_every_option_sluices_workers_pass() -> None:
         "handle_signals",
         "burst",
         "allow_abort_jobs",
+        "job_serializer",
+        "job_deserializer",
     ]
     assert [name for name in passed if name not in options] == []
 
@@ -259,7 +270,7 @@ async def enqueue_as_sluice_api(pool: ArqRedis, queue: str) -> Job:
     now = timestamp_ms()
     await pool.psetex(job_key(arq_job_id), 60_000, job_record(FUNCTION, ARGS, now))
     await pool.zadd(queue, {arq_job_id: now})
-    return Job(arq_job_id, pool, _queue_name=queue)
+    return Job(arq_job_id, pool, _queue_name=queue, _deserializer=job_deserializer)
 
 
 async def enqueue_as_arq(pool: ArqRedis, queue: str) -> Job:

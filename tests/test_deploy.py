@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from shared.protocol import WORKERS_KEY
 from shared.settings import Settings
+from tests.procs import RedisServer, Stack
 
 ROOT = Path(__file__).parents[1]
 APP_SERVICES = ["api", "worker"]
+REDIS_PASSWORD = "${SLUICE_REDIS_PASSWORD"
+"""How compose.yaml refers to the Redis password: a variable of the environment, never a value."""
+SECRET_WORDS = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|REDIS_URL", re.I)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +36,9 @@ def dockerfile() -> str:
 
 
 def instructions(dockerfile: str, keyword: str) -> list[str]:
-    """The arguments of every `keyword` instruction, in order."""
-    return re.findall(rf"^{keyword}\s+(.+?)\s*$", dockerfile, re.M | re.I)
+    """The arguments of every `keyword` instruction, in order, continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", dockerfile)
+    return re.findall(rf"^{keyword}\s+(.+?)\s*$", joined, re.M | re.I)
 
 
 def test_compose_runs_redis_api_and_worker(services: dict[str, Any]) -> None:
@@ -59,8 +69,73 @@ def test_app_service_waits_for_a_healthy_redis(services: dict[str, Any], name: s
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
-def test_app_service_points_at_the_redis_service(services: dict[str, Any], name: str) -> None:
-    assert services[name]["environment"]["SLUICE_REDIS_URL"].startswith("redis://redis:6379/")
+def test_app_service_points_at_the_redis_service_with_the_password(
+    services: dict[str, Any], name: str
+) -> None:
+    # A URL once compose has put the password in: `redis://:<password>@redis:6379/<db>`.
+    url = services[name]["environment"]["SLUICE_REDIS_URL"]
+    assert re.fullmatch(r"redis://:\$\{SLUICE_REDIS_PASSWORD(:\?[^}]*)?\}@redis:6379/\d+", url)
+
+
+def test_redis_requires_a_password_from_the_environment_that_must_be_set(
+    services: dict[str, Any],
+) -> None:
+    command = services["redis"]["command"]
+    password = command[command.index("--requirepass") + 1]
+    assert password.startswith(REDIS_PASSWORD + ":?")  # compose refuses to start without it
+
+
+def test_redis_healthcheck_authenticates_and_wants_pong(services: dict[str, Any]) -> None:
+    redis = services["redis"]
+    assert redis["environment"]["REDISCLI_AUTH"].startswith(REDIS_PASSWORD)
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+
+
+def test_redis_publishes_no_port(services: dict[str, Any]) -> None:
+    assert "ports" not in services["redis"]
+    assert "network_mode" not in services["redis"]
+
+
+def test_api_takes_its_keys_from_the_environment(services: dict[str, Any]) -> None:
+    assert services["api"]["environment"]["SLUICE_API_KEYS"] == "${SLUICE_API_KEYS:-}"
+
+
+def test_no_secret_in_compose_is_a_literal(services: dict[str, Any]) -> None:
+    for service in services.values():
+        for name, value in service.get("environment", {}).items():
+            if SECRET_WORDS.search(name) or name == "SLUICE_API_KEYS":
+                assert "${" in str(value), name
+
+
+def worker_healthcheck(services: dict[str, Any]) -> str:
+    test = services["worker"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    script: str = test[3]
+    return script
+
+
+def test_worker_healthcheck_reads_the_workers_key_by_redis_clock(services: dict[str, Any]) -> None:
+    script = worker_healthcheck(services)
+    assert f'"{WORKERS_KEY}"' in script
+    assert "r.time()" in script
+    assert "time.time" not in script
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime is not installed")
+@pytest.mark.parametrize("offset", ["+0s", "+1h", "-1h"])
+def test_worker_healthcheck_passes_beside_a_live_worker_whatever_the_containers_clock(
+    services: dict[str, Any], synthetic: Stack, redis_server: RedisServer, offset: str
+) -> None:
+    """The synthetic stack's workers run on this host, so their ids start with its name, as a
+    container's worker's start with the container's."""
+
+    def health(redis_url: str) -> int:
+        env = {**os.environ, "SLUICE_REDIS_URL": redis_url, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+        command = ["faketime", "-f", offset, sys.executable, "-c", worker_healthcheck(services)]
+        return subprocess.run(command, env=env, timeout=30, check=False).returncode
+
+    assert health(synthetic.redis_url) == 0
+    assert health(redis_server.url(6)) == 1  # a database no worker beats in
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -98,6 +173,19 @@ def test_dockerfile_runs_as_a_non_root_user(dockerfile: str) -> None:
     users = instructions(dockerfile, "USER")
     assert users
     assert users[-1].split(":")[0] not in {"root", "0"}
+
+
+def test_dockerfile_bakes_in_no_secret(dockerfile: str) -> None:
+    for keyword in ("ENV", "ARG"):
+        for arguments in instructions(dockerfile, keyword):
+            assert not SECRET_WORDS.search(arguments), arguments
+
+
+def test_dockerfile_copies_named_paths_only(dockerfile: str) -> None:
+    """Never the whole context: a local .env (the compose secrets) cannot end up in the image."""
+    for arguments in instructions(dockerfile, "COPY"):
+        *sources, _ = arguments.split()
+        assert not {".", "./", "*"} & set(sources), arguments
 
 
 def test_dockerfile_starts_sluice(dockerfile: str) -> None:

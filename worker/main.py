@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 import uvloop
-from arq.connections import RedisSettings
 from arq.worker import func
 from redis.exceptions import RedisError
 
@@ -29,6 +28,7 @@ from shared.protocol import (
     WORKERS_KEY,
     worker_ttl_ms,
 )
+from shared.redis_url import arq_redis_settings
 from shared.settings import Settings
 from worker.backends import load_backend
 from worker.control import JobControl
@@ -62,7 +62,11 @@ return #dead
 def default_max_jobs(settings: Settings) -> int:
     if settings.worker_max_jobs is not None:
         return settings.worker_max_jobs
-    return 1 if settings.backend == "llama" else 512
+    if settings.backend == "llama":
+        from worker.backends.llama import DEFAULT_SEQUENCES  # llama.cpp loads only for llama
+
+        return DEFAULT_SEQUENCES  # its jobs are decoded together, one sequence each
+    return 512
 
 
 class SluiceWorker(ClaimingWorker):
@@ -84,7 +88,7 @@ class SluiceWorker(ClaimingWorker):
         options: dict[str, Any] = {
             "functions": [func(generate, name=JOB_FUNCTION)],
             "queue_name": QUEUE_NAME,
-            "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+            "redis_settings": arq_redis_settings(settings.redis_url),
             "on_startup": self._startup,
             "on_shutdown": self._shutdown,
             "max_jobs": default_max_jobs(settings),

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from api.auth import PrincipalDep
 from api.deps import GatewayDep
 from api.openapi import ERRORS, generated, json_body
 from api.requests import build_job, check_text, message_dicts, parse, read_json_object
@@ -22,7 +23,7 @@ router = APIRouter(responses=ERRORS)
     responses=generated(ChatCompletion, "chat.completion.chunk"),
 )
 async def chat_completions(
-    request: Request, gateway: GatewayDep
+    request: Request, gateway: GatewayDep, caller: PrincipalDep
 ) -> EventSourceResponse | JSONResponse:
     body = await read_json_object(request)
     settings = gateway.settings
@@ -48,7 +49,12 @@ async def chat_completions(
             messages=messages,
         )
         return await gateway.serve(
-            request, job, "chat.completion.chunk", stream=True, include_usage=seed.include_usage
+            request,
+            caller,
+            job,
+            "chat.completion.chunk",
+            stream=True,
+            include_usage=seed.include_usage,
         )
     if "messages" not in body:
         raise InvalidRequest("one of 'messages' or 'prompt' is required", param="messages")
@@ -61,6 +67,7 @@ async def chat_completions(
     )
     return await gateway.serve(
         request,
+        caller,
         job,
         "chat.completion.chunk",
         stream=chat.stream,

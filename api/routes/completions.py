@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from api.auth import PrincipalDep
 from api.deps import GatewayDep
 from api.openapi import ERRORS, generated, json_body
 from api.requests import build_job, check_text, parse, read_json_object
@@ -22,7 +23,9 @@ OPENAI_DEFAULT_MAX_TOKENS = 16  # what OpenAI's legacy endpoint uses when max_to
     openapi_extra=json_body(CompletionRequest),
     responses=generated(TextCompletion, "text_completion"),
 )
-async def completions(request: Request, gateway: GatewayDep) -> EventSourceResponse | JSONResponse:
+async def completions(
+    request: Request, gateway: GatewayDep, caller: PrincipalDep
+) -> EventSourceResponse | JSONResponse:
     completion = parse(CompletionRequest, await read_json_object(request))
     check_text(completion.prompt, "prompt", gateway.settings)
     job = build_job(
@@ -33,6 +36,7 @@ async def completions(request: Request, gateway: GatewayDep) -> EventSourceRespo
     )
     return await gateway.serve(
         request,
+        caller,
         job,
         "text_completion",
         stream=completion.stream,

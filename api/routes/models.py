@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from api.auth import authenticate
 from api.deps import SettingsDep
 from api.openapi import ERRORS
 from shared.errors import ModelNotFound
 from shared.schema import ModelCard, ModelList
 
-router = APIRouter(responses=ERRORS)
+router = APIRouter(responses=ERRORS, dependencies=[Depends(authenticate)])
 _STARTED = int(time.time())
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse
 
+from api.auth import PrincipalDep
 from api.deps import GatewayDep
 from api.openapi import ERRORS, EVENT_STREAM
 from shared.errors import InvalidRequest
@@ -36,6 +37,7 @@ def bare_id(stream_id: str) -> str:
 async def resume_stream(
     stream_id: str,
     gateway: GatewayDep,
+    caller: PrincipalDep,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[str | None, Query()] = None,
 ) -> EventSourceResponse:
@@ -43,11 +45,13 @@ async def resume_stream(
     position = after or last_event_id or "0-0"
     if not ENTRY_ID.fullmatch(position):
         raise InvalidRequest(f"{position!r} is not a stream entry id", param="after")
-    return await gateway.resume(bare_id(stream_id), position)
+    return await gateway.resume(bare_id(stream_id), position, caller)
 
 
 @router.post("/v1/streams/{stream_id}/cancel")
-async def cancel_stream(stream_id: str, gateway: GatewayDep) -> StreamCancelled:
+async def cancel_stream(
+    stream_id: str, gateway: GatewayDep, caller: PrincipalDep
+) -> StreamCancelled:
     stream_id = bare_id(stream_id)
-    await gateway.queue.cancel(stream_id)
+    await gateway.queue.cancel(stream_id, caller)
     return StreamCancelled(id=stream_id)
