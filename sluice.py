@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 
 import redis
 
+from shared.logs import configure as configure_logging
 from shared.settings import Settings
 
 log = logging.getLogger("sluice")
@@ -36,6 +37,7 @@ def serve_api(settings: Settings) -> None:
         port=settings.port,
         log_level="info",
         access_log=settings.access_log,
+        log_config=None,  # uvicorn's lines go through ours (shared/logs.py), JSON if asked
         # Longer than the streams' own grace, which ends each with an event saying why.
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )
@@ -129,6 +131,20 @@ def keys_command(settings: Settings, args: argparse.Namespace) -> None:
             sys.exit(f"sluice keys: Redis is unavailable: {exc}")
 
 
+def status_command(settings: Settings) -> None:
+    """`sluice status`: the queue, workers, open streams and throughput, as Redis has them."""
+    from shared.protocol import worker_ttl_ms
+    from shared.status import STATUS_KEYS, STATUS_SCRIPT, Status, status_args
+
+    args = status_args(worker_ttl_ms(settings.heartbeat_s))
+    try:
+        with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as client:
+            reply = client.eval(STATUS_SCRIPT, len(STATUS_KEYS), *STATUS_KEYS, *args)
+    except (redis.RedisError, OSError) as exc:
+        sys.exit(f"sluice status: Redis is unavailable: {exc}")
+    print(Status.from_reply(reply).render(settings.model_name))
+
+
 def _when(unix_s: int | None) -> str:
     if unix_s is None:
         return "never"
@@ -151,14 +167,17 @@ def main(argv: list[str] | None = None) -> None:
     create.add_argument("--max-streams", type=int, help="streams open at once")
     keys_actions.add_parser("list", help="names, limits, created and last used (never a key)")
     keys_actions.add_parser("revoke", help="revoke a key everywhere").add_argument("name")
+    commands.add_parser("status", help="queue, workers, open streams, tokens/s (one screen)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings()
+    configure_logging(settings.log_format)
     # arq logs two lines per job, each quoting the job's arguments, the prompt included: at
     # thousands of streams that is real CPU, and prompts do not belong in logs.
     logging.getLogger("arq.worker").setLevel(logging.WARNING)
-    settings = Settings()
     if args.command == "keys":
         keys_command(settings, args)
+    elif args.command == "status":
+        status_command(settings)
     elif args.command == "api":
         serve_api(settings)
     elif args.command == "worker":

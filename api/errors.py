@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
+from api.metrics import REJECTED
 from shared.errors import (
     GenerationFailed,
     InvalidRequest,
@@ -19,6 +20,8 @@ from shared.errors import (
 )
 
 log = logging.getLogger("sluice.api")
+REJECTIONS = {401, 413, 429, 503}
+"""Statuses that refuse a request before it is queued, counted by `sluice_rejected_total`."""
 
 
 def to_sluice_error(exc: Exception) -> SluiceError:
@@ -50,6 +53,8 @@ def error_response(exc: Exception) -> JSONResponse:
     error = to_sluice_error(exc)
     status = error.status if not isinstance(exc, HTTPException) else exc.status_code
     headers = error.headers()
+    if status in REJECTIONS:
+        REJECTED.labels(error.code or str(status)).inc()
     # A message may quote the request; an error must not fail while it is being encoded.
     body = {k: _utf8(v) if isinstance(v, str) else v for k, v in error.body().items()}
     return JSONResponse({"error": body}, status_code=status, headers=headers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import anyio
@@ -14,14 +15,17 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.auth import Principal
 from api.hub import StreamHub
 from api.jobs import JobQueue
+from api.metrics import RESUMES, DeploymentState, RequestClock, measured
 from api.readers import ReaderRegistry
 from api.relay import DONE, SEPARATOR, EventEncoder, collect, follow, sse_events
 from shared.errors import ClientDisconnected, SluiceError, StreamNotFound
+from shared.logs import bind
 from shared.loops import LoopGroup
 from shared.protocol import StreamKind, StreamMeta
 from shared.schema import ChunkEncoder, GenerationJob
 from shared.settings import Settings
 
+log = logging.getLogger("sluice.api")
 STREAM_ID_HEADER = "X-Sluice-Stream-Id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 ID_PREFIX: dict[StreamKind, str] = {
@@ -38,6 +42,7 @@ class Gateway:
         hub: StreamHub,
         readers: ReaderRegistry,
         loops: LoopGroup,
+        state: DeploymentState,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -45,6 +50,7 @@ class Gateway:
         self.readers = readers
         self.loops = loops
         """The process's background loops, for health checks."""
+        self.state = state
 
     def chunk_encoder(self, stream_id: str, meta: StreamMeta) -> ChunkEncoder:
         return ChunkEncoder(
@@ -64,23 +70,34 @@ class Gateway:
         stream: bool,
         include_usage: bool,
     ) -> EventSourceResponse | JSONResponse:
+        key_name = owner.name if self.settings.auth_enabled else None
+        bind(job.stream_id, key_name)
+        job = job.model_copy(update={"key_name": key_name})
         meta, use = await self.queue.submit(job, kind, include_usage, owner)
+        log.info("queued %s", kind)
         chunks = self.chunk_encoder(job.stream_id, meta)
         headers = {STREAM_ID_HEADER: job.stream_id} | use.headers()
+        clock = RequestClock(self.settings.model_name, meta.queued_ms)
         if not stream:
             with self.readers.reading(job.stream_id, announced=True):
-                body = await self._collect_while_connected(request, owner, job.stream_id, chunks)
+                body = await self._collect_while_connected(
+                    request, owner, job.stream_id, chunks, clock
+                )
             return JSONResponse(body, headers=headers)
-        return self._respond(job.stream_id, "0-0", meta, headers, announced=True)
+        return self._respond(job.stream_id, "0-0", meta, headers, clock, announced=True)
 
     async def _collect_while_connected(
-        self, request: Request, owner: Principal, stream_id: str, chunks: ChunkEncoder
+        self,
+        request: Request,
+        owner: Principal,
+        stream_id: str,
+        chunks: ChunkEncoder,
+        clock: RequestClock,
     ) -> dict[str, object]:
         """The collected body; if the client hangs up first, its generation is cancelled: a
         non-streaming response cannot be resumed, so nobody will ever read the rest."""
-        collecting = asyncio.ensure_future(
-            collect(follow(self.hub, self.settings, stream_id), chunks)
-        )
+        entries = measured(follow(self.hub, self.settings, stream_id), clock, self.hub.age_s)
+        collecting = asyncio.ensure_future(collect(entries, chunks))
         gone = asyncio.ensure_future(_disconnect(request))
         try:
             await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -95,13 +112,16 @@ class Gateway:
         raise ClientDisconnected("the client closed the connection before the response")
 
     async def resume(self, stream_id: str, after: str, reader: Principal) -> EventSourceResponse:
+        bind(stream_id, reader.name if self.settings.auth_enabled else None)
         meta = await self.queue.meta(stream_id, reader)
         if not await self.queue.stream_exists(stream_id, meta):
             raise StreamNotFound(f"no stream {stream_id!r} (unknown, or expired)")
         # A client that has seen the end already gets nothing more but [DONE].
         seen_end = await self.queue.ended_by(stream_id, after)
         headers = {STREAM_ID_HEADER: stream_id}
-        return self._respond(stream_id, after, meta, headers, seen_end=seen_end)
+        RESUMES.labels(self.settings.model_name).inc()
+        clock = RequestClock(self.settings.model_name, queued_ms=None)
+        return self._respond(stream_id, after, meta, headers, clock, seen_end=seen_end)
 
     def _respond(
         self,
@@ -109,6 +129,7 @@ class Gateway:
         after: str,
         meta: StreamMeta,
         headers: dict[str, str],
+        clock: RequestClock,
         *,
         seen_end: bool = False,
         announced: bool = False,
@@ -121,7 +142,9 @@ class Gateway:
                 yield DONE
                 return
             with self.readers.reading(stream_id, announced=announced):
-                entries = follow(self.hub, self.settings, stream_id, after)
+                entries = measured(
+                    follow(self.hub, self.settings, stream_id, after), clock, self.hub.age_s
+                )
                 async for ev in sse_events(entries, encoder, self.settings, shutdown):
                     yield ev
 

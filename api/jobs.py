@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 
 from arq.connections import ArqRedis
@@ -142,7 +143,7 @@ redis.call('ZADD', KEYS[3], now, ARGV[3])
 redis.call('PUBLISH', ARGV[6], ARGV[3])
 local requests = window_used(KEYS[8], now)
 local tokens = window_used(KEYS[9], now)
-return {0, math.ceil(requests), math.ceil(tokens), to_next_minute}
+return {0, math.ceil(requests), math.ceil(tokens), to_next_minute, now}
 """
 )
 
@@ -181,6 +182,7 @@ class JobQueue:
         )
         fields = {**meta.fields(), "payload": job.model_dump_json()}
         result = await self._enqueue(meta.job, job, owner=owner, meta_fields=fields)
+        meta = dataclasses.replace(meta, queued_ms=result[4])
         return meta, KeyUse(owner.limits, result[1], result[2], result[3])
 
     async def _enqueue(

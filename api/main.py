@@ -17,6 +17,7 @@ from api.errors import install_error_handlers
 from api.gateway import STREAM_ID_HEADER, Gateway
 from api.hub import StreamHub
 from api.jobs import JobQueue
+from api.metrics import DeploymentState
 from api.openapi import SluiceAPI
 from api.readers import ReaderRegistry
 from api.routes import chat, completions, health, models, streams
@@ -53,7 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub.start(loops)
         loops.start("readers", readers.refresh_forever)
         loops.start("supervisor", Supervisor(redis, queue, settings).run)
-        app.state.gateway = Gateway(settings, queue, hub, readers, loops)
+        state = DeploymentState(redis, settings.model_name, settings.heartbeat_s)
+        app.state.gateway = Gateway(settings, queue, hub, readers, loops, state)
         app.state.authenticator = Authenticator(redis, settings)
         try:
             yield

@@ -35,6 +35,10 @@ ACTIVE_KEY = PREFIX + "active"
 The supervisor's worklist."""
 SUPERVISOR_KEY = PREFIX + "supervisor"
 """The supervisor's lease: the id of the one API process that supervises jobs, with a TTL."""
+WORKER_BUSY_KEY = PREFIX + "worker-busy"
+"""Hash: worker id -> how many jobs it was running at its last heartbeat."""
+TOKENS_KEY = PREFIX + "tokens"
+"""Hash: minute (Redis's clock) -> tokens generated in it by finished streams, deployment-wide."""
 WORKER_LOOPS_KEY = PREFIX + "worker-loops"
 """Hash: worker id -> its background loops that are not running ('' when all are)."""
 
@@ -157,6 +161,7 @@ local function fenced_append(stream, meta, job, kind, payload, maxlen, ttl)
         window_add('{KEY_TOKENS_PREFIX}' .. owner, redis_now_ms(), cjson.decode(payload)['c'])
       end
     end
+    if kind == 'f' then window_add('{TOKENS_KEY}', redis_now_ms(), cjson.decode(payload)['c']) end
   end
   if ttl ~= '0' then redis.call('EXPIRE', stream, ttl) end
   return id
@@ -180,6 +185,8 @@ class StreamMeta:
     """The name of the API key that created it (`ANONYMOUS` while authentication is off)."""
     worker: str | None = None
     """The worker running it; None while it waits in the queue."""
+    queued_ms: int | None = None
+    """When its current attempt was queued (Redis's clock)."""
 
     def fields(self) -> dict[str, str | int]:
         return {
@@ -203,6 +210,7 @@ class StreamMeta:
             fields[b"job"].decode(),
             fields[b"owner"].decode(),
             worker.decode() if worker else None,
+            int(fields[b"queued"]) if b"queued" in fields else None,
         )
 
 
@@ -210,6 +218,8 @@ class StreamMeta:
 class Started:
     worker: str
     prompt_tokens: int
+    claimed_ms: int | None = None
+    """When the worker claimed the job (Redis's clock): the end of its wait in the queue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,8 +252,8 @@ def encode(entry: Entry) -> EntryFields:
     match entry:
         case Token(text):
             return "t", text
-        case Started(worker, prompt_tokens):
-            return "s", json.dumps({"w": worker, "p": prompt_tokens})
+        case Started(worker, prompt_tokens, claimed_ms):
+            return "s", json.dumps({"w": worker, "p": prompt_tokens, "c": claimed_ms})
         case Finished(reason, prompt_tokens, completion_tokens):
             return "f", json.dumps({"r": reason, "p": prompt_tokens, "c": completion_tokens})
         case Failed(error):
@@ -255,7 +265,7 @@ def decode(kind: bytes, payload: bytes) -> Entry:
         return Token(payload.decode())
     data = json.loads(payload)
     if kind == b"s":
-        return Started(data["w"], data["p"])
+        return Started(data["w"], data["p"], data.get("c"))
     if kind == b"f":
         reason: FinishReason = "length" if data["r"] == "length" else "stop"
         return Finished(reason, data["p"], data["c"])

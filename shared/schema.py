@@ -227,6 +227,8 @@ class GenerationJob(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     stream_id: str
+    key_name: str | None = None
+    """The API key's name when authentication is on, for the worker's log lines."""
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     max_tokens: int

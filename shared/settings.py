@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(32, ge=4)
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=1, le=65535)
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Where a worker serves its Prometheus metrics (/metrics); unset: not served."""
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one JSON object per line, with the stream id of the request it is about."""
     access_log: bool = True
     """uvicorn's line per request; off, a busy API spends that CPU on streams instead."""
 

@@ -195,7 +195,7 @@ class Stack:
                 if not proc.alive():
                     raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
             try:
-                health = httpx.get(f"{self.base_url}/health", timeout=1).json()
+                health = httpx.get(f"{self.base_url}/ready", timeout=1).json()
             except (httpx.HTTPError, ValueError):
                 return False
             return int(health.get("workers", 0)) >= workers

@@ -25,7 +25,7 @@ async def test_dev_starts_private_redis_serves_and_stops_its_children() -> None:
 
     def ready() -> bool:
         try:
-            return bool(httpx.get(f"{url}/health", timeout=1).json()["workers"] >= 1)
+            return bool(httpx.get(f"{url}/ready", timeout=1).json()["workers"] >= 1)
         except (httpx.HTTPError, ValueError, KeyError):
             return False
 

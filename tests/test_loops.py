@@ -72,21 +72,28 @@ def health(stack: Stack) -> httpx.Response:
     return httpx.get(f"{stack.base_url}/health", timeout=2)
 
 
-async def test_health_names_a_loop_that_fails_and_recovers_when_it_runs_again(
+def ready(stack: Stack) -> httpx.Response:
+    return httpx.get(f"{stack.base_url}/ready", timeout=2)
+
+
+async def test_readiness_names_a_loop_that_fails_and_recovers_when_it_runs_again(
     stack: Stack,
 ) -> None:
     """A real fault: the supervisor's worklist replaced by a string, so every tick fails."""
     with redis.Redis.from_url(stack.redis_url) as r:
         r.set(ACTIVE_KEY, "not a sorted set")
-        failing = await eventually(lambda: health(stack).status_code == 503, "a 503")
-        body = health(stack).json()
+        failing = await eventually(lambda: ready(stack).status_code == 503, "a 503")
+        body = ready(stack).json()
+        alive = health(stack)
         r.delete(ACTIVE_KEY)
-        await eventually(lambda: health(stack).status_code == 200, "recovery")
+        await eventually(lambda: ready(stack).status_code == 200, "recovery")
 
     assert failing
     assert body["loops"]["supervisor"] == "restarting"
+    assert body["reasons"] == ["loop:supervisor"]
     assert body["redis"] is True
-    assert health(stack).json()["loops"]["supervisor"] == "running"
+    assert alive.status_code == 200  # liveness: the process serves, do not restart it
+    assert ready(stack).json()["loops"]["supervisor"] == "running"
     assert "loop supervisor failed" in stack.api.log_tail(400)
 
 

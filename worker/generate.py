@@ -8,6 +8,7 @@ from contextlib import aclosing
 from typing import Any
 
 from shared.errors import GenerationFailed, SluiceError
+from shared.logs import bind
 from shared.protocol import (
     REDIS_NOW_LUA,
     Attempt,
@@ -23,30 +24,34 @@ from shared.schema import GenerationJob
 from shared.settings import Settings
 from worker.backends import Backend, BackendError
 from worker.control import JobControl, StopSignal
+from worker.metrics import TOKENS
 from worker.text import TextAssembler
 from worker.writer import Fenced, StreamWriter
 
 log = logging.getLogger("sluice.worker")
 
 # Records which worker runs the stream's current attempt, and since when (Redis's clock), for
-# the supervisor. Returns 0, and the job does nothing, if the stream is gone or ended or this
-# attempt was replaced; 2 if the stream was cancelled before the job started.
+# the supervisor. Returns {0}, and the job does nothing, if the stream is gone or ended or this
+# attempt was replaced; {2, now} if the stream was cancelled before the job started; else
+# {1, now}.
 CLAIM_SCRIPT = (
     REDIS_NOW_LUA
     + """
 local current = redis.call('HMGET', KEYS[1], 'job', 'ended')
-if current[1] ~= ARGV[1] or current[2] then return 0 end
-redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'started', redis_now_ms())
-if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
-return 1
+if current[1] ~= ARGV[1] or current[2] then return {0} end
+local now = redis_now_ms()
+redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'started', now)
+if redis.call('EXISTS', KEYS[2]) == 1 then return {2, now} end
+return {1, now}
 """
 )
 
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     job = GenerationJob.model_validate(payload)
+    bind(job.stream_id, job.key_name)
     attempt = Attempt(job.stream_id, ctx["job_id"])
-    claim = await ctx["claim"](
+    claim, *claimed_ms = await ctx["claim"](
         keys=[meta_key(job.stream_id), cancel_key(job.stream_id)],
         args=[attempt.job, ctx["worker_id"]],
     )
@@ -58,7 +63,7 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     if claim == 2:
         signal.stop("cancelled")
     try:
-        await _generate(ctx, job, attempt, signal)
+        await _generate(ctx, job, attempt, signal, claimed_ms[0])
     except Fenced:
         # The supervisor ended the stream or gave it to a newer attempt while this one was
         # presumed dead (a frozen process, a long pause): it has nothing more to say.
@@ -68,7 +73,7 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
 
 
 async def _generate(
-    ctx: dict[str, Any], job: GenerationJob, attempt: Attempt, signal: StopSignal
+    ctx: dict[str, Any], job: GenerationJob, attempt: Attempt, signal: StopSignal, claimed_ms: int
 ) -> None:
     settings: Settings = ctx["settings"]
     backend: Backend = ctx["backend"]
@@ -83,10 +88,12 @@ async def _generate(
         if signal.stopped:
             raise signal.error()
         generation = await backend.start(job)
+        log.info("generating: %d prompt tokens", generation.prompt_tokens)
+        TOKENS.labels("prefill").inc(generation.prompt_tokens)
         # While generating, the stream outlives any job: its TTL is reset when the job ends.
         await writer.append(
             attempt,
-            Started(ctx["worker_id"], generation.prompt_tokens),
+            Started(ctx["worker_id"], generation.prompt_tokens, claimed_ms),
             expire_s=int(settings.stream_ttl_s + settings.job_timeout_s),
         )
         text = TextAssembler(job.stop)
@@ -107,6 +114,8 @@ async def _generate(
         if tail := text.flush():
             await writer.send(attempt, tail)
         await finish(Finished(reason, generation.prompt_tokens, produced))
+        log.info("finished: %s, %d tokens", reason, produced)
+        TOKENS.labels("decode").inc(produced)
     except Fenced:
         raise
     except SluiceError as exc:

@@ -23,6 +23,7 @@ from shared.protocol import (
     QUEUE_NAME,
     REDIS_NOW_LUA,
     WAKE_CHANNEL,
+    WORKER_BUSY_KEY,
     WORKER_LOOPS_KEY,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
@@ -30,6 +31,7 @@ from shared.protocol import (
 )
 from shared.redis_url import arq_redis_settings
 from shared.settings import Settings
+from worker import metrics
 from worker.backends import load_backend
 from worker.control import JobControl
 from worker.generate import CLAIM_SCRIPT, generate
@@ -39,7 +41,8 @@ log = logging.getLogger("sluice.worker")
 
 # A heartbeat, by Redis's clock: this worker's score, its slots and the state of its loops;
 # workers not heard from for a TTL are dropped (they died without saying goodbye).
-# KEYS: workers, worker slots, worker loops. ARGV: worker id, TTL (ms), slots, failing loops.
+# KEYS: workers, worker slots, worker loops, worker busy. ARGV: worker id, TTL (ms), slots,
+# failing loops, jobs running.
 HEARTBEAT_SCRIPT = (
     REDIS_NOW_LUA
     + """
@@ -49,10 +52,12 @@ for _, worker in ipairs(dead) do
   redis.call('ZREM', KEYS[1], worker)
   redis.call('HDEL', KEYS[2], worker)
   redis.call('HDEL', KEYS[3], worker)
+  redis.call('HDEL', KEYS[4], worker)
 end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[2]) end
 return #dead
 """
@@ -109,6 +114,7 @@ class SluiceWorker(ClaimingWorker):
             log.critical("worker %s could not load its backend: %s", self.worker_id, exc)
             raise SystemExit(1) from exc
         ctx["writer"] = StreamWriter(ctx["redis"], self.settings.stream_maxlen)
+        metrics.serve(self.settings.worker_metrics_port)
         ctx["claim"] = ctx["redis"].register_script(CLAIM_SCRIPT)
         self._heartbeat = ctx["redis"].register_script(HEARTBEAT_SCRIPT)
         control = ctx["control"] = JobControl()
@@ -125,6 +131,7 @@ class SluiceWorker(ClaimingWorker):
                 pipe.zrem(WORKERS_KEY, self.worker_id)
                 pipe.hdel(WORKER_SLOTS_KEY, self.worker_id)
                 pipe.hdel(WORKER_LOOPS_KEY, self.worker_id)
+                pipe.hdel(WORKER_BUSY_KEY, self.worker_id)
                 await pipe.execute()
         if "backend" in ctx:
             ctx["backend"].close()
@@ -160,12 +167,13 @@ class SluiceWorker(ClaimingWorker):
 
     async def _beat_once(self) -> None:
         await self._heartbeat(
-            keys=[WORKERS_KEY, WORKER_SLOTS_KEY, WORKER_LOOPS_KEY],
+            keys=[WORKERS_KEY, WORKER_SLOTS_KEY, WORKER_LOOPS_KEY, WORKER_BUSY_KEY],
             args=[
                 self.worker_id,
                 worker_ttl_ms(self.settings.heartbeat_s),
                 self.max_jobs,
                 ",".join(loop.name for loop in self._loops.failing()),
+                self.job_counter,
             ],
         )
 

@@ -1,11 +1,10 @@
-"""GET /health: the API is up; says whether Redis answers, how many workers are alive, and
-whether this process's background loops run (a restarting loop makes it 503)."""
+"""Probes and metrics: `GET /health` (liveness), `GET /ready` (readiness), `GET /metrics`."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from redis.exceptions import RedisError
@@ -16,8 +15,14 @@ from shared.loops import LoopState
 router = APIRouter()
 
 
-class Health(BaseModel):
-    status: Literal["ok", "degraded"]
+class Liveness(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    reasons: list[str]
+    """Why not ready: `redis`, `no_workers`, or `loop:<name>` for a loop that is restarting."""
     redis: bool
     workers: int
     """Workers whose heartbeat is fresh."""
@@ -25,21 +30,49 @@ class Health(BaseModel):
     """This process's background loops: `running`, or `restarting` after a failure."""
 
 
+@router.get("/health")
+async def health() -> Liveness:
+    """200 while the process serves (what a liveness probe asks: restart me only if not)."""
+    return Liveness()
+
+
 @router.get(
-    "/health",
+    "/ready",
     response_model=None,
     responses={
-        200: {"model": Health, "description": "Redis answers and every loop runs"},
-        503: {"model": Health, "description": "Redis does not answer, or a loop is restarting"},
+        200: {"model": Readiness, "description": "Redis answers, a worker lives, loops run"},
+        503: {"model": Readiness, "description": "Not ready; `reasons` says why"},
     },
 )
-async def health(gateway: GatewayDep) -> JSONResponse:
+async def ready(gateway: GatewayDep) -> JSONResponse:
+    """200 when this process can serve a request: Redis answers, at least one worker is alive
+    and every background loop runs; otherwise 503 with the reasons."""
     loops = gateway.loops.states()
+    reasons = [f"loop:{name}" for name, state in loops.items() if state != "running"]
     try:
         workers = len(await gateway.queue.live_workers())
+        redis = True
     except (RedisError, OSError):
-        down = Health(status="degraded", redis=False, workers=0, loops=loops)
-        return JSONResponse(down.model_dump(), status_code=503)
-    healthy = gateway.loops.healthy
-    body = Health(status="ok" if healthy else "degraded", redis=True, workers=workers, loops=loops)
-    return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
+        workers, redis = 0, False
+        reasons.insert(0, "redis")
+    if redis and not workers:
+        reasons.append("no_workers")
+    body = Readiness(
+        status="not_ready" if reasons else "ready",
+        reasons=reasons,
+        redis=redis,
+        workers=workers,
+        loops=loops,
+    )
+    return JSONResponse(body.model_dump(), status_code=503 if reasons else 200)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+async def metrics(gateway: GatewayDep) -> Response:
+    """This process's metrics, and the deployment's queue and workers as Redis has them."""
+    body, content_type = await gateway.state.exposition()
+    return Response(body, media_type=content_type)

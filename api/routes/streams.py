@@ -10,6 +10,7 @@ from sse_starlette import EventSourceResponse
 
 from api.auth import PrincipalDep
 from api.deps import GatewayDep
+from api.metrics import CANCELS
 from api.openapi import ERRORS, EVENT_STREAM
 from shared.errors import InvalidRequest
 from shared.schema import StreamCancelled
@@ -54,4 +55,5 @@ async def cancel_stream(
 ) -> StreamCancelled:
     stream_id = bare_id(stream_id)
     await gateway.queue.cancel(stream_id, caller)
+    CANCELS.labels(gateway.settings.model_name).inc()
     return StreamCancelled(id=stream_id)

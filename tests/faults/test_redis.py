@@ -57,6 +57,6 @@ def tokens_written(r: redis.Redis) -> bool:
 
 def healthy(base_url: str) -> bool:
     try:
-        return bool(httpx.get(f"{base_url}/health", timeout=1).json().get("workers", 0) >= 1)
+        return bool(httpx.get(f"{base_url}/ready", timeout=1).json().get("workers", 0) >= 1)
     except (httpx.HTTPError, ValueError):
         return False

@@ -72,7 +72,7 @@ async def test_a_frozen_worker_woken_after_it_was_presumed_dead_cannot_change_th
 
 
 def stack_has_live_worker(stack: Stack) -> bool:
-    return bool(httpx.get(f"{stack.base_url}/health", timeout=2).json()["workers"])
+    return bool(httpx.get(f"{stack.base_url}/ready", timeout=2).json()["workers"])
 
 
 async def test_a_queued_request_whose_client_hung_up_is_withdrawn_and_never_runs(
