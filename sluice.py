@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 
 import redis
 
+from shared import tracing
 from shared.logs import configure as configure_logging
 from shared.settings import Settings
 
@@ -27,6 +28,8 @@ def serve_api(settings: Settings) -> None:
     import uvicorn
 
     from api.main import create_app
+
+    tracing.setup("sluice-api")
 
     # After its graceful shutdown uvicorn re-raises the signal that stopped it. Raised into this
     # handler, it becomes a clean exit (0), and `sluice dev` still stops its children.
@@ -46,6 +49,7 @@ def serve_api(settings: Settings) -> None:
 def serve_worker(settings: Settings) -> None:
     from worker.main import run
 
+    tracing.setup("sluice-worker")
     run(settings)
 
 

@@ -18,6 +18,7 @@ from api.jobs import JobQueue
 from api.metrics import RESUMES, DeploymentState, RequestClock, measured
 from api.readers import ReaderRegistry
 from api.relay import DONE, SEPARATOR, EventEncoder, collect, follow, sse_events
+from shared import tracing
 from shared.errors import ClientDisconnected, SluiceError, StreamNotFound
 from shared.logs import bind
 from shared.loops import LoopGroup
@@ -72,17 +73,29 @@ class Gateway:
     ) -> EventSourceResponse | JSONResponse:
         key_name = owner.name if self.settings.auth_enabled else None
         bind(job.stream_id, key_name)
-        job = job.model_copy(update={"key_name": key_name})
-        meta, use = await self.queue.submit(job, kind, include_usage, owner)
+        span = tracing.start_span(f"sluice {kind}")
+        if span is not None:
+            span.set_attribute("sluice.stream_id", job.stream_id)
+        job = job.model_copy(update={"key_name": key_name, "trace": tracing.carrier(span)})
+        try:
+            meta, use = await self.queue.submit(job, kind, include_usage, owner)
+        except BaseException as exc:
+            if span is not None:
+                span.record_exception(exc)
+                span.end()
+            raise
         log.info("queued %s", kind)
         chunks = self.chunk_encoder(job.stream_id, meta)
         headers = {STREAM_ID_HEADER: job.stream_id} | use.headers()
-        clock = RequestClock(self.settings.model_name, meta.queued_ms)
+        clock = RequestClock(self.settings.model_name, meta.queued_ms, span)
         if not stream:
-            with self.readers.reading(job.stream_id, announced=True):
-                body = await self._collect_while_connected(
-                    request, owner, job.stream_id, chunks, clock
-                )
+            try:
+                with self.readers.reading(job.stream_id, announced=True):
+                    body = await self._collect_while_connected(
+                        request, owner, job.stream_id, chunks, clock
+                    )
+            finally:
+                clock.close()
             return JSONResponse(body, headers=headers)
         return self._respond(job.stream_id, "0-0", meta, headers, clock, announced=True)
 
@@ -141,12 +154,15 @@ class Gateway:
             if seen_end:
                 yield DONE
                 return
-            with self.readers.reading(stream_id, announced=announced):
-                entries = measured(
-                    follow(self.hub, self.settings, stream_id, after), clock, self.hub.age_s
-                )
-                async for ev in sse_events(entries, encoder, self.settings, shutdown):
-                    yield ev
+            try:
+                with self.readers.reading(stream_id, announced=announced):
+                    entries = measured(
+                        follow(self.hub, self.settings, stream_id, after), clock, self.hub.age_s
+                    )
+                    async for ev in sse_events(entries, encoder, self.settings, shutdown):
+                        yield ev
+            finally:
+                clock.close()
 
         return EventSourceResponse(
             events(),

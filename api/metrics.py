@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from redis.asyncio import Redis
@@ -25,6 +26,9 @@ from shared.protocol import (
     worker_ttl_ms,
 )
 from shared.status import STATUS_KEYS, STATUS_SCRIPT, Status, status_args
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 AgeOf = Callable[[str], float]
 """How long ago Redis wrote an entry, by its id (`StreamHub.age_s`)."""
@@ -119,6 +123,8 @@ class RequestClock:
     model: str
     queued_ms: int | None
     """None for a resumed stream: only what this process relays is measured."""
+    span: Span | None = None
+    """The request's trace span, ended with it (tracing on)."""
     received: float = field(default_factory=time.monotonic)
     claimed_ms: int | None = None
     first_sent: float | None = None
@@ -156,6 +162,14 @@ class RequestClock:
     def _end(self, outcome: str, now: float) -> None:
         REQUESTS.labels(self.model, outcome).inc()
         E2E.labels(self.model).observe(now - self.received)
+        if self.span is not None:
+            self.span.set_attribute("sluice.outcome", outcome)
+
+    def close(self) -> None:
+        """The response is over (ended, or its client left)."""
+        if self.span is not None:
+            self.span.end()
+            self.span = None
 
 
 async def measured(

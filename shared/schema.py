@@ -229,6 +229,8 @@ class GenerationJob(BaseModel):
     stream_id: str
     key_name: str | None = None
     """The API key's name when authentication is on, for the worker's log lines."""
+    trace: dict[str, str] | None = None
+    """The request's trace context (W3C `traceparent`), when tracing is on."""
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     max_tokens: int

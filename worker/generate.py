@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import aclosing
+from datetime import datetime
 from typing import Any
 
+from shared import tracing
 from shared.errors import GenerationFailed, SluiceError
 from shared.logs import bind
 from shared.protocol import (
@@ -51,13 +53,23 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     job = GenerationJob.model_validate(payload)
     bind(job.stream_id, job.key_name)
     attempt = Attempt(job.stream_id, ctx["job_id"])
+    parent = tracing.parent_of(job.trace)
+    enqueued: datetime = ctx["enqueue_time"]
+    queue_span = tracing.start_span(
+        "queue", parent=parent, start_ns=int(enqueued.timestamp() * 1_000_000_000)
+    )
     claim, *claimed_ms = await ctx["claim"](
         keys=[meta_key(job.stream_id), cancel_key(job.stream_id)],
         args=[attempt.job, ctx["worker_id"]],
     )
+    if queue_span is not None:
+        queue_span.end()
     if not claim:
         log.info("job %s is no longer wanted; skipped", attempt.job)
         return
+    span = tracing.start_span("generate", parent=parent)
+    if span is not None:
+        span.set_attribute("sluice.worker", ctx["worker_id"])
     control: JobControl = ctx["control"]
     signal = control.watch(job.stream_id)
     if claim == 2:
@@ -70,6 +82,8 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         log.warning("job %s lost its stream to the supervisor; stopped", attempt.job)
     finally:
         control.release(job.stream_id)
+        if span is not None:
+            span.end()
 
 
 async def _generate(

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -168,3 +169,34 @@ async def test_sluice_status_shows_the_queue_workers_streams_and_throughput(
     assert "2 open" in screen
     assert "0 waiting, 0 running" in after
     assert "tokens/s   0.0" not in after  # the two finished streams' tokens
+
+
+def spans(trace_dir: Path) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for path in sorted(trace_dir.glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+
+
+def spans_once_generated(trace_dir: Path) -> list[dict[str, Any]]:
+    found = spans(trace_dir)
+    return found if {"queue", "generate"} <= {s["name"] for s in found} else []
+
+
+async def test_one_trace_per_request_spans_the_api_and_the_worker(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    stack = make_stack(workers=1, trace_dir=str(tmp_path))
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
+        result = await stream(client, {"prompt": "trace me", "stream": True})
+    stream_id = result.headers["x-sluice-stream-id"]
+    found = await eventually(lambda: spans_once_generated(tmp_path), "the worker's spans")
+    root = next(s for s in found if s["attributes"].get("sluice.stream_id") == stream_id)
+    children = [s for s in found if s["parent_id"] == root["context"]["span_id"]]
+
+    assert root["resource"]["attributes"]["service.name"] == "sluice-api"
+    assert root["attributes"]["sluice.outcome"] == "stop"
+    assert {s["name"] for s in children} == {"queue", "generate"}
+    assert {s["context"]["trace_id"] for s in children} == {root["context"]["trace_id"]}
+    assert {s["resource"]["attributes"]["service.name"] for s in children} == {"sluice-worker"}
