@@ -166,6 +166,10 @@ class JobQueue:
             2 * settings.queue_timeout_s + 2 * settings.job_timeout_s + settings.stream_ttl_s
         )
 
+    @property
+    def redis(self) -> ArqRedis:
+        return self._redis
+
     async def live_workers(self) -> list[str]:
         members = await self._live_workers(
             keys=[WORKERS_KEY], args=[worker_ttl_ms(self._settings.heartbeat_s)]

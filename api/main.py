@@ -20,7 +20,7 @@ from api.jobs import JobQueue
 from api.metrics import DeploymentState
 from api.openapi import SluiceAPI
 from api.readers import ReaderRegistry
-from api.routes import chat, completions, health, models, streams
+from api.routes import chat, completions, health, models, responses, streams
 from api.supervisor import Supervisor
 from shared.loops import LoopGroup
 from shared.settings import Settings
@@ -77,6 +77,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=[STREAM_ID_HEADER, "Retry-After", *RATE_LIMIT_HEADERS],
             max_age=600,
         )
-    for module in (chat, completions, models, streams, health):
+    for module in (chat, completions, models, streams, responses, health):
         app.include_router(module.router)
     return app

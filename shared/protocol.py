@@ -290,3 +290,10 @@ def entry_id_key(entry_id: str) -> tuple[int, int]:
     """Stream ids compare as (milliseconds, sequence)."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def response_key(stream_id: str) -> str:
+    """Hash: a stored response of `POST /v1/responses` (`api/responses.py`): its owner, its
+    request, the conversation so far, and, once its stream has ended, the stream's entries, so
+    that it outlives the stream. Expires `SLUICE_RESPONSE_TTL_S` after it is created."""
+    return f"{PREFIX}response:{stream_id}"

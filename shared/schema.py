@@ -394,3 +394,96 @@ class StreamCancelled(BaseModel):
     id: str
     object: Literal["stream"] = "stream"
     status: Literal["cancelled"] = "cancelled"
+
+
+# --- OpenAI's Responses API (issue 17) ---
+
+MAX_INPUT_ITEMS = MAX_MESSAGES
+
+
+class ResponseInputPart(OpenAIModel):
+    """A part of an input message's content: `input_text` (or `output_text`, as an earlier
+    answer is echoed back); any other type validates and is refused by name."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Text
+    text: Text | None = None
+
+
+class ResponseInputMessage(OpenAIModel):
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[
+        Text | Annotated[list[ResponseInputPart], _max_items(MAX_CONTENT_PARTS)],
+        _at_most(MAX_CONTENT_PARTS, "content parts"),
+    ]
+
+    def text(self, index: int) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for n, part in enumerate(self.content):
+            if part.type not in ("input_text", "output_text"):
+                raise UnsupportedParameter(
+                    f"input parts of type {part.type!r} are not supported; only 'input_text'",
+                    param=f"input[{index}].content[{n}].type",
+                )
+            texts.append(part.text or "")
+        return "".join(texts)
+
+
+class ResponsesRequest(SamplingRequest):
+    """`POST /v1/responses`: a text answer to `input`, optionally in the background."""
+
+    input: (
+        Text
+        | Annotated[list[ResponseInputMessage], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
+    )
+    instructions: Text | None = None
+    max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    metadata: Annotated[
+        dict[str, Annotated[Text, Field(max_length=512)]], Field(max_length=16)
+    ] = {}
+    store: StrictBool = True
+    stream: StrictBool = False
+    background: StrictBool = False
+    previous_response_id: Text | None = None
+    # Accepted only with the value that means "a plain text answer".
+    reasoning: dict[str, Any] | None = None
+    include: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    text: dict[str, Any] | None = None
+    truncation: Text | None = None
+    prompt: dict[str, Any] | None = None
+    conversation: Any = None
+    max_tool_calls: StrictInt | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        text_format = (self.text or {}).get("format") or {"type": "text"}
+        refusals = {
+            "reasoning": bool(self.reasoning),
+            "include": bool(self.include),
+            "tool_choice": self.tool_choice not in (None, "none", "auto"),
+            "text": not isinstance(text_format, dict) or text_format.get("type") != "text",
+            "truncation": self.truncation not in (None, "disabled"),
+            "prompt": self.prompt is not None,
+            "conversation": self.conversation is not None,
+            "max_tool_calls": self.max_tool_calls is not None,
+        }
+        refused = [param for param, no in refusals.items() if no]
+        if refused:
+            names = ", ".join(f"'{p}'" for p in refused)
+            raise UnsupportedParameter(f"sluice does not support {names}", param=refused[0])
+
+    def token_limits(self) -> dict[str, int]:
+        limits = super().token_limits()
+        if self.max_output_tokens is not None:
+            limits["max_output_tokens"] = self.max_output_tokens
+        return limits
+
+    def input_messages(self) -> list[ResponseInputMessage]:
+        if isinstance(self.input, str):
+            return [ResponseInputMessage(role="user", content=self.input)]
+        return self.input

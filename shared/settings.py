@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(60.0, gt=0)
     job_timeout_s: float = Field(600.0, gt=0)
     stream_ttl_s: int = Field(600, ge=1)
+    response_ttl_s: int = Field(86_400, ge=1)
+    """How long a stored response (`POST /v1/responses`) can be retrieved, replayed and
+    continued with `previous_response_id` (a day)."""
     stream_maxlen: int = Field(10_000, ge=100)
     ping_s: float = Field(15.0, gt=0)
     resume_grace_s: float = Field(5.0, ge=0)

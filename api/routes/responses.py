@@ -1,0 +1,216 @@
+"""OpenAI's Responses API: `POST /v1/responses` (in the background or not), retrieve and
+resume (`?stream=true&starting_after=N`) from any API process, cancel, delete.
+
+A response is a sluice stream (`resp_<stream id>`); see api/responses.py for its events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.auth import Principal, PrincipalDep
+from api.gateway import SSE_HEADERS, STREAM_ID_HEADER
+from api.openapi import ERRORS, EVENT_STREAM, json_body
+from api.relay import SEPARATOR, Waiting, comment, follow
+from api.requests import build_job, check_text, parse, read_json_object
+from api.responses import (
+    Event,
+    ResponseEvents,
+    ResponseRecord,
+    ResponseStore,
+    error_event,
+    response_id,
+    stream_id_of,
+)
+from shared.errors import GenerationFailed, InvalidRequest, SluiceError
+from shared.logs import bind
+from shared.protocol import Entry
+from shared.schema import ResponsesRequest
+
+RESPONSE_OBJECT = {"schema": {"type": "object", "description": "OpenAI's `Response` object"}}
+ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The response object; with `stream: true`, its events (`event:` and "
+        "`data:` lines, each with a `sequence_number`)",
+        "content": {"application/json": RESPONSE_OBJECT, "text/event-stream": EVENT_STREAM},
+    }
+}
+
+router = APIRouter(responses=ERRORS)
+log = logging.getLogger("sluice.api")
+
+
+async def get_store(request: Request) -> ResponseStore:
+    store: ResponseStore | None = getattr(request.app.state, "responses", None)
+    if store is None:
+        store = request.app.state.responses = ResponseStore(request.app.state.gateway)
+    return store
+
+
+StoreDep = Annotated[ResponseStore, Depends(get_store)]
+
+
+@router.post(
+    "/v1/responses",
+    response_model=None,
+    openapi_extra=json_body(ResponsesRequest),
+    responses=ANSWERS,
+)
+async def create_response(
+    request: Request, store: StoreDep, caller: PrincipalDep
+) -> EventSourceResponse | JSONResponse:
+    gateway = store.gateway
+    settings = gateway.settings
+    req = parse(ResponsesRequest, await read_json_object(request))
+    if req.background and not req.store:
+        raise InvalidRequest("'background' needs 'store': true", param="store")
+    history: list[dict[str, str]] = []
+    if req.previous_response_id is not None:
+        previous = await store.current(req.previous_response_id, caller)
+        if previous.status not in ("completed", "incomplete"):
+            raise InvalidRequest(
+                f"response {req.previous_response_id!r} is {previous.status}; only a finished "
+                "response can be continued",
+                param="previous_response_id",
+            )
+        history = [
+            *previous.record.messages,
+            {"role": "assistant", "content": previous.output_text},
+        ]
+    conversation = history + [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+        for i, m in enumerate(req.input_messages())
+    ]
+    check_text("".join(m["content"] for m in conversation), "input", settings)
+    instructions = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    job = build_job(
+        req, settings, default_max_tokens=settings.max_tokens, messages=instructions + conversation
+    )
+    key_name = caller.name if settings.auth_enabled else None
+    bind(job.stream_id, key_name)
+    job = job.model_copy(update={"key_name": key_name})
+    meta, use = await gateway.queue.submit(job, "chat.completion.chunk", False, caller)
+    record = ResponseRecord(
+        id=response_id(job.stream_id),
+        owner=caller.name,
+        created_at=meta.created,
+        model=settings.model_name,
+        background=req.background,
+        store=req.store,
+        instructions=req.instructions,
+        max_output_tokens=req.max_output_tokens,
+        temperature=job.temperature,
+        top_p=job.top_p,
+        metadata=req.metadata,
+        previous_response_id=req.previous_response_id,
+        messages=conversation,
+    )
+    if req.store:
+        await store.save(record)
+    headers = {STREAM_ID_HEADER: job.stream_id} | use.headers()
+    if req.stream:
+        return _stream(store, record, None, caller, after=-1, headers=headers, announced=True)
+    state = ResponseEvents(record)
+    state.opening()
+    if not req.background:
+        with gateway.readers.reading(job.stream_id, announced=True):
+            async for batch in follow(gateway.hub, settings, job.stream_id):
+                if not isinstance(batch, Waiting):
+                    for _, entry in batch:
+                        state.feed(entry)
+    return JSONResponse(state.response(), headers=headers)
+
+
+@router.get("/v1/responses/{response_id}", response_model=None, responses=ANSWERS)
+async def retrieve_response(
+    response_id: str,
+    store: StoreDep,
+    caller: PrincipalDep,
+    stream: Annotated[bool, Query()] = False,
+    starting_after: Annotated[int | None, Query(ge=-1)] = None,
+) -> EventSourceResponse | JSONResponse:
+    """The stored response; with `stream=true`, its events after `starting_after`, then live
+    ones until its last (a finished, failed or cancelled one replays and closes)."""
+    if not stream:
+        return JSONResponse((await store.current(response_id, caller)).response())
+    record, stored = await store.find(response_id, caller)
+    after = -1 if starting_after is None else starting_after
+    headers = {STREAM_ID_HEADER: stream_id_of(record.id)}
+    return _stream(store, record, stored, caller, after=after, headers=headers)
+
+
+@router.post("/v1/responses/{response_id}/cancel", response_model=None, responses=ANSWERS)
+async def cancel_response(response_id: str, store: StoreDep, caller: PrincipalDep) -> JSONResponse:
+    """Stops a response's generation; cancelling a finished one answers it as it is."""
+    return JSONResponse((await store.cancel(response_id, caller)).response())
+
+
+@router.delete("/v1/responses/{response_id}", response_model=None, responses=ANSWERS)
+async def delete_response(response_id: str, store: StoreDep, caller: PrincipalDep) -> JSONResponse:
+    await store.delete(response_id, caller)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+def _stream(
+    store: ResponseStore,
+    record: ResponseRecord,
+    stored: list[Entry] | None,
+    caller: Principal,
+    *,
+    after: int,
+    headers: dict[str, str],
+    announced: bool = False,
+) -> EventSourceResponse:
+    """The events with a `sequence_number` above `after`. A foreground response's readers
+    keep it running, as a chat stream's do; a background one runs whoever reads it."""
+    gateway = store.gateway
+    stream_id = stream_id_of(record.id)
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        loop = asyncio.get_running_loop()
+        last_sent = loop.time()
+        sequence = after
+        reading = (
+            contextlib.nullcontext()
+            if record.background
+            else gateway.readers.reading(stream_id, announced=announced)
+        )
+        try:
+            with reading:
+                async for event in store.events(record, stored, caller):
+                    if not event:
+                        if loop.time() - last_sent >= gateway.settings.ping_s:
+                            last_sent = loop.time()
+                            yield comment("generating")
+                        continue
+                    if event["sequence_number"] <= after:
+                        continue
+                    last_sent = loop.time()
+                    sequence = event["sequence_number"]
+                    yield _sse(event)
+        except SluiceError as exc:
+            yield _sse(error_event(sequence + 1, exc.body()))
+        except Exception:
+            log.exception("relay of response %s failed", record.id)
+            error = GenerationFailed("the relay failed")
+            yield _sse(error_event(sequence + 1, error.body()))
+
+    return EventSourceResponse(events(), headers=SSE_HEADERS | headers, ping=0, sep=SEPARATOR)
+
+
+def _sse(event: Event) -> ServerSentEvent:
+    return ServerSentEvent(
+        data=json.dumps(event, ensure_ascii=False, separators=(",", ":")),
+        event=event["type"],
+        id=str(event["sequence_number"]),
+        sep=SEPARATOR,
+    )
