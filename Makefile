@@ -38,7 +38,7 @@ test: lint
 	$(BIN)/coverage report
 
 # Each writes bench/results/<name>.json (and .png) and prints its table; see README, Benchmarks.
-BENCHES := seed_acceptance peers overhead concurrency scaling batching
+BENCHES := seed_acceptance peers overhead concurrency scaling
 
 bench: install
 	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done
