@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: install run test lint fmt bench clean
+.PHONY: install llama-server run test lint fmt bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml deploy/llama-wheel.sh | $(BIN)/python
 
 install: $(STAMP)
 
+# llama.cpp's own server: the benchmark's anchor and the tests' real upstream engine
+# (deploy/llama-server.sh builds it once, about 8 minutes on 2 cores, and caches it like the wheel).
+llama-server: install
+	PYTHON=$(BIN)/python bash deploy/llama-server.sh >/dev/null
+
 run: install
 	$(BIN)/sluice dev
 
@@ -31,14 +36,14 @@ fmt: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+test: lint llama-server
 	rm -f .coverage .coverage.*
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage combine --quiet
 	$(BIN)/coverage report
 
 # Each writes bench/results/<name>.json (and .png) and prints its table; see README, Benchmarks.
-BENCHES := seed_acceptance peers overhead concurrency scaling
+BENCHES := seed_acceptance peers overhead concurrency scaling batching
 
 bench: install
 	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done

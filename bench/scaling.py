@@ -1,7 +1,7 @@
 """More workers, more throughput: the queue spreads jobs over 1, 2 and 4 worker processes.
 
-Each worker serves one job at a time (as a llama worker does) at 100 tokens/s from the
-synthetic backend; 16 requests of 40 tokens are sent at once.
+Each worker serves one job at a time (as a backend that does not batch would) at 100 tokens/s
+from the synthetic backend; 16 requests of 40 tokens are sent at once.
 
     python -m bench.scaling [--workers 1,2,4]
 """

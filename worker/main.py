@@ -67,7 +67,11 @@ return #dead
 def default_max_jobs(settings: Settings) -> int:
     if settings.worker_max_jobs is not None:
         return settings.worker_max_jobs
-    return 1 if settings.backend == "llama" else 512
+    if settings.backend == "llama":
+        from worker.backends.llama import DEFAULT_SEQUENCES  # llama.cpp loads only for llama
+
+        return DEFAULT_SEQUENCES  # its jobs are decoded together, one sequence each
+    return 512
 
 
 class SluiceWorker(ClaimingWorker):

@@ -1,19 +1,21 @@
-"""The real model: llama.cpp through llama-cpp-python, on a GGUF with its own chat template.
+"""The real model: llama.cpp through llama-cpp-python's C bindings, on a GGUF with its own chat
+template. A worker serves up to `SLUICE_WORKER_MAX_JOBS` jobs at once, decoded together (issue 14).
 
-llama.cpp is synchronous, so each generation runs in a thread and hands token bytes to the
-event loop; the worker's loop stays free for Redis writes and heartbeats.
+One context holds one sequence per job (`n_seq_max`), each with `SLUICE_N_CTX` cells of its own
+KV cache; one thread steps them all (worker/backends/batcher.py says how). Here: the model, the
+prompt (chat template, tokens), and each job's tokens handed to the event loop as they come, so
+the worker's loop stays free for Redis writes and heartbeats.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncGenerator, Callable
+import ctypes
+import logging
+from collections.abc import AsyncGenerator
 from typing import cast
 
 import llama_cpp
-import numpy as np
-import numpy.typing as npt
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_types import ChatCompletionRequestMessage
 
@@ -21,48 +23,79 @@ from shared.errors import InvalidRequest
 from shared.schema import GenerationJob
 from shared.settings import Settings
 from worker.backends import BackendError, Generation
+from worker.backends.batcher import DONE, Batcher, Sampling, Sequence
 
-_DONE = object()
 _MARK = "\ue000"
 """Marks each content's placeholder in the rendered template (a private-use character). The
 contents themselves are never in the rendered text, so one holding it changes nothing."""
+DEFAULT_SEQUENCES = 8
+"""Jobs one worker decodes together unless SLUICE_WORKER_MAX_JOBS says otherwise (README,
+Benchmarks: where aggregate tokens/s levels off on 2 cores while each stream stays readable)."""
 
 
 class LlamaBackend:
-    max_concurrency = 1  # one llama context decodes one sequence at a time
-
     def __init__(self, settings: Settings) -> None:
         assert settings.gguf_path is not None
-        self._llm = llama_cpp.Llama(
-            model_path=str(settings.gguf_path),
-            n_ctx=settings.n_ctx,
-            n_threads=settings.n_threads,
-            n_threads_batch=settings.n_threads,
-            verbose=False,
-        )
+        max_jobs = settings.worker_max_jobs or DEFAULT_SEQUENCES
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
+        llama_cpp.llama_backend_init()
+        self.max_concurrency = max_jobs
+        self.model = settings.model_name  # SLUICE_SERVED_MODEL_NAME, else the GGUF's name
+        self.n_ctx: int | None = settings.n_ctx
+        self.available = True
         self._repeat_penalty = settings.repeat_penalty
-        self._vocab = self._llm._model.vocab
-        template = self._llm.metadata.get("tokenizer.chat_template")
+        model = llama_cpp.llama_model_load_from_file(
+            str(settings.gguf_path).encode(), llama_cpp.llama_model_default_params()
+        )
+        if not model:
+            raise BackendError(f"llama.cpp could not load {settings.gguf_path}")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        params = llama_cpp.llama_context_default_params()
+        params.n_seq_max = max_jobs
+        params.n_ctx = settings.n_ctx * max_jobs  # split evenly: SLUICE_N_CTX cells each
+        params.n_batch = params.n_ubatch = max(settings.n_batch, max_jobs)
+        params.n_threads = params.n_threads_batch = settings.n_threads
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, params)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise BackendError("llama.cpp could not create a context")
+        self._ctx = ctx
+        self._n_ctx_seq = llama_cpp.llama_n_ctx_seq(ctx)
+        template = llama_cpp.llama_model_chat_template(model, None)
         if not template:
+            self.close()
             raise BackendError(f"{settings.gguf_path} has no chat template")
         self._formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=self._token_text(self._llm.token_eos()),
-            bos_token=self._token_text(self._llm.token_bos()),
+            template=template.decode(),
+            eos_token=self._token_text(llama_cpp.llama_vocab_eos(self._vocab)),
+            bos_token=self._token_text(llama_cpp.llama_vocab_bos(self._vocab)),
         )
-        self._eog_ids = [
-            t for t in range(self._llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
-        ]
-        self._lock = asyncio.Lock()
+        self._batcher = Batcher(ctx, self._vocab, max_jobs, params.n_batch)
 
     def _token_text(self, token: int) -> str:
-        return self._llm.detokenize([token], special=True).decode(errors="ignore")
+        buffer = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+        return buffer.raw[: max(n, 0)].decode(errors="ignore")
+
+    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode()
+        size = len(data) + 2
+        while True:
+            tokens = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), tokens, size, add_special, parse_special
+            )
+            if n >= 0:
+                return list(tokens[:n])
+            size = -n
 
     def _prompt_tokens(self, job: GenerationJob) -> list[int]:
         if job.messages is not None:
             return self._chat_tokens(job.messages)
         assert job.prompt is not None
-        return self._llm.tokenize(job.prompt.encode(), add_bos=True, special=False)
+        return self._tokenize(job.prompt, add_special=True, parse_special=False)
 
     def _chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat template's tokens, where only the template's own markers are special.
@@ -81,96 +114,52 @@ class LlamaBackend:
         ).prompt
         tokens: list[int] = []
         for n, piece in enumerate(rendered.split(_MARK)):
-            special = n % 2 == 0  # the template's own text; odd pieces name a content
-            text = piece if special else messages[int(piece)]["content"]
-            tokens += self._llm.tokenize(text.encode(), add_bos=False, special=special)
+            if n % 2 == 0:  # the template's own text
+                tokens += self._tokenize(piece, add_special=False, parse_special=True)
+            else:
+                content = messages[int(piece)]["content"]
+                tokens += self._tokenize(content, add_special=False, parse_special=False)
         return tokens
 
     async def start(self, job: GenerationJob) -> Generation:
         tokens = self._prompt_tokens(job)
-        room = self._llm.n_ctx() - len(tokens)
+        room = self._n_ctx_seq - len(tokens)
         if room < 1:
             raise InvalidRequest(
-                f"the prompt is {len(tokens)} tokens; this model's context is {self._llm.n_ctx()}",
+                f"the prompt is {len(tokens)} tokens; this model's context is {self._n_ctx_seq}",
                 param="messages" if job.messages is not None else "prompt",
             )
-        return Generation(len(tokens), self._run(tokens, job, max_new=min(room, job.max_tokens)))
+        sampling = Sampling(
+            temperature=job.temperature,
+            top_p=job.top_p,
+            seed=job.seed,
+            repeat_penalty=self._repeat_penalty,
+            presence_penalty=job.presence_penalty,
+            frequency_penalty=job.frequency_penalty,
+            min_tokens=job.min_tokens,
+        )
+        return Generation(len(tokens), self._pieces(tokens, min(room, job.max_tokens), sampling))
 
-    async def _run(
-        self, tokens: list[int], job: GenerationJob, max_new: int
+    async def _pieces(
+        self, tokens: list[int], max_new: int, sampling: Sampling
     ) -> AsyncGenerator[bytes, None]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        halt = threading.Event()
-
-        def emit(item: object) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        async with self._lock:
-            thread = threading.Thread(
-                target=self._decode, args=(tokens, job, max_new, halt, emit), daemon=True
-            )
-            thread.start()
-            try:
-                while (item := await queue.get()) is not _DONE:
-                    if isinstance(item, BaseException):
-                        raise BackendError(f"llama.cpp failed: {item}") from item
-                    assert isinstance(item, bytes)
-                    yield item
-            finally:
-                halt.set()
-                await asyncio.to_thread(thread.join)
-
-    def _decode(
-        self,
-        tokens: list[int],
-        job: GenerationJob,
-        max_new: int,
-        halt: threading.Event,
-        emit: Callable[[object], None],
-    ) -> None:
+        # Submitted on the first read, not in start(): a job that fails before reading (its
+        # stream was taken over, Redis went away) never occupies a sequence.
+        seq = Sequence(tokens, max_new, sampling, asyncio.get_running_loop())
+        self._batcher.submit(seq)
         try:
-            self._llm.set_seed(job.seed if job.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
-            if job.seed is not None:
-                # Reusing a cached prompt prefix evaluates the rest in a different batch shape,
-                # which moves the logits a little: enough to change sampled text. A seeded
-                # request evaluates its whole prompt, so the same seed gives the same text.
-                self._llm.reset()  # type: ignore[no-untyped-call]  # untyped in llama-cpp-python
-            for produced, token in enumerate(
-                self._llm.generate(
-                    tokens,
-                    temp=job.temperature,
-                    top_p=job.top_p,
-                    repeat_penalty=self._repeat_penalty,
-                    presence_penalty=job.presence_penalty,
-                    frequency_penalty=job.frequency_penalty,
-                    logits_processor=self._min_tokens(job.min_tokens, len(tokens)),
-                ),
-                start=1,
-            ):
-                if halt.is_set() or token in self._eog_ids:
-                    break
-                emit(self._llm.detokenize([token]))
-                if produced >= max_new:
-                    break
-        except Exception as exc:  # handed to the event loop, raised there as BackendError
-            emit(exc)
-        emit(_DONE)
-
-    def _min_tokens(self, min_tokens: int, prompt_len: int) -> llama_cpp.LogitsProcessorList | None:
-        """No end-of-generation token before `min_tokens` tokens (vLLM's `min_tokens`)."""
-        if min_tokens <= 0:
-            return None
-        eog = self._eog_ids
-
-        def suppress_eog(
-            input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
-        ) -> npt.NDArray[np.single]:
-            if len(input_ids) - prompt_len < min_tokens:
-                scores[eog] = -np.inf
-            return scores
-
-        return llama_cpp.LogitsProcessorList([suppress_eog])
+            while (item := await seq.queue.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise BackendError(f"llama.cpp failed: {item}") from item
+                assert isinstance(item, bytes)
+                yield item
+        finally:
+            # Finished, cancelled, stopped by a stop string or max_tokens, or the job was
+            # cancelled: the sequence leaves before the next decode step and frees its cells.
+            self._batcher.cancel(seq)
 
     def close(self) -> None:
-        self._llm.close()
+        if hasattr(self, "_batcher"):
+            self._batcher.close()
+        llama_cpp.llama_free(self._ctx)
+        llama_cpp.llama_model_free(self._model)

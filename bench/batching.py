@@ -1,0 +1,365 @@
+"""Continuous batching on the real model, side by side at 1 to 16 concurrent streams (issue 14):
+
+  sluice             `sluice api` + one `sluice worker` with SLUICE_WORKER_MAX_JOBS = N
+  llama-server       llama.cpp's own server, `-np N -c <N * SLUICE_N_CTX>`, built from the
+                     llama.cpp inside the llama-cpp-python sdist we pin (deploy/llama-server.sh)
+  llama-cpp-python   its own OpenAI server (`python -m llama_cpp.server`, as bench/peers.py)
+
+Same GGUF, same threads, greedy, repeat penalty 1.1, max_tokens 128. Every request has a prompt
+of its own (a request number first, then a topic), so no server answers from a cached prompt
+beyond the chat template's shared head. At each level sluice and llama-server are started with
+N sequences; then the three take turns, `--rounds` times, in alternating order. Per system and
+level (the median round by aggregate tokens/s): streams completed, aggregate tokens/s (every
+stream's tokens over the time from the first request to the last end), per-stream tokens/s p50
+(first token to last), time to first token p50/p95, and the server's RSS. Then, on sluice:
+whether a greedy answer is the same alone and inside a batch of 8.
+
+    python -m bench.batching [--levels 1,2,4,8,16] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import psutil
+
+from bench.common import (
+    ROOT,
+    Timing,
+    median,
+    pct,
+    progress,
+    pyplot,
+    redis_server,
+    save,
+    sluice_stack,
+    table,
+    timed_stream,
+)
+from bench.peers import peer_server
+from shared.settings import Settings
+from tests.procs import Proc, free_port, wait_until
+
+MAX_TOKENS = 128
+SYSTEMS = ["sluice", "llama-server", "llama-cpp-python"]
+TOPICS = [
+    "the ocean",
+    "volcanoes",
+    "the Roman empire",
+    "photosynthesis",
+    "jazz music",
+    "chess",
+    "honey bees",
+    "the moon",
+    "bicycles",
+    "coffee",
+    "glaciers",
+    "the printing press",
+    "electric cars",
+    "penguins",
+    "tea",
+    "rainbows",
+]
+_request_ids = itertools.count(1)
+
+
+def request(topic: str, unique: bool = True) -> dict[str, Any]:
+    prefix = f"Request {next(_request_ids)}. " if unique else ""
+    return {
+        "messages": [{"role": "user", "content": f"{prefix}Write a long essay about {topic}."}],
+        "stream": True,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "repeat_penalty": 1.1,  # sluice's SLUICE_REPEAT_PENALTY and llama_cpp.server's default
+        "stream_options": {"include_usage": True},
+    }
+
+
+def llama_server_binary() -> str:
+    """deploy/llama-server.sh's cached build (it builds one, minutes, the first time)."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "llama-server.sh")],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def llama_server(binary: str, settings: Settings, sequences: int) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    threads = str(settings.n_threads)
+    server = Proc(
+        "bench-llama-server",
+        [
+            binary,
+            *("--model", str(settings.gguf_path)),
+            *("--parallel", str(sequences), "--ctx-size", str(settings.n_ctx * sequences)),
+            *("--threads", threads, "--threads-batch", threads),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ],
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: healthy(f"{url}/health"), 120, "llama-server")
+        yield url, server.pid
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class Target:
+    system: str
+    url: str
+    pid: int
+    """The process that holds the model (sluice: its worker), for its RSS."""
+
+
+def tokens_of(timing: Timing) -> int:
+    return timing.completion_tokens or timing.content_events
+
+
+async def level(target: Target, n: int) -> dict[str, Any]:
+    """N streams at once, each with a client of its own (see bench/concurrency.py)."""
+
+    tls = ssl.create_default_context()  # one for all: making one per client costs 20+ ms of CPU
+
+    async def stream(i: int) -> Timing:
+        async with httpx.AsyncClient(base_url=target.url, timeout=900, verify=tls) as client:
+            return await timed_stream(client, "/v1/chat/completions", request(TOPICS[i]))
+
+    start = time.perf_counter()
+    timings: list[Timing] = await asyncio.gather(*(stream(i) for i in range(n)))
+    wall = time.perf_counter() - start
+    ok = [t for t in timings if t.ok and tokens_of(t) > 0]
+    ttft = [t.ttft_s * 1000 for t in ok]
+    return {
+        "system": target.system,
+        "streams": n,
+        "completed": len(ok),
+        "aggregate_tokens_per_s": sum(tokens_of(t) for t in ok) / wall,
+        "per_stream_tokens_per_s_p50": median([t.tokens_per_s for t in ok]),
+        "ttft_p50_ms": median(ttft),
+        "ttft_p95_ms": pct(ttft, 95),
+        "tokens_p50": median([tokens_of(t) for t in ok]),
+        "wall_s": wall,
+        "first_error": next((t.error or "ended before [DONE]" for t in timings if not t.ok), ""),
+    }
+
+
+async def warm_up(targets: list[Target]) -> None:
+    async with httpx.AsyncClient(timeout=300) as client:
+        for target in targets:
+            await timed_stream(client, f"{target.url}/v1/chat/completions", request("warm-up"))
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+async def answers(url: str, topics: list[str]) -> tuple[list[str], list[str]]:
+    """Each topic's greedy answer alone (one at a time), then all of them at once."""
+
+    async def one(topic: str) -> str:
+        async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+            body = {**request(topic, unique=False), "stream": False}
+            response = await client.post("/v1/chat/completions", json=body)
+            text: str = response.json()["choices"][0]["message"]["content"]
+            return text
+
+    alone = [await one(t) for t in topics]
+    together = await asyncio.gather(*(one(t) for t in topics))
+    return alone, list(together)
+
+
+def common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def identity(alone: list[str], together: list[str]) -> dict[str, Any]:
+    """How far each batched answer agrees with the same prompt's answer alone."""
+    agree = [common_prefix(a, b) for a, b in zip(alone, together, strict=True)]
+    return {
+        "answers": len(alone),
+        "identical": sum(a == b for a, b in zip(alone, together, strict=True)),
+        "chars_alone": [len(a) for a in alone],
+        "common_prefix_chars": agree,
+    }
+
+
+def sweep(levels: list[int], rounds: int) -> dict[str, Any]:
+    settings = Settings(backend="llama")
+    binary = llama_server_binary()
+    rows: list[dict[str, Any]] = []
+    ratios: dict[int, dict[str, float]] = {}
+    checks: dict[str, Any] = {}
+    done, total = 0, len(levels) * rounds * len(SYSTEMS)
+    with ExitStack() as run:
+        redis = run.enter_context(redis_server())
+        peer_url = run.enter_context(peer_server(settings))
+        peer_pid = next(
+            p.pid
+            for p in psutil.Process().children()
+            if "llama_cpp.server" in " ".join(p.cmdline())
+        )
+        peer = Target("llama-cpp-python", peer_url, peer_pid)
+        asyncio.run(warm_up([peer]))
+        for db, n in enumerate(levels, start=1):
+            with ExitStack() as servers:
+                stack = servers.enter_context(
+                    sluice_stack(
+                        redis, 1, db=db, backend="llama", worker_max_jobs=str(n), access_log="false"
+                    )
+                )
+                anchor_url, anchor_pid = servers.enter_context(llama_server(binary, settings, n))
+                targets = [
+                    Target("sluice", stack.base_url, stack.workers[0].pid),
+                    Target("llama-server", anchor_url, anchor_pid),
+                    peer,
+                ]
+                asyncio.run(warm_up(targets[:2]))
+                runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+                for r in range(rounds):
+                    for target in targets if r % 2 == 0 else targets[::-1]:
+                        row = asyncio.run(level(target, n))
+                        runs[target.system].append({**row, "round": r})
+                        done += 1
+                        progress(done, total, f"batching {n} streams")
+                for target in targets:
+                    mine = sorted(runs[target.system], key=lambda x: x["aggregate_tokens_per_s"])
+                    rows.append(
+                        {**mine[len(mine) // 2], "rss_mb": rss_mb(target.pid), "rounds": mine}
+                    )
+                by_round = [
+                    {row["system"]: row for row in (runs[s][r] for s in SYSTEMS)}
+                    for r in range(rounds)
+                ]
+                ratios[n] = {
+                    "aggregate_sluice_over_llama_server": median(
+                        [
+                            x["sluice"]["aggregate_tokens_per_s"]
+                            / x["llama-server"]["aggregate_tokens_per_s"]
+                            for x in by_round
+                        ]
+                    ),
+                    "per_stream_sluice_over_llama_cpp_python": median(
+                        [
+                            x["sluice"]["per_stream_tokens_per_s_p50"]
+                            / x["llama-cpp-python"]["per_stream_tokens_per_s_p50"]
+                            for x in by_round
+                        ]
+                    ),
+                }
+                if n == 8:
+                    for target in targets[:2]:
+                        checks[target.system] = identity(
+                            *asyncio.run(answers(target.url, TOPICS[:8]))
+                        )
+    return {"rows": rows, "ratios": ratios, "greedy_alone_vs_batch_of_8": checks}
+
+
+def goals(result: dict[str, Any]) -> dict[str, bool]:
+    """The issue's goals, where the sweep has the levels they name."""
+    by = {(r["system"], r["streams"]): r for r in result["rows"]}
+    out: dict[str, bool] = {}
+    if ("sluice", 8) in by:
+        sluice, anchor = by["sluice", 8], by["llama-server", 8]
+        out["8_streams_aggregate_at_least_llama_server"] = (
+            result["ratios"][8]["aggregate_sluice_over_llama_server"] >= 1.0
+        )
+        out["8_streams_ttft_p50_within_1.5x_llama_server_plus_200ms"] = (
+            sluice["ttft_p50_ms"] <= 1.5 * anchor["ttft_p50_ms"] + 200
+        )
+        out["8_streams_all_complete"] = sluice["completed"] == 8
+    if ("sluice", 1) in by:
+        out["1_stream_decode_at_least_0.95x_llama_cpp_python"] = (
+            result["ratios"][1]["per_stream_sluice_over_llama_cpp_python"] >= 0.95
+        )
+    return out
+
+
+def plot(rows: list[dict[str, Any]]) -> Any:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = [
+        ("aggregate_tokens_per_s", "aggregate tokens/s"),
+        ("per_stream_tokens_per_s_p50", "per-stream tokens/s (p50, completed streams)"),
+        ("ttft_p50_ms", "time to first token, p50 (ms)"),
+    ]
+    for system, style in zip(SYSTEMS, ("o-", "s--", "^:"), strict=True):
+        mine = [r for r in rows if r["system"] == system]
+        x = [r["streams"] for r in mine]
+        dropped = any(r["completed"] < r["streams"] for r in mine)
+        label = f"{system} (drops streams)" if dropped else system
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            ax.plot(x, [r[key] for r in mine], style, label=label)
+    levels = sorted({r["streams"] for r in rows})
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(n) for n in levels])
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        if key == "ttft_p50_ms":
+            ax.set_yscale("log")
+        ax.legend(fontsize="small")
+    fig.suptitle(
+        f"SmolLM2-135M Q4_1, {os.cpu_count()} cores, greedy, max_tokens {MAX_TOKENS}; "
+        "sluice and llama-server with one sequence per stream",
+        y=1.03,
+    )
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", default="1,2,4,8,16")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    result = sweep([int(n) for n in args.levels.split(",")], args.rounds)
+    result["goals"] = goals(result)
+    save(
+        "batching",
+        {"rounds": args.rounds, "max_tokens": MAX_TOKENS, **result},
+        plot(result["rows"]),
+    )
+    columns = [
+        "system",
+        "streams",
+        "completed",
+        "aggregate_tokens_per_s",
+        "per_stream_tokens_per_s_p50",
+        "ttft_p50_ms",
+        "ttft_p95_ms",
+        "tokens_p50",
+        "rss_mb",
+    ]
+    print(table(result["rows"], columns))
+    print(result["ratios"])
+    print(result["greedy_alone_vs_batch_of_8"])
+    print(result["goals"])
+
+
+if __name__ == "__main__":
+    main()
