@@ -136,7 +136,8 @@ def keys_command(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def status_command(settings: Settings) -> None:
-    """`sluice status`: the queue, workers, open streams and throughput, as Redis has them."""
+    """`sluice status`: open streams, throughput, and each model's queue and workers, as Redis
+    has them."""
     from shared.protocol import worker_ttl_ms
     from shared.status import STATUS_KEYS, STATUS_SCRIPT, Status, status_args
 
@@ -146,7 +147,7 @@ def status_command(settings: Settings) -> None:
             reply = client.eval(STATUS_SCRIPT, len(STATUS_KEYS), *STATUS_KEYS, *args)
     except (redis.RedisError, OSError) as exc:
         sys.exit(f"sluice status: Redis is unavailable: {exc}")
-    print(Status.from_reply(reply).render(settings.model_name))
+    print(Status.from_reply(reply).render())
 
 
 def _when(unix_s: int | None) -> str:

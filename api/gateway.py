@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.auth import Principal
+from api.catalog import ModelCatalog, ServedModel
 from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.metrics import RESUMES, DeploymentState, RequestClock, measured
@@ -23,7 +24,7 @@ from shared.errors import ClientDisconnected, SluiceError, StreamNotFound
 from shared.logs import bind
 from shared.loops import LoopGroup
 from shared.protocol import StreamKind, StreamMeta
-from shared.schema import ChunkEncoder, GenerationJob
+from shared.schema import ChunkEncoder, GenerationJob, SamplingRequest
 from shared.settings import Settings
 
 log = logging.getLogger("sluice.api")
@@ -44,20 +45,26 @@ class Gateway:
         readers: ReaderRegistry,
         loops: LoopGroup,
         state: DeploymentState,
+        models: ModelCatalog,
     ) -> None:
         self.settings = settings
         self.queue = queue
+        self.models = models
         self.hub = hub
         self.readers = readers
         self.loops = loops
         """The process's background loops, for health checks."""
         self.state = state
 
+    async def route(self, request: SamplingRequest) -> ServedModel:
+        """The model `request` goes to (see `ModelCatalog.route`)."""
+        return await self.models.route(request.model)
+
     def chunk_encoder(self, stream_id: str, meta: StreamMeta) -> ChunkEncoder:
         return ChunkEncoder(
             id=ID_PREFIX[meta.kind] + stream_id,
             created=meta.created,
-            model=self.settings.model_name,
+            model=meta.model,
             object=meta.kind,
         )
 
@@ -68,6 +75,7 @@ class Gateway:
         job: GenerationJob,
         kind: StreamKind,
         *,
+        model: str,
         stream: bool,
         include_usage: bool,
     ) -> EventSourceResponse | JSONResponse:
@@ -78,7 +86,7 @@ class Gateway:
             span.set_attribute("sluice.stream_id", job.stream_id)
         job = job.model_copy(update={"key_name": key_name, "trace": tracing.carrier(span)})
         try:
-            meta, use = await self.queue.submit(job, kind, include_usage, owner)
+            meta, use = await self.queue.submit(job, kind, include_usage, owner, model)
         except BaseException as exc:
             if span is not None:
                 span.record_exception(exc)
@@ -87,7 +95,7 @@ class Gateway:
         log.info("queued %s", kind)
         chunks = self.chunk_encoder(job.stream_id, meta)
         headers = {STREAM_ID_HEADER: job.stream_id} | use.headers()
-        clock = RequestClock(self.settings.model_name, meta.queued_ms, span)
+        clock = RequestClock(model, meta.queued_ms, span)
         if not stream:
             try:
                 with self.readers.reading(job.stream_id, announced=True):
@@ -132,8 +140,8 @@ class Gateway:
         # A client that has seen the end already gets nothing more but [DONE].
         seen_end = await self.queue.ended_by(stream_id, after)
         headers = {STREAM_ID_HEADER: stream_id}
-        RESUMES.labels(self.settings.model_name).inc()
-        clock = RequestClock(self.settings.model_name, queued_ms=None)
+        RESUMES.labels(meta.model).inc()
+        clock = RequestClock(meta.model, queued_ms=None)
         return self._respond(stream_id, after, meta, headers, clock, seen_end=seen_end)
 
     def _respond(

@@ -8,6 +8,7 @@ import hmac
 from arq.connections import ArqRedis
 
 from api.auth import KeyUse, Principal, rate_limited
+from api.catalog import no_such_model
 from shared.arq_internals import in_progress_key, job_key, job_record
 from shared.errors import (
     Cancelled,
@@ -26,11 +27,10 @@ from shared.protocol import (
     KEY_REQUESTS_PREFIX,
     KEY_STREAMS_PREFIX,
     KEY_TOKENS_PREFIX,
-    QUEUE_NAME,
+    MODELS_KEY,
     READERS_KEY,
     REDIS_NOW_LUA,
     TERMINAL,
-    WAKE_CHANNEL,
     WINDOW_LUA,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
@@ -43,7 +43,10 @@ from shared.protocol import (
     job_id,
     meta_key,
     now_ms,
+    queue_name,
+    serving_key,
     stream_key,
+    wake_channel,
     worker_ttl_ms,
 )
 from shared.schema import GenerationJob
@@ -82,17 +85,22 @@ return 1
 
 
 # Admits and enqueues a job in one atomic round trip, writing the job as arq's enqueue_job does
-# (the job key, then the queue entry), then wakes the workers. arq's own enqueue_job spends
-# three round trips guarding against a duplicate id; ours are fresh. Times are Redis's. Being
-# one script, two API processes cannot both admit past a limit.
-# KEYS: workers, worker slots, queue, arq job key, stream metadata, readers, active streams, and
-# the owner's requests, tokens and open streams (see `KEY_*_PREFIX`).
+# (the job key, then the queue entry), then wakes the model's workers. arq's own enqueue_job
+# spends three round trips guarding against a duplicate id; ours are fresh. Times are Redis's.
+# Being one script, two API processes cannot both admit past a limit. Capacity is the model's
+# own: the live workers of its serving set (not those of other models, nor those whose backend
+# is unavailable), their slots, and its queue.
+# KEYS: the model's serving set, worker slots, the model's queue, arq job key, stream metadata,
+# readers, active streams, the owner's requests, tokens and open streams (see `KEY_*_PREFIX`),
+# models.
 # ARGV: max_queue ('': a retry, admitted without checks or counting), worker TTL (ms), job id,
 # arq payload, job TTL (ms), wake channel, stream id, metadata TTL (s), the owner's requests
-# per minute, tokens per minute and open streams (0: no limit), then metadata fields and values.
+# per minute, tokens per minute and open streams (0: no limit), the model, then metadata fields
+# and values.
 # Returns {0, requests, tokens, ms to the window's next minute} when enqueued (the owner's use
-# of its windows, this request included), {1} with no live worker, {2, waiting} when the queue
-# is full, {3, limit, retry after (ms)} when the owner is at `limit`.
+# of its windows, this request included), {1} with no live worker for the model, {2, waiting}
+# when its queue is full, {3, limit, retry after (ms)} when the owner is at `limit`, {4} for a
+# model no worker ever announced.
 _SUBMIT = (
     REDIS_NOW_LUA
     + WINDOW_LUA
@@ -106,6 +114,7 @@ local function wait_ms(used, previous, current, limit)
   return to_next_minute
 end
 if ARGV[1] ~= '' then
+  if redis.call('HEXISTS', KEYS[11], ARGV[12]) == 0 then return {4} end
   local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
   if #live == 0 then return {1} end
   local rpm, tpm, max_streams = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -131,7 +140,7 @@ if ARGV[1] ~= '' then
   redis.call('ZADD', KEYS[10], now, ARGV[7])
   redis.call('EXPIRE', KEYS[10], ARGV[8])
 end
-if #ARGV > 11 then redis.call('HSET', KEYS[5], unpack(ARGV, 12)) end
+if #ARGV > 12 then redis.call('HSET', KEYS[5], unpack(ARGV, 13)) end
 redis.call('HSET', KEYS[5], 'queued', now)
 redis.call('EXPIRE', KEYS[5], ARGV[8])
 redis.call('ZADD', KEYS[6], now, ARGV[7])
@@ -177,15 +186,21 @@ class JobQueue:
         return [m.decode() for m in members]
 
     async def submit(
-        self, job: GenerationJob, kind: StreamKind, include_usage: bool, owner: Principal
+        self,
+        job: GenerationJob,
+        kind: StreamKind,
+        include_usage: bool,
+        owner: Principal,
+        model: str,
     ) -> tuple[StreamMeta, KeyUse]:
-        """Queue the stream's first attempt: 503 with no live worker, 429 with more than
-        `max_queue` jobs waiting for a slot or with `owner` at one of its limits."""
+        """Queue the stream's first attempt for `model`: 404 if no worker ever served it, 503
+        with no live worker that can, 429 with more than `max_queue` jobs waiting for its slots
+        or with `owner` at one of its limits."""
         meta = StreamMeta(
-            kind, now_ms() // 1000, include_usage, job_id(job.stream_id, 1), owner.name
+            kind, now_ms() // 1000, include_usage, job_id(job.stream_id, 1), owner.name, model
         )
         fields = {**meta.fields(), "payload": job.model_dump_json()}
-        result = await self._enqueue(meta.job, job, owner=owner, meta_fields=fields)
+        result = await self._enqueue(meta.job, job, model, owner=owner, meta_fields=fields)
         meta = dataclasses.replace(meta, queued_ms=result[4])
         return meta, KeyUse(owner.limits, result[1], result[2], result[3])
 
@@ -193,6 +208,7 @@ class JobQueue:
         self,
         arq_job_id: str,
         job: GenerationJob,
+        model: str,
         *,
         owner: Principal | None,
         meta_fields: dict[str, str | int] | None = None,
@@ -204,9 +220,9 @@ class JobQueue:
         limits = owner.limits if owner else Limits(0, 0, 0)
         result: list[int | bytes] = await self._submit(
             keys=[
-                WORKERS_KEY,
+                serving_key(model),
                 WORKER_SLOTS_KEY,
-                QUEUE_NAME,
+                queue_name(model),
                 job_key(arq_job_id),
                 meta_key(job.stream_id),
                 READERS_KEY,  # whoever asked is reading
@@ -214,6 +230,7 @@ class JobQueue:
                 KEY_REQUESTS_PREFIX + name,
                 KEY_TOKENS_PREFIX + name,
                 KEY_STREAMS_PREFIX + name,
+                MODELS_KEY,
             ],
             args=[
                 settings.max_queue if owner else "",
@@ -221,18 +238,21 @@ class JobQueue:
                 arq_job_id,
                 job_record(JOB_FUNCTION, (job.model_dump(),), now_ms()),
                 expires_ms,
-                WAKE_CHANNEL,
+                wake_channel(model),
                 job.stream_id,
                 self._meta_ttl_s,
                 limits.rpm or 0,
                 limits.tpm or 0,
                 limits.max_streams or 0,
+                model,
                 *(item for pair in (meta_fields or {}).items() for item in pair),
             ],
         )
         match result:
             case [1]:
                 raise NoWorkers("no workers are available to serve this request")
+            case [4]:
+                raise no_such_model(model)
             case [2, int(waiting)]:
                 raise QueueFull(
                     f"{waiting} requests are waiting for a worker; try again shortly",
@@ -260,14 +280,15 @@ class JobQueue:
         last = await self._redis.xrevrange(stream_key(stream_id), max=entry_id, count=1)
         return bool(last) and isinstance(from_fields(last[0][1]), TERMINAL)
 
-    async def withdraw(self, stream_id: str, arq_job_id: str, error: SluiceError) -> bool:
+    async def withdraw(self, stream_id: str, meta: StreamMeta, error: SluiceError) -> bool:
         """End a stream whose job still waits in the queue with `error`: every reader, now or
         resuming later, ends the same way. False if a worker has the job (or it ended)."""
+        arq_job_id = meta.job
         _, payload = encode(Failed(error.body()))
         ended = await self._withdraw(
             keys=[
                 in_progress_key(arq_job_id),
-                QUEUE_NAME,
+                queue_name(meta.model),
                 job_key(arq_job_id),
                 stream_key(stream_id),
                 meta_key(stream_id),
@@ -276,20 +297,21 @@ class JobQueue:
         )
         return bool(ended)
 
-    async def retry(self, stream_id: str, dead_job: str, attempt: int) -> bool:
-        """Replace an attempt whose worker died with attempt number `attempt`, at most once."""
+    async def retry(self, stream_id: str, dead_job: str, attempt: int, model: str) -> bool:
+        """Replace an attempt whose worker died with attempt number `attempt`, at most once,
+        in the queue of the model the stream was routed to."""
         new_job = job_id(stream_id, attempt)
         replaced = await self._replace(
-            keys=[meta_key(stream_id), QUEUE_NAME, job_key(dead_job)],
+            keys=[meta_key(stream_id), queue_name(model), job_key(dead_job)],
             args=[dead_job, new_job],
         )
         if not replaced:
             return False
         payload = await self._redis.hget(meta_key(stream_id), "payload")  # type: ignore[misc]
-        await self._enqueue(new_job, GenerationJob.model_validate_json(payload), owner=None)
+        await self._enqueue(new_job, GenerationJob.model_validate_json(payload), model, owner=None)
         return True
 
-    async def cancel(self, stream_id: str, reader: Principal) -> None:
+    async def cancel(self, stream_id: str, reader: Principal) -> StreamMeta:
         """Stop a stream's generation, wherever it runs; a stream still queued never starts."""
         meta = await self.meta(stream_id, reader)
         if await self.ended_by(stream_id, "+"):
@@ -298,4 +320,5 @@ class JobQueue:
             pipe.set(cancel_key(stream_id), 1, ex=self._meta_ttl_s)
             pipe.publish(CANCEL_CHANNEL, f"{stream_id} cancelled")
             await pipe.execute()
-        await self.withdraw(stream_id, meta.job, Cancelled("cancelled before generation started"))
+        await self.withdraw(stream_id, meta, Cancelled("cancelled before generation started"))
+        return meta

@@ -13,6 +13,7 @@ from redis.asyncio import BlockingConnectionPool
 
 from api.auth import RATE_LIMIT_HEADERS, Authenticator
 from api.body_limit import BodyLimit
+from api.catalog import ModelCatalog
 from api.errors import install_error_handlers
 from api.gateway import STREAM_ID_HEADER, Gateway
 from api.hub import StreamHub
@@ -54,8 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub.start(loops)
         loops.start("readers", readers.refresh_forever)
         loops.start("supervisor", Supervisor(redis, queue, settings).run)
-        state = DeploymentState(redis, settings.model_name, settings.heartbeat_s)
-        app.state.gateway = Gateway(settings, queue, hub, readers, loops, state)
+        state = DeploymentState(redis, settings.heartbeat_s)
+        models = ModelCatalog(redis, settings)
+        app.state.gateway = Gateway(settings, queue, hub, readers, loops, state, models)
         app.state.authenticator = Authenticator(redis, settings)
         try:
             yield

@@ -97,22 +97,22 @@ SLOTS = Gauge(
 
 
 class DeploymentState:
-    """Sets the deployment-wide gauges from Redis; called at each scrape."""
+    """Sets the deployment-wide gauges from Redis, per model; called at each scrape."""
 
-    def __init__(self, redis: Redis, model: str, heartbeat_s: float) -> None:
+    def __init__(self, redis: Redis, heartbeat_s: float) -> None:
         self._script = redis.register_script(STATUS_SCRIPT)
-        self._model = model
         self._args = status_args(worker_ttl_ms(heartbeat_s))
 
     async def exposition(self) -> tuple[bytes, str]:
         status = Status.from_reply(await self._script(keys=STATUS_KEYS, args=self._args))
-        model = self._model
-        WAITING.labels(model).set(status.queued)
-        RUNNING.labels(model).set(status.running)
-        WORKERS.labels(model).set(len(status.workers))
-        busy = sum(w.busy for w in status.workers)
-        SLOTS.labels(model, "busy").set(busy)
-        SLOTS.labels(model, "free").set(max(0, status.slots - busy))
+        for model in status.models:
+            name = model.name
+            WAITING.labels(name).set(model.queued)
+            RUNNING.labels(name).set(model.running)
+            WORKERS.labels(name).set(len(model.workers))
+            busy = sum(w.busy for w in model.workers)
+            SLOTS.labels(name, "busy").set(busy)
+            SLOTS.labels(name, "free").set(max(0, model.slots - busy))
         return generate_latest(), CONTENT_TYPE_LATEST
 
 

@@ -195,6 +195,6 @@ async def collect(
                     return completion_body(
                         chunks, "".join(text), reason, prompt_tokens, completion_tokens
                     )
-                case Failed(error):
-                    raise RemoteError(error)
+                case Failed(error, status):
+                    raise RemoteError(error, status)
     raise GenerationFailed("the stream ended without a final entry")

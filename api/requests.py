@@ -9,7 +9,7 @@ from typing import Any, NoReturn, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from shared.errors import InvalidRequest, ModelNotFound
+from shared.errors import InvalidRequest
 from shared.schema import ChatMessage, GenerationJob, SamplingRequest
 from shared.settings import Settings
 
@@ -61,11 +61,6 @@ def parse(model: type[M], body: dict[str, Any]) -> M:
         raise InvalidRequest(f"{param}: {error['msg']}", param=param or None) from None
 
 
-def check_model(request: SamplingRequest, settings: Settings) -> None:
-    if request.model is not None and request.model != settings.model_name:
-        raise ModelNotFound(f"The model `{request.model}` does not exist.", param="model")
-
-
 def check_text(text: str, param: str, settings: Settings) -> None:
     if not text.strip():
         raise InvalidRequest(f"'{param}' must not be empty", param=param)
@@ -76,17 +71,18 @@ def check_text(text: str, param: str, settings: Settings) -> None:
         )
 
 
-def check_token_limits(request: SamplingRequest, settings: Settings) -> int | None:
+def check_token_limits(request: SamplingRequest, n_ctx: int | None) -> int | None:
     """The client's cap on generated tokens, if it gave one, once the cap is known to fit.
 
-    The API has no tokenizer: a cap the context cannot hold whatever the prompt is refused here,
-    as vLLM does; the worker cuts any other to the room the prompt leaves.
+    The API has no tokenizer: a cap the context of the routed model (`n_ctx`, as its workers
+    announce it; None: unknown, not checked) cannot hold whatever the prompt is refused here, as
+    vLLM does; the worker cuts any other to the room the prompt leaves.
     """
     limits = request.token_limits()
     for param, limit in limits.items():
-        if limit >= settings.n_ctx:
+        if n_ctx is not None and limit >= n_ctx:
             raise InvalidRequest(
-                f"This model's maximum context length is {settings.n_ctx} tokens. However, you "
+                f"This model's maximum context length is {n_ctx} tokens. However, you "
                 f"requested {limit} tokens for the completion ('{param}'), which leaves no room "
                 f"for the prompt. Please reduce '{param}'.",
                 param=param,
@@ -120,14 +116,14 @@ def build_job(
     request: SamplingRequest,
     settings: Settings,
     *,
+    n_ctx: int | None,
     default_max_tokens: int,
     min_tokens: int | None = None,
     messages: list[dict[str, str]] | None = None,
     prompt: str | None = None,
 ) -> GenerationJob:
-    check_model(request, settings)
     request.refuse_unsupported()
-    max_tokens = check_token_limits(request, settings)
+    max_tokens = check_token_limits(request, n_ctx)
     return GenerationJob(
         stream_id=new_stream_id(),
         messages=messages,

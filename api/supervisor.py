@@ -31,7 +31,7 @@ from shared.protocol import (
     ACTIVE_KEY,
     CANCEL_CHANNEL,
     FENCED_APPEND_LUA,
-    QUEUE_NAME,
+    QUEUE_PREFIX,
     READERS_KEY,
     REDIS_NOW_LUA,
     SUPERVISOR_KEY,
@@ -50,14 +50,14 @@ log = logging.getLogger("sluice.api")
 MAX_ATTEMPTS = 2
 """A job lost with its worker before any token is tried once more; a second loss is final."""
 
-# KEYS: lease, active streams, workers, readers, queue.
+# KEYS: lease, active streams, workers, readers.
 # ARGV: 1 this process's id, 2 lease TTL (ms), 3 worker TTL (ms), 4 reader TTL (ms),
 # 5 resume grace (ms), 6 queue timeout (ms), 7 job deadline (ms), 8 MAXLEN, 9 stream TTL (s),
 # 10 max attempts, 11-14 key prefixes (meta, stream, in-progress, arq job), 15 cancel channel,
 # 16-20 error payloads: unread while queued, queue timeout, worker lost, job timeout, worker
-# lost on every attempt.
+# lost on every attempt, 21 queue prefix (a stream's queue is its model's).
 # Returns {} when another process holds the lease; else the lost attempts to retry, as
-# stream id, job id pairs.
+# stream id, job id, model triples.
 SUPERVISE_SCRIPT = (
     REDIS_NOW_LUA
     + FENCED_APPEND_LUA
@@ -70,8 +70,10 @@ local retry = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local meta = ARGV[11] .. id
   local stream = ARGV[12] .. id
-  local m = redis.call('HMGET', meta, 'job', 'worker', 'ended', 'queued', 'started', 'unread')
+  local m = redis.call('HMGET', meta, 'job', 'worker', 'ended', 'queued', 'started', 'unread',
+                       'model')
   local job, worker, ended, queued, started, unread = m[1], m[2], m[3], m[4], m[5], m[6]
+  local model = m[7] or ''  -- (a stream from before models were routed has none)
   local function finish(payload)
     fenced_append(stream, meta, job, 'e', payload, ARGV[8], ARGV[9])
     redis.call('ZREM', KEYS[2], id)
@@ -94,7 +96,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
         if abandoned then payload = ARGV[16]
         elseif queued and now - tonumber(queued) >= tonumber(ARGV[6]) then payload = ARGV[17] end
         if payload then
-          redis.call('ZREM', KEYS[5], job)
+          redis.call('ZREM', ARGV[21] .. model, job)
           redis.call('DEL', ARGV[14] .. job)
           finish(payload)
         end
@@ -111,6 +113,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
         else
           table.insert(retry, id)
           table.insert(retry, job)
+          table.insert(retry, model)
         end
       elseif started and now - tonumber(started) > tonumber(ARGV[7]) then
         finish(ARGV[19])
@@ -168,6 +171,7 @@ class Supervisor:
             _payload(
                 WorkerLost(f"the worker generating this stream stopped, {MAX_ATTEMPTS} times")
             ),
+            QUEUE_PREFIX,
         ]
 
     async def run(self) -> None:
@@ -178,10 +182,12 @@ class Supervisor:
 
     async def tick(self) -> None:
         retry = await self._script(
-            keys=[SUPERVISOR_KEY, ACTIVE_KEY, WORKERS_KEY, READERS_KEY, QUEUE_NAME],
+            keys=[SUPERVISOR_KEY, ACTIVE_KEY, WORKERS_KEY, READERS_KEY],
             args=self._args,
         )
-        for raw_id, raw_job in zip(retry[::2], retry[1::2], strict=True):
+        for raw_id, raw_job, raw_model in zip(retry[::3], retry[1::3], retry[2::3], strict=True):
             stream_id, dead_job = raw_id.decode(), raw_job.decode()
             log.warning("stream %s lost its worker before any token; retrying", stream_id)
-            await self._queue.retry(stream_id, dead_job, attempt_number(dead_job) + 1)
+            await self._queue.retry(
+                stream_id, dead_job, attempt_number(dead_job) + 1, raw_model.decode()
+            )

@@ -16,7 +16,8 @@ class ErrorBody(TypedDict):
 
 
 class SluiceError(Exception):
-    status: ClassVar[int] = 500
+    status: int = 500
+    """A class's own, but an error relayed from elsewhere (`RemoteError`) carries its origin's."""
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
 
@@ -158,12 +159,39 @@ class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
 
 
+class UpstreamUnavailable(ServiceUnavailable):
+    """The `openai` backend's engine did not answer, or answered 5xx or 429, until the job's time
+    to wait was up."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamError(GenerationFailed):
+    """The `openai` backend's engine failed after it had started answering (its stream was cut)."""
+
+    code = "upstream_error"
+
+
+class UpstreamRejected(SluiceError):
+    """The `openai` backend's engine refused the request (a 4xx): its status and its own error."""
+
+    def __init__(self, status: int, body: ErrorBody) -> None:
+        super().__init__(body["message"], param=body["param"])
+        self.status = status
+        self._body = body
+
+    def body(self) -> ErrorBody:
+        return self._body
+
+
 class RemoteError(SluiceError):
     """An error that crossed the stream from a worker: carries the worker's envelope as is."""
 
-    def __init__(self, body: ErrorBody) -> None:
+    def __init__(self, body: ErrorBody, status: int | None = None) -> None:
         super().__init__(body["message"], param=body["param"])
         self._body = body
+        if status is not None:
+            self.status = status
 
     def body(self) -> ErrorBody:
         return self._body

@@ -17,15 +17,23 @@ from redis.typing import EncodableT, FieldT
 from shared.errors import ErrorBody
 
 PREFIX = "sluice:"
-QUEUE_NAME = PREFIX + "queue"
-"""The arq queue (a sorted set). arq keeps its own per-job keys under `arq:`."""
+QUEUE_PREFIX = PREFIX + "queue:"
+"""Followed by a model's name: that model's arq queue (see `queue_name`)."""
+WAKE_PREFIX = PREFIX + "wake:"
+"""Followed by a model's name: the Pub/Sub channel its workers listen on (see `wake_channel`)."""
 JOB_FUNCTION = "generate"
-WAKE_CHANNEL = PREFIX + "wake"
-"""Pub/Sub channel: the API publishes after each enqueue so idle workers poll at once."""
 WORKERS_KEY = PREFIX + "workers"
 """Sorted set: worker id -> last heartbeat (ms). Members older than `worker_ttl_ms` are dead."""
 WORKER_SLOTS_KEY = PREFIX + "worker-slots"
 """Hash: worker id -> how many jobs it runs at once. Admission control sums the live ones."""
+WORKER_MODELS_KEY = PREFIX + "worker-models"
+"""Hash: worker id -> the model it serves (`SLUICE_SERVED_MODEL_NAME`)."""
+SERVING_PREFIX = PREFIX + "serving:"
+"""Followed by a model's name: its workers that can serve now (see `serving_key`)."""
+MODELS_KEY = PREFIX + "models"
+"""Hash: model -> JSON `{"n_ctx", "announced"}` (context length or absent, Redis ms), written
+by every heartbeat of its workers and never expired, so that a model whose workers are all gone
+(503) can be told from one never served (404)."""
 READERS_KEY = PREFIX + "readers"
 """Sorted set: stream id -> when an API process last saw a client reading it (ms)."""
 CANCEL_CHANNEL = PREFIX + "cancel"
@@ -50,6 +58,25 @@ KEY_STREAMS_PREFIX = PREFIX + "key-streams:"
 """Sorted set per API key name: its streams still generating -> when submitted (Redis ms)."""
 
 StopReason = Literal["cancelled", "unread"]
+
+
+def queue_name(model: str) -> str:
+    """The arq queue (a sorted set) of the jobs routed to `model`; arq keeps its own per-job
+    keys under `arq:`."""
+    return QUEUE_PREFIX + model
+
+
+def serving_key(model: str) -> str:
+    """Sorted set: worker id -> last heartbeat (ms), for the workers of `model` whose backend
+    can serve. One whose backend cannot (an upstream that does not answer) leaves it but still
+    beats in `WORKERS_KEY`, so its running jobs are not retried: it claims nothing, and counts
+    for neither admission nor `/v1/models`."""
+    return SERVING_PREFIX + model
+
+
+def wake_channel(model: str) -> str:
+    """Published after each enqueue for `model`, so its idle workers poll at once."""
+    return WAKE_PREFIX + model
 
 
 def stream_key(stream_id: str) -> str:
@@ -183,6 +210,8 @@ class StreamMeta:
     """The arq job id of the current attempt."""
     owner: str
     """The name of the API key that created it (`ANONYMOUS` while authentication is off)."""
+    model: str
+    """The model it was routed to: its queue, and the `model` of every chunk."""
     worker: str | None = None
     """The worker running it; None while it waits in the queue."""
     queued_ms: int | None = None
@@ -195,6 +224,7 @@ class StreamMeta:
             "usage": int(self.include_usage),
             "job": self.job,
             "owner": self.owner,
+            "model": self.model,
         }
 
     @classmethod
@@ -209,6 +239,7 @@ class StreamMeta:
             fields[b"usage"] == b"1",
             fields[b"job"].decode(),
             fields[b"owner"].decode(),
+            fields.get(b"model", b"").decode(),
             worker.decode() if worker else None,
             int(fields[b"queued"]) if b"queued" in fields else None,
         )
@@ -237,6 +268,9 @@ class Finished:
 @dataclass(frozen=True, slots=True)
 class Failed:
     error: ErrorBody
+    status: int | None = None
+    """The HTTP status a non-streaming request gets, where it is not its error's class's own
+    (an upstream engine's 4xx)."""
 
 
 Entry = Started | Token | Finished | Failed
@@ -256,8 +290,10 @@ def encode(entry: Entry) -> EntryFields:
             return "s", json.dumps({"w": worker, "p": prompt_tokens, "c": claimed_ms})
         case Finished(reason, prompt_tokens, completion_tokens):
             return "f", json.dumps({"r": reason, "p": prompt_tokens, "c": completion_tokens})
-        case Failed(error):
+        case Failed(error, None):
             return "e", json.dumps(error)
+        case Failed(error, status):
+            return "e", json.dumps({"error": error, "status": status})
 
 
 def decode(kind: bytes, payload: bytes) -> Entry:
@@ -270,7 +306,7 @@ def decode(kind: bytes, payload: bytes) -> Entry:
         reason: FinishReason = "length" if data["r"] == "length" else "stop"
         return Finished(reason, data["p"], data["c"])
     if kind == b"e":
-        return Failed(data)
+        return Failed(data["error"], data["status"]) if "status" in data else Failed(data)
     raise ValueError(f"unknown stream entry kind {kind!r}")
 
 

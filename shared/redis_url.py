@@ -7,13 +7,19 @@ only host, port, database and the password as typed (still percent-encoded): a w
 URL that the API used was refused by Redis, or failed certificate verification, and exited.
 Here the worker's settings come from redis-py's own reading of the URL, so both sides connect
 alike; an option arq cannot carry is refused at start-up rather than honoured on one side only.
+
+The worker's pool is built here too, not by arq, so that it is bounded (issue 15): arq's pool
+opens a connection for every command sent while the others are busy, and a worker starting a
+burst of jobs sends a few per job at once (arq's read of the job and its finish, the stream's
+claim), so its connections grew with its jobs (46 to 93 for 1000 jobs, bench/worker_connections.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.connection import SSLConnection, parse_url
 
 TLS_OPTIONS = (
@@ -39,6 +45,10 @@ _ARQ_FIELDS = {
     **{name: name for name in TLS_OPTIONS},
 }
 """What redis-py reads from a URL -> the `RedisSettings` field that carries it for arq."""
+CONNECT_TIMEOUT_S = 1
+"""arq's own (`RedisSettings.conn_timeout`), where the URL sets no `socket_connect_timeout`."""
+WORKER_CLIENT_NAME = "sluice-worker"
+"""How a worker's connections show in Redis's CLIENT LIST: `sluice-worker:<worker id>`."""
 QUERY_OPTIONS = (
     "db",
     "socket_connect_timeout",
@@ -78,3 +88,26 @@ def arq_redis_settings(url: str) -> RedisSettings:
             f"it takes {', '.join(QUERY_OPTIONS)}"
         )
     return RedisSettings(ssl=tls, **{_ARQ_FIELDS[name]: v for name, v in options.items()})
+
+
+def worker_redis(url: str, max_connections: int, worker_id: str) -> ArqRedis:
+    """The worker's Redis client (arq's `ctx['redis']`): the URL read as for the API, on a pool
+    of at most `max_connections` (fewer if the URL's `max_connections` says so), its Pub/Sub
+    subscription's included. A command that finds every connection busy waits for one.
+
+    No wait is given up (`timeout=None`): a command waits only behind other commands, each of
+    which ends when Redis answers or its connection fails, so a time limit would only turn a
+    burst of jobs into failed jobs. A worker whose Redis hangs stops beating, and the supervisor
+    gives its jobs to others. Python 3.11's `asyncio.Condition` loses the wake-up of a waiter
+    cancelled as a connection came free; the next command to come (the heartbeat's, every
+    `heartbeat_s`) finds the connection free and takes it, and its release wakes the next waiter.
+    """
+    arq_redis_settings(url)  # what the worker refused, it still refuses
+    options: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT_S, **parse_url(url)}
+    options["max_connections"] = min(
+        options.get("max_connections", max_connections), max_connections
+    )
+    pool = BlockingConnectionPool(
+        timeout=None, client_name=f"{WORKER_CLIENT_NAME}:{worker_id}", **options
+    )
+    return ArqRedis(connection_pool=pool)

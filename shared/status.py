@@ -2,56 +2,74 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from shared.arq_internals import in_progress_key
 from shared.protocol import (
     ACTIVE_KEY,
-    QUEUE_NAME,
+    MODELS_KEY,
+    QUEUE_PREFIX,
     REDIS_NOW_LUA,
+    SERVING_PREFIX,
     TOKENS_KEY,
     WINDOW_LUA,
     WORKER_BUSY_KEY,
     WORKER_LOOPS_KEY,
+    WORKER_MODELS_KEY,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
 )
 
-# KEYS: queue, workers, worker slots, worker busy, worker loops, active streams, tokens.
-# ARGV: worker TTL (ms), in-progress key prefix.
-# Returns {queued, running, open streams, tokens in the last minute, then per live worker:
-# id, ms since its heartbeat, slots, busy, failing loops}.
+# KEYS: workers, worker slots, worker busy, worker loops, worker models, active streams, tokens,
+# models.
+# ARGV: worker TTL (ms), in-progress key prefix, queue prefix, serving set prefix.
+# Returns {open streams, tokens in the last minute, {per model ever announced: name, queued,
+# running}, {per live worker: id, ms since its heartbeat, slots, busy, failing loops, model,
+# available (1/0)}}.
 STATUS_SCRIPT = (
     REDIS_NOW_LUA
     + WINDOW_LUA
     + """
 local now = redis_now_ms()
-local queued, running = 0, 0
-for _, job in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if redis.call('EXISTS', ARGV[2] .. job) == 1 then running = running + 1
-  else queued = queued + 1 end
+local models = {}
+for _, model in ipairs(redis.call('HKEYS', KEYS[8])) do
+  local queued, running = 0, 0
+  for _, job in ipairs(redis.call('ZRANGE', ARGV[3] .. model, 0, -1)) do
+    if redis.call('EXISTS', ARGV[2] .. job) == 1 then running = running + 1
+    else queued = queued + 1 end
+  end
+  table.insert(models, model)
+  table.insert(models, queued)
+  table.insert(models, running)
 end
-local out = {queued, running, redis.call('ZCARD', KEYS[6]), math.floor(window_used(KEYS[7], now))}
-local live = redis.call('ZRANGEBYSCORE', KEYS[2], now - tonumber(ARGV[1]), '+inf', 'WITHSCORES')
+local workers = {}
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf', 'WITHSCORES')
 for i = 1, #live, 2 do
   local id = live[i]
-  table.insert(out, id)
-  table.insert(out, now - tonumber(live[i + 1]))
-  table.insert(out, tonumber(redis.call('HGET', KEYS[3], id)) or 1)
-  table.insert(out, tonumber(redis.call('HGET', KEYS[4], id)) or 0)
-  table.insert(out, redis.call('HGET', KEYS[5], id) or '')
+  table.insert(workers, id)
+  table.insert(workers, now - tonumber(live[i + 1]))
+  table.insert(workers, tonumber(redis.call('HGET', KEYS[2], id)) or 1)
+  table.insert(workers, tonumber(redis.call('HGET', KEYS[3], id)) or 0)
+  table.insert(workers, redis.call('HGET', KEYS[4], id) or '')
+  local model = redis.call('HGET', KEYS[5], id) or ''
+  table.insert(workers, model)
+  table.insert(workers, redis.call('ZSCORE', ARGV[4] .. model, id) and 1 or 0)
 end
-return out
+local streams = redis.call('ZCARD', KEYS[6])
+return {streams, math.floor(window_used(KEYS[7], now)), models, workers}
 """
 )
 STATUS_KEYS = [
-    QUEUE_NAME,
     WORKERS_KEY,
     WORKER_SLOTS_KEY,
     WORKER_BUSY_KEY,
     WORKER_LOOPS_KEY,
+    WORKER_MODELS_KEY,
     ACTIVE_KEY,
     TOKENS_KEY,
+    MODELS_KEY,
 ]
 
 
@@ -62,54 +80,85 @@ class WorkerStatus:
     slots: int
     busy: int
     failing_loops: str
+    model: str
+    available: bool
 
 
 @dataclass(frozen=True, slots=True)
-class Status:
+class ModelStatus:
+    name: str
     queued: int
     running: int
-    open_streams: int
-    tokens_last_minute: int
     workers: list[WorkerStatus]
 
     @property
     def slots(self) -> int:
         return sum(w.slots for w in self.workers)
 
-    @classmethod
-    def from_reply(cls, reply: list[int | bytes]) -> Status:
-        queued, running, streams, tokens, *rest = reply
-        workers = [
-            WorkerStatus(
-                _text(rest[i]),
-                int(rest[i + 1]),
-                int(rest[i + 2]),
-                int(rest[i + 3]),
-                _text(rest[i + 4]),
-            )
-            for i in range(0, len(rest), 5)
-        ]
-        return cls(int(queued), int(running), int(streams), int(tokens), workers)
 
-    def render(self, model: str) -> str:
+@dataclass(frozen=True, slots=True)
+class Status:
+    open_streams: int
+    tokens_last_minute: int
+    models: list[ModelStatus]
+    """Every model ever announced, by name, with its queue and its live workers."""
+
+    @property
+    def workers(self) -> list[WorkerStatus]:
+        return [w for m in self.models for w in m.workers]
+
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> Status:
+        streams, tokens, models, workers = reply
+        live = [
+            WorkerStatus(
+                _text(id), int(age), int(slots), int(busy), _text(loops), _text(model), ok == 1
+            )
+            for id, age, slots, busy, loops, model, ok in _groups(workers, 7)
+        ]
+        queues = {
+            _text(name): (int(queued), int(running)) for name, queued, running in _groups(models, 3)
+        }
+        for worker in live:  # a model missing from the table (deleted by hand) still shows
+            queues.setdefault(worker.model, (0, 0))
+        return cls(
+            int(streams),
+            int(tokens),
+            [
+                ModelStatus(name, queued, running, [w for w in live if w.model == name])
+                for name, (queued, running) in sorted(queues.items())
+            ],
+        )
+
+    def render(self) -> str:
         """One screen for a person at a terminal."""
         lines = [
-            f"model {model}",
-            f"  queue      {self.queued} waiting, {self.running} running",
-            f"  streams    {self.open_streams} open",
-            f"  tokens/s   {self.tokens_last_minute / 60:.1f} over the last minute",
-            f"  workers    {len(self.workers)} live, {self.slots} slots",
+            f"streams    {self.open_streams} open",
+            f"tokens/s   {self.tokens_last_minute / 60:.1f} over the last minute",
         ]
-        for w in sorted(self.workers, key=lambda w: w.id):
-            loops = f"  failing loops: {w.failing_loops}" if w.failing_loops else ""
-            lines.append(
-                f"    {w.id:<40} {w.busy}/{w.slots} busy  beat {w.heartbeat_age_ms} ms ago{loops}"
-            )
+        for model in self.models:
+            lines += [
+                f"model {model.name}",
+                f"  queue      {model.queued} waiting, {model.running} running",
+                f"  workers    {len(model.workers)} live, {model.slots} slots",
+            ]
+            for w in sorted(model.workers, key=lambda w: w.id):
+                notes = "" if w.available else "  unavailable: claims no job"
+                if w.failing_loops:
+                    notes += f"  failing loops: {w.failing_loops}"
+                lines.append(
+                    f"    {w.id:<40} {w.busy}/{w.slots} busy  beat {w.heartbeat_age_ms} ms ago"
+                    + notes
+                )
         return "\n".join(lines)
 
 
 def status_args(heartbeat_ttl_ms: int) -> list[int | str]:
-    return [heartbeat_ttl_ms, in_progress_key("")]
+    return [heartbeat_ttl_ms, in_progress_key(""), QUEUE_PREFIX, SERVING_PREFIX]
+
+
+def _groups(items: list[Any], size: int) -> Iterator[tuple[Any, ...]]:
+    return zip(*[iter(items)] * size, strict=True)
 
 
 def _text(value: int | bytes) -> str:

@@ -6,12 +6,15 @@ Each stack uses its own Redis database, so their queues and workers never mix.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from arq.connections import ArqRedis
 
 from tests.procs import RedisServer, Stack, start_stack
+from tests.upstreams import SKIP_ENV, LlamaServer
+from tests.upstreams import llama_server_binary as build_llama_server
 
 SYNTHETIC_RATE = "400"  # tokens/s: fast enough for many tests, slow enough to interleave
 
@@ -51,6 +54,23 @@ def model(redis_server: RedisServer) -> Iterator[Stack]:
     stack = start_stack("model", redis_server.url(2), 1, backend="llama")
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    """llama.cpp's own server, built once by deploy/llama-server.sh (minutes, then cached)."""
+    binary = build_llama_server()
+    if binary is None:
+        pytest.skip(f"{SKIP_ENV}=1 and no llama-server is built (`make llama-server` builds it)")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def llama_server(llama_server_binary: Path) -> Iterator[LlamaServer]:
+    """llama-server on the bundled GGUF, 4 slots: a real engine for the `openai` backend."""
+    server = LlamaServer(llama_server_binary).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

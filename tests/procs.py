@@ -115,6 +115,13 @@ class RedisServer(Proc):
     def client(self, db: int = 0) -> redis.Redis:
         return redis.Redis.from_url(self.url(db))
 
+    def fresh_url(self, db: int) -> str:
+        """The URL of database `db`, emptied first: per-test stacks reuse databases (the fault
+        tests' wrap round), and a stack must not inherit another's workers, streams or lease."""
+        with self.client(db) as client:
+            client.flushdb()
+        return self.url(db)
+
     def start(self) -> RedisServer:
         super().start()
         wait_until(self._answers, 10, "redis-server")
@@ -130,11 +137,23 @@ class RedisServer(Proc):
 
 def sluice(command: str, name: str, env: dict[str, str], clock_offset: str | None = None) -> Proc:
     """`sluice <command>`; with `clock_offset` (faketime's, e.g. "+5s"), on a shifted wall clock."""
-    args = [sys.executable, "-m", "sluice", command]
     if clock_offset is not None:
-        args = ["faketime", "-f", clock_offset, *args]
-        env = env | {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-    return Proc(name, args, env).start()
+        # libfaketime preloaded into sluice itself, not the `faketime` command: that one forks,
+        # so signals sent to it (a stop, SIGSTOP, SIGKILL) would miss sluice and orphan it.
+        env = env | {
+            "LD_PRELOAD": str(faketime_library()),
+            "FAKETIME": clock_offset,
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        }
+    return Proc(name, [sys.executable, "-m", "sluice", command], env).start()
+
+
+def faketime_library() -> Path:
+    """Debian's libfaketime (package faketime, which .ci/run installs)."""
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not found:
+        raise FileNotFoundError("libfaketime is not installed (apt-get install faketime)")
+    return found[0]
 
 
 def answers(url: str) -> bool:
@@ -188,6 +207,18 @@ class Stack:
         worker = sluice("worker", name, {**self.env, **env}, clock_offset)
         self.workers.append(worker)
         return worker
+
+    def status(self) -> str:
+        """What `sluice status` prints for this stack's Redis."""
+        done = subprocess.run(
+            [sys.executable, "-m", "sluice", "status"],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return done.stdout
 
     def wait_ready(self, workers: int, timeout: float = 60) -> None:
         def ready() -> bool:

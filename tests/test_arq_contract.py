@@ -214,7 +214,7 @@ def test_worker_takes_every_option_sluices_workers_pass() -> None:
     passed = [
         "functions",
         "queue_name",
-        "redis_settings",
+        "redis_pool",
         "on_startup",
         "on_shutdown",
         "max_jobs",

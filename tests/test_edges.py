@@ -9,6 +9,7 @@ import httpx
 import pytest
 import redis
 
+from shared.protocol import queue_name
 from tests.procs import (
     LOGS,
     Proc,
@@ -78,7 +79,7 @@ async def test_no_live_worker_gets_503_no_workers(api_without_workers: str) -> N
 
 def running_stream(r: redis.Redis) -> str:
     """The stream id of the one job in the queue, once a worker has claimed it ('' till then)."""
-    jobs = r.zrange("sluice:queue", 0, -1)
+    jobs = r.zrange(queue_name("synthetic"), 0, -1)
     if len(jobs) != 1:
         return ""
     stream_id = str(jobs[0].decode().rpartition(".")[0])
@@ -100,7 +101,7 @@ async def test_job_nobody_starts_in_time_errors_and_is_withdrawn(
             # (and so remove) a job that was not withdrawn.
             worker_was_busy = not busy.done()
             job_record = r.exists(f"arq:job:{stream_id}.1")
-            in_queue = r.zscore("sluice:queue", f"{stream_id}.1")
+            in_queue = r.zscore(queue_name("synthetic"), f"{stream_id}.1")
             resumed = await stream(client, path=f"/v1/streams/{stream_id}")
             first = await busy
 

@@ -23,8 +23,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 import api.metrics
 import worker.metrics
-from shared.protocol import QUEUE_NAME, WORKERS_KEY
-from shared.settings import Settings
+from shared.protocol import WORKERS_KEY, queue_name
+from shared.settings import Settings, bundled_model_path
 from tests.procs import RedisServer, Stack, free_port
 
 ROOT = Path(__file__).parents[1]
@@ -508,15 +508,25 @@ def test_scaled_object_scales_the_worker_deployment(base: list[dict[str, Any]]) 
 def test_scaled_object_counts_the_queue_one_worker_per_max_jobs(
     base: list[dict[str, Any]],
 ) -> None:
-    """The queue holds waiting and running jobs; a worker runs SLUICE_WORKER_MAX_JOBS."""
+    """The worker's model's queue holds waiting and running jobs; a worker runs
+    SLUICE_WORKER_MAX_JOBS."""
     (trigger,) = one(base, "ScaledObject")["spec"]["triggers"]
     assert trigger["type"] == "redis"
     assert trigger.get("metricType", "AverageValue") == "AverageValue"
     metadata = trigger["metadata"]
     assert set(metadata) <= REDIS_TRIGGER_METADATA
-    assert metadata["listName"] == QUEUE_NAME
-    max_jobs = env(container(deployment(base, WORKER_ROLE)))["SLUICE_WORKER_MAX_JOBS"]["value"]
+    worker_env = env(container(deployment(base, WORKER_ROLE)))
+    assert metadata["listName"] == queue_name(worker_env["SLUICE_SERVED_MODEL_NAME"]["value"])
+    max_jobs = worker_env["SLUICE_WORKER_MAX_JOBS"]["value"]
     assert metadata["listLength"] == max_jobs
+
+
+def test_worker_serves_the_bundled_model_under_its_own_name(base: list[dict[str, Any]]) -> None:
+    """The name is spelt out (for KEDA's listName); it must stay the one the image's GGUF has."""
+    bundled = bundled_model_path()
+    assert bundled is not None
+    served = env(container(deployment(base, WORKER_ROLE)))["SLUICE_SERVED_MODEL_NAME"]["value"]
+    assert served == bundled.stem
 
 
 def test_scaled_object_authenticates_from_the_secret(

@@ -21,7 +21,7 @@ import redis
 from arq.jobs import serialize_job
 
 from shared.arq_internals import ClaimingWorker, job_deserializer, job_key, job_serializer
-from shared.protocol import JOB_FUNCTION, QUEUE_NAME, WAKE_CHANNEL
+from shared.protocol import JOB_FUNCTION, queue_name, wake_channel
 from shared.redis_url import RedisURLError, arq_redis_settings
 from tests.procs import (
     NO_PERSISTENCE,
@@ -269,11 +269,11 @@ async def test_worker_does_not_unpickle_a_job_written_into_redis_and_serves_the_
     with redis.Redis.from_url(password_stack.redis_url) as r:
         seconds, micros = r.time()
         r.psetex(job_key(arq_job_id), 60_000, pickled_job(path))
-        r.zadd(QUEUE_NAME, {arq_job_id: seconds * 1000 + micros // 1000})
-        r.publish(WAKE_CHANNEL, arq_job_id)
+        r.zadd(queue_name("synthetic"), {arq_job_id: seconds * 1000 + micros // 1000})
+        r.publish(wake_channel("synthetic"), arq_job_id)
         # The worker has taken the job (and failed it) when arq's record of it is gone.
         await eventually(lambda: not r.exists(job_key(arq_job_id)), "the worker to take the job")
-        assert r.zscore(QUEUE_NAME, arq_job_id) is None
+        assert r.zscore(queue_name("synthetic"), arq_job_id) is None
 
     assert not path.exists()
     assert all(worker.alive() for worker in password_stack.workers)

@@ -1,10 +1,16 @@
 """Stops running jobs early when told to: a cancel request, or the supervisor finding that no
-client has read the stream for the resume grace. Both arrive on `CANCEL_CHANNEL`."""
+client has read the stream for the resume grace. Both arrive on `CANCEL_CHANNEL`.
+
+A job notices a stop between pieces; while it waits inside `StopSignal.interrupting()`, the
+stop also cancels the wait itself, so an engine that is silent (a long prompt, a queue of its
+own) has its request closed at once rather than when it next sends something.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from shared.errors import Cancelled
 from shared.protocol import StopReason
@@ -21,11 +27,22 @@ class StopSignal:
 
     event: asyncio.Event = field(default_factory=asyncio.Event)
     reason: StopReason = "cancelled"
+    _waiting: asyncio.Task[object] | None = field(default=None, init=False, repr=False)
+    """The job's task, while it is inside `interrupting()`."""
+    _interrupted: bool = field(default=False, init=False, repr=False)
 
     def stop(self, reason: StopReason) -> None:
         if not self.event.is_set():
             self.reason = reason
             self.event.set()
+            if self._waiting is not None:
+                self._interrupted = True
+                self._waiting.cancel()
+
+    def interrupting(self) -> _Interrupting:
+        """`async with`: a stop cancels whatever the job awaits inside, which then raises
+        `Cancelled`; any other cancellation (job timeout, shutdown) goes on as it came."""
+        return _Interrupting(self)
 
     @property
     def stopped(self) -> bool:
@@ -33,6 +50,32 @@ class StopSignal:
 
     def error(self) -> Cancelled:
         return Cancelled(_MESSAGES[self.reason])
+
+
+class _Interrupting:
+    """As `asyncio.timeout()` does: our own cancellation is told from others' by `uncancel`."""
+
+    def __init__(self, signal: StopSignal) -> None:
+        self._signal = signal
+
+    async def __aenter__(self) -> None:
+        if self._signal.stopped:
+            raise self._signal.error()
+        self._signal._waiting = asyncio.current_task()
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        signal = self._signal
+        signal._waiting = None
+        if signal._interrupted and kind is asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            if task.uncancel() == 0:
+                raise signal.error() from None
 
 
 class JobControl:

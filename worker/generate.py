@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from shared import tracing
-from shared.errors import GenerationFailed, SluiceError
+from shared.errors import GenerationFailed, RemoteError, SluiceError
 from shared.logs import bind
 from shared.protocol import (
     REDIS_NOW_LUA,
@@ -113,7 +113,8 @@ async def _generate(
         text = TextAssembler(job.stop)
         produced = 0
         reason: FinishReason = "stop"
-        async with aclosing(generation.pieces) as pieces:
+        # Closing the pieces ends the backend's work (an engine's request, a sequence) at once.
+        async with signal.interrupting(), aclosing(generation.pieces) as pieces:
             async for piece in pieces:
                 produced += 1
                 if out := text.feed(piece):
@@ -122,18 +123,24 @@ async def _generate(
                     raise signal.error()
                 if text.stopped:
                     break
-                if produced >= job.max_tokens:
+                if produced >= job.max_tokens and not generation.ends_itself:
                     reason = "length"
                     break
         if tail := text.flush():
             await writer.send(attempt, tail)
-        await finish(Finished(reason, generation.prompt_tokens, produced))
-        log.info("finished: %s, %d tokens", reason, produced)
-        TOKENS.labels("decode").inc(produced)
+        end = generation.finished or Finished(reason, generation.prompt_tokens, produced)
+        await finish(end)
+        log.info("finished: %s, %d tokens", end.reason, end.completion_tokens)
+        TOKENS.labels("decode").inc(end.completion_tokens)
+        if generation.ends_itself:  # its engine counts the prompt, and says so only now
+            TOKENS.labels("prefill").inc(end.prompt_tokens)
     except Fenced:
         raise
     except SluiceError as exc:
-        await finish(Failed(exc.body()))
+        # Its status too (an engine's 4xx, a prompt too long), where a relayed error's own (500)
+        # would misstate it to a non-streaming request.
+        status = exc.status if exc.status != RemoteError.status else None
+        await finish(Failed(exc.body(), status))
     except BackendError as exc:
         log.warning("job %s: %s", job.stream_id, exc)
         await finish(Failed(GenerationFailed(str(exc)).body()))

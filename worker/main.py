@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import uuid
 from typing import Any
 
@@ -20,45 +21,56 @@ from shared.loops import LoopGroup
 from shared.protocol import (
     CANCEL_CHANNEL,
     JOB_FUNCTION,
-    QUEUE_NAME,
+    MODELS_KEY,
     REDIS_NOW_LUA,
-    WAKE_CHANNEL,
     WORKER_BUSY_KEY,
     WORKER_LOOPS_KEY,
+    WORKER_MODELS_KEY,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
+    queue_name,
+    serving_key,
+    wake_channel,
     worker_ttl_ms,
 )
-from shared.redis_url import arq_redis_settings
+from shared.redis_url import worker_redis
 from shared.settings import Settings
 from worker import metrics
-from worker.backends import load_backend
+from worker.backends import Backend, load_backend
 from worker.control import JobControl
 from worker.generate import CLAIM_SCRIPT, generate
 from worker.writer import StreamWriter
 
 log = logging.getLogger("sluice.worker")
 
-# A heartbeat, by Redis's clock: this worker's score, its slots and the state of its loops;
-# workers not heard from for a TTL are dropped (they died without saying goodbye).
-# KEYS: workers, worker slots, worker loops, worker busy. ARGV: worker id, TTL (ms), slots,
-# failing loops, jobs running.
+# A heartbeat, by Redis's clock: this worker's score, then its slots, the state of its loops,
+# its jobs running and its model, one hash each; workers not heard from for a TTL are dropped
+# (they died without saying goodbye). While its backend can serve it also beats in its model's
+# serving set, and its model is announced in the models table, which never expires.
+# KEYS: workers, the per-worker hashes (slots, loops, busy, models), its model's serving set,
+# models.
+# ARGV: worker id, TTL (ms), a value per hash (the last: its model), whether its backend can
+# serve ('1' or '0'), the model's context length ('': unknown).
+WORKER_HASHES = [WORKER_SLOTS_KEY, WORKER_LOOPS_KEY, WORKER_BUSY_KEY, WORKER_MODELS_KEY]
 HEARTBEAT_SCRIPT = (
     REDIS_NOW_LUA
     + """
 local now = redis_now_ms()
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+local ttl = tonumber(ARGV[2])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
 for _, worker in ipairs(dead) do
   redis.call('ZREM', KEYS[1], worker)
-  redis.call('HDEL', KEYS[2], worker)
-  redis.call('HDEL', KEYS[3], worker)
-  redis.call('HDEL', KEYS[4], worker)
+  for i = 2, 5 do redis.call('HDEL', KEYS[i], worker) end
 end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
-for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[2]) end
+for i = 2, 5 do redis.call('HSET', KEYS[i], ARGV[1], ARGV[i + 1]) end
+if ARGV[7] == '1' then redis.call('ZADD', KEYS[6], now, ARGV[1])
+else redis.call('ZREM', KEYS[6], ARGV[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - ttl)
+for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], ttl) end
+local model = {announced = now}
+if ARGV[8] ~= '' then model.n_ctx = tonumber(ARGV[8]) end
+redis.call('HSET', KEYS[7], ARGV[6], cjson.encode(model))
 return #dead
 """
 )
@@ -71,6 +83,10 @@ def default_max_jobs(settings: Settings) -> int:
         from worker.backends.llama import DEFAULT_SEQUENCES  # llama.cpp loads only for llama
 
         return DEFAULT_SEQUENCES  # its jobs are decoded together, one sequence each
+    if settings.backend == "openai":
+        from worker.backends.openai import DEFAULT_MAX_JOBS
+
+        return DEFAULT_MAX_JOBS  # the engine batches them; the worker only relays text
     return 512
 
 
@@ -83,17 +99,23 @@ class SluiceWorker(ClaimingWorker):
     only the fallback period. Idle workers cost Redis one command per period, not a busy loop.
 
     Liveness: a heartbeat in `sluice:workers` every `heartbeat_s`, by Redis's clock.
+
+    Routing: it serves its backend's model, from that model's queue; while its backend is not
+    available it claims nothing, and its heartbeat says so.
     """
 
-    def __init__(self, settings: Settings, **overrides: Any) -> None:
+    def __init__(self, settings: Settings, backend: Backend, **overrides: Any) -> None:
         self.settings = settings
+        self.backend = backend
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._wake = asyncio.Event()
         self._loops = LoopGroup(log)
         options: dict[str, Any] = {
             "functions": [func(generate, name=JOB_FUNCTION)],
-            "queue_name": QUEUE_NAME,
-            "redis_settings": arq_redis_settings(settings.redis_url),
+            "queue_name": queue_name(backend.model),
+            "redis_pool": worker_redis(
+                settings.redis_url, settings.worker_redis_connections, self.worker_id
+            ),
             "on_startup": self._startup,
             "on_shutdown": self._shutdown,
             "max_jobs": default_max_jobs(settings),
@@ -103,16 +125,11 @@ class SluiceWorker(ClaimingWorker):
             "retry_jobs": False,
             "job_completion_wait": settings.drain_s,
             "poll_delay": 0,
-            "ctx": {"settings": settings, "worker_id": self.worker_id},
+            "ctx": {"settings": settings, "worker_id": self.worker_id, "backend": backend},
         }
         super().__init__(**{**options, **overrides})
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
-        try:
-            ctx["backend"] = load_backend(self.settings)
-        except Exception as exc:
-            log.critical("worker %s could not load its backend: %s", self.worker_id, exc)
-            raise SystemExit(1) from exc
         ctx["writer"] = StreamWriter(ctx["redis"], self.settings.stream_maxlen)
         metrics.serve(self.settings.worker_metrics_port)
         ctx["claim"] = ctx["redis"].register_script(CLAIM_SCRIPT)
@@ -122,19 +139,23 @@ class SluiceWorker(ClaimingWorker):
         await self._beat_once()
         self._loops.start("listen", lambda: self._listen(control))
         self._loops.start("heartbeat", self._beat)
-        log.info("worker %s ready: backend %s", self.worker_id, self.settings.backend)
+        log.info(
+            "worker %s ready: backend %s, model %s",
+            self.worker_id,
+            self.settings.backend,
+            self.backend.model,
+        )
 
     async def _shutdown(self, ctx: dict[str, Any]) -> None:
         await self._loops.stop()
         with contextlib.suppress(Exception):
             async with self.pool.pipeline(transaction=False) as pipe:
                 pipe.zrem(WORKERS_KEY, self.worker_id)
-                pipe.hdel(WORKER_SLOTS_KEY, self.worker_id)
-                pipe.hdel(WORKER_LOOPS_KEY, self.worker_id)
-                pipe.hdel(WORKER_BUSY_KEY, self.worker_id)
+                for key in WORKER_HASHES:
+                    pipe.hdel(key, self.worker_id)
+                pipe.zrem(serving_key(self.backend.model), self.worker_id)
                 await pipe.execute()
-        if "backend" in ctx:
-            ctx["backend"].close()
+        self.backend.close()
 
     async def _poll_iteration(self) -> None:
         try:
@@ -148,6 +169,10 @@ class SluiceWorker(ClaimingWorker):
             await asyncio.wait_for(self._wake.wait(), self.settings.poll_delay_s)
         self._wake.clear()
 
+    async def _claim(self, free: int) -> None:
+        if self.backend.available:  # else its jobs wait for workers whose backend answers
+            await super()._claim(free)
+
     def on_slot_free(self) -> None:
         self._wake.set()  # a slot is free: look at the queue now
 
@@ -155,7 +180,7 @@ class SluiceWorker(ClaimingWorker):
         """Wake-ups (a job was enqueued) and stops (cancel, unread), as they are published.
         A lost subscription raises, and the loop's supervisor subscribes again."""
         async with self.pool.pubsub() as pubsub:
-            await pubsub.subscribe(WAKE_CHANNEL, CANCEL_CHANNEL)
+            await pubsub.subscribe(wake_channel(self.backend.model), CANCEL_CHANNEL)
             self._wake.set()  # anything enqueued while we were not listening
             async for message in pubsub.listen():
                 if message["type"] != "message":
@@ -166,14 +191,18 @@ class SluiceWorker(ClaimingWorker):
                     self._wake.set()
 
     async def _beat_once(self) -> None:
+        backend = self.backend
         await self._heartbeat(
-            keys=[WORKERS_KEY, WORKER_SLOTS_KEY, WORKER_LOOPS_KEY, WORKER_BUSY_KEY],
+            keys=[WORKERS_KEY, *WORKER_HASHES, serving_key(backend.model), MODELS_KEY],
             args=[
                 self.worker_id,
                 worker_ttl_ms(self.settings.heartbeat_s),
                 self.max_jobs,
                 ",".join(loop.name for loop in self._loops.failing()),
                 self.job_counter,
+                backend.model,
+                int(backend.available),
+                "" if backend.n_ctx is None else backend.n_ctx,
             ],
         )
 
@@ -190,4 +219,10 @@ def run(settings: Settings) -> None:
     # uvloop, as uvicorn gives the API: a worker streaming thousands of tokens a second spends
     # much of its time in the event loop's timers and socket writes, which uvloop does in C.
     asyncio.set_event_loop(uvloop.new_event_loop())
-    SluiceWorker(settings).run()
+    # Loaded before the worker is built: its model names the queue it serves.
+    try:
+        backend = load_backend(settings)
+    except Exception as exc:
+        log.critical("worker could not load its backend: %s", exc)
+        sys.exit(1)
+    SluiceWorker(settings, backend).run()

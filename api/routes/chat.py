@@ -36,6 +36,7 @@ async def chat_completions(
             )
         seed = parse(SeedRequest, body)
         check_text(seed.prompt, "prompt", settings)
+        model = await gateway.route(seed)
         messages = [
             {"role": "system", "content": settings.seed_system_prompt},
             {"role": "user", "content": seed.prompt},
@@ -44,6 +45,7 @@ async def chat_completions(
         job = build_job(
             seed,
             settings,
+            n_ctx=model.n_ctx,
             default_max_tokens=settings.seed_max_tokens,
             min_tokens=min_tokens,
             messages=messages,
@@ -53,23 +55,28 @@ async def chat_completions(
             caller,
             job,
             "chat.completion.chunk",
+            model=model.name,
             stream=True,
             include_usage=seed.include_usage,
         )
     if "messages" not in body:
         raise InvalidRequest("one of 'messages' or 'prompt' is required", param="messages")
     chat = parse(ChatCompletionRequest, body)
+    messages = message_dicts(chat.messages, settings)
+    model = await gateway.route(chat)
     job = build_job(
         chat,
         settings,
+        n_ctx=model.n_ctx,
         default_max_tokens=settings.max_tokens,
-        messages=message_dicts(chat.messages, settings),
+        messages=messages,
     )
     return await gateway.serve(
         request,
         caller,
         job,
         "chat.completion.chunk",
+        model=model.name,
         stream=chat.stream,
         include_usage=chat.include_usage,
     )

@@ -28,9 +28,11 @@ async def completions(
 ) -> EventSourceResponse | JSONResponse:
     completion = parse(CompletionRequest, await read_json_object(request))
     check_text(completion.prompt, "prompt", gateway.settings)
+    model = await gateway.route(completion)
     job = build_job(
         completion,
         gateway.settings,
+        n_ctx=model.n_ctx,
         default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS,
         prompt=completion.prompt,
     )
@@ -39,6 +41,7 @@ async def completions(
         caller,
         job,
         "text_completion",
+        model=model.name,
         stream=completion.stream,
         include_usage=completion.include_usage,
     )

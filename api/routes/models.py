@@ -1,4 +1,4 @@
-"""GET /v1/models: the model this deployment serves, in OpenAI's shape."""
+"""GET /v1/models: the models live workers serve now, in OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 from fastapi import APIRouter, Depends
 
 from api.auth import authenticate
-from api.deps import SettingsDep
+from api.catalog import no_such_model
+from api.deps import GatewayDep
 from api.openapi import ERRORS
-from shared.errors import ModelNotFound
 from shared.schema import ModelCard, ModelList
 
 router = APIRouter(responses=ERRORS, dependencies=[Depends(authenticate)])
@@ -21,12 +21,12 @@ def model_card(name: str) -> ModelCard:
 
 
 @router.get("/v1/models")
-async def list_models(settings: SettingsDep) -> ModelList:
-    return ModelList(data=[model_card(settings.model_name)])
+async def list_models(gateway: GatewayDep) -> ModelList:
+    return ModelList(data=[model_card(m.name) for m in await gateway.models.served()])
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, settings: SettingsDep) -> ModelCard:
-    if model_id != settings.model_name:
-        raise ModelNotFound(f"The model `{model_id}` does not exist.", param="model")
+async def get_model(model_id: str, gateway: GatewayDep) -> ModelCard:
+    if model_id not in {m.name for m in await gateway.models.served()}:
+        raise no_such_model(model_id)
     return model_card(model_id)

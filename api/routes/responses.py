@@ -92,18 +92,23 @@ async def create_response(
     ]
     check_text("".join(m["content"] for m in conversation), "input", settings)
     instructions = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    model = await gateway.route(req)
     job = build_job(
-        req, settings, default_max_tokens=settings.max_tokens, messages=instructions + conversation
+        req,
+        settings,
+        n_ctx=model.n_ctx,
+        default_max_tokens=settings.max_tokens,
+        messages=instructions + conversation,
     )
     key_name = caller.name if settings.auth_enabled else None
     bind(job.stream_id, key_name)
     job = job.model_copy(update={"key_name": key_name})
-    meta, use = await gateway.queue.submit(job, "chat.completion.chunk", False, caller)
+    meta, use = await gateway.queue.submit(job, "chat.completion.chunk", False, caller, model.name)
     record = ResponseRecord(
         id=response_id(job.stream_id),
         owner=caller.name,
         created_at=meta.created,
-        model=settings.model_name,
+        model=model.name,
         background=req.background,
         store=req.store,
         instructions=req.instructions,

@@ -54,6 +54,6 @@ async def cancel_stream(
     stream_id: str, gateway: GatewayDep, caller: PrincipalDep
 ) -> StreamCancelled:
     stream_id = bare_id(stream_id)
-    await gateway.queue.cancel(stream_id, caller)
-    CANCELS.labels(gateway.settings.model_name).inc()
+    meta = await gateway.queue.cancel(stream_id, caller)
+    CANCELS.labels(meta.model).inc()
     return StreamCancelled(id=stream_id)

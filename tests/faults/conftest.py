@@ -26,7 +26,7 @@ def make_stack(redis_server: RedisServer) -> Iterator[StackFactory]:
         db = 16 + (next(_databases) - 16) % (DATABASES - 16)
         stack = start_stack(
             f"fault-db{db}",
-            redis.url(db),
+            redis.fresh_url(db),
             workers,
             **{"backend": "synthetic", **FAST_LIVENESS, **settings},
         )

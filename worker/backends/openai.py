@@ -1,0 +1,380 @@
+"""The `openai` backend: the model runs on an engine behind an OpenAI-compatible API (vLLM,
+SGLang, TGI, Ollama, llama.cpp's `llama-server`, a hosted API), and each job streams from it.
+
+One pooled HTTP client carries every job of the worker. A job's request is sent on the first read
+of its pieces, so a job that never reads them never occupies the engine, and it is closed when
+they are closed: finished, cancelled, unread, or timed out (the engine then frees its slot).
+
+Failures:
+- the engine refuses the request (a 4xx): the job fails with the engine's own status and error;
+- it does not answer, or answers 5xx, 408 or 429, before the first token: the request is sent
+  again, with backoff (honouring `Retry-After`), for up to `SLUICE_QUEUE_TIMEOUT_S`, then the job
+  fails with `upstream_unavailable`;
+- its stream is cut after the first token: the job fails with `upstream_error`.
+Network errors name hosts and ports: they go to the log, never to clients.
+
+`available` is False from a failure to reach the engine (or a 5xx) until it answers again. While
+it is False, reading it starts a probe (`GET /models`, at most one a second): the worker, which
+reads it before claiming jobs and in every heartbeat, sees the engine come back with no loop here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from shared.errors import ErrorBody, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from shared.protocol import Finished
+from shared.schema import GenerationJob
+from shared.settings import Settings
+from worker.backends import BackendError, Generation
+
+log = logging.getLogger("sluice.worker")
+
+DEFAULT_MAX_JOBS = 64
+"""Jobs one worker streams at once unless SLUICE_WORKER_MAX_JOBS says otherwise: the engine
+batches them, and the worker only relays text."""
+CONNECT_TIMEOUT_S = 5.0
+PROBE_EVERY_S = 1.0
+MIN_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 5.0
+RETRIED = frozenset({408, 429})
+"""4xx statuses that say "not now" rather than "not this request"."""
+CREDENTIALS = frozenset({401, 403, 407})
+"""4xx statuses about sluice's own credentials for the engine, which no client can fix."""
+UNAVAILABLE = "the model's engine is not available; try again later"
+
+
+class OpenAIBackend:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.upstream_url is not None
+        self.max_concurrency = settings.worker_max_jobs or DEFAULT_MAX_JOBS
+        self._url = settings.upstream_url.rstrip("/")
+        key = settings.upstream_api_key
+        self._headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+        self._wait_s = settings.queue_timeout_s
+        # Names are needed before the worker can serve: without SLUICE_UPSTREAM_MODEL, wait for
+        # the engine to list its models; with it, one look (for its context length) will do.
+        listed = self._list_models(until_answered=settings.upstream_model is None)
+        if settings.upstream_model is not None:
+            self.upstream_model = settings.upstream_model
+        elif listed:
+            self.upstream_model = str(listed[0]["id"])
+        else:
+            raise BackendError(f"{self._url}/models lists no model: set SLUICE_UPSTREAM_MODEL")
+        self.model = settings.served_model_name or self.upstream_model
+        self.n_ctx = self._context_length(listed) if listed is not None else None
+        self._available = listed is not None
+        self._http: httpx.AsyncClient | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._next_probe = 0.0
+        log.info(
+            "upstream %s: serving its %r as %r (context: %s)",
+            self._url,
+            self.upstream_model,
+            self.model,
+            self.n_ctx or "unknown",
+        )
+
+    # --- names, at start-up (no event loop yet) ---
+
+    def _list_models(self, *, until_answered: bool) -> list[dict[str, Any]] | None:
+        backoff = MIN_BACKOFF_S
+        while True:
+            try:
+                response = httpx.get(
+                    f"{self._url}/models", headers=self._headers, timeout=CONNECT_TIMEOUT_S
+                )
+                response.raise_for_status()
+                return [m for m in response.json()["data"] if isinstance(m, dict) and "id" in m]
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                if not until_answered:
+                    log.warning("upstream %s does not list its models: %s", self._url, exc)
+                    return None
+                log.warning(
+                    "upstream %s does not list its models (%s); asking again in %.1f s",
+                    self._url,
+                    exc,
+                    backoff,
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _context_length(self, listed: list[dict[str, Any]]) -> int | None:
+        """vLLM lists `max_model_len`; llama-server tells a slot's context in its `/props`."""
+        for entry in listed:
+            if entry["id"] == self.upstream_model and isinstance(entry.get("max_model_len"), int):
+                return int(entry["max_model_len"])
+        if not self._url.endswith("/v1"):
+            return None
+        try:
+            props = httpx.get(
+                f"{self._url.removesuffix('/v1')}/props",
+                headers=self._headers,
+                timeout=CONNECT_TIMEOUT_S,
+            )
+            n_ctx = props.json()["default_generation_settings"]["n_ctx"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        return n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None
+
+    # --- availability ---
+
+    @property
+    def available(self) -> bool:
+        if not self._available:
+            self._probe_soon()
+        return self._available
+
+    @available.setter
+    def available(self, value: bool) -> None:
+        if value != self._available:
+            log.warning("upstream %s %s", self._url, "answers" if value else "is unavailable")
+        self._available = value
+
+    def _probe_soon(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if (self._probe is not None and not self._probe.done()) or loop.time() < self._next_probe:
+            return
+        self._next_probe = loop.time() + PROBE_EVERY_S
+        self._probe = loop.create_task(self._probe_once(), name="upstream-probe")
+
+    async def _probe_once(self) -> None:
+        try:
+            response = await self._client().get("/models", timeout=CONNECT_TIMEOUT_S)
+        except httpx.HTTPError:
+            return
+        if response.status_code < 500:
+            self.available = True
+
+    # --- jobs ---
+
+    def _client(self) -> httpx.AsyncClient:
+        # Made on first use: the backend is built before the worker's event loop runs.
+        if self._http is None:
+            connections = self.max_concurrency + 1  # and the probe
+            self._http = httpx.AsyncClient(
+                base_url=self._url,
+                headers=self._headers,
+                # No read timeout: an engine may be silent for long (a long prompt, a queue of
+                # its own); the job's timeout bounds it.
+                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
+                limits=httpx.Limits(
+                    max_connections=connections, max_keepalive_connections=connections
+                ),
+            )
+        return self._http
+
+    async def start(self, job: GenerationJob) -> Generation:
+        def report(finished: Finished) -> None:
+            generation.finished = finished
+
+        generation = Generation(0, self._pieces(job, report), ends_itself=True)
+        return generation
+
+    def _request(self, job: GenerationJob) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {
+            "model": self.upstream_model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": job.max_tokens,
+            "temperature": job.temperature,
+            "top_p": job.top_p,
+            "presence_penalty": job.presence_penalty,
+            "frequency_penalty": job.frequency_penalty,
+        }
+        if job.stop:
+            body["stop"] = job.stop
+        if job.seed is not None:
+            body["seed"] = job.seed
+        if job.min_tokens:
+            body["min_tokens"] = job.min_tokens  # vLLM's extension; llama-server ignores it
+        if job.messages is not None:
+            return "/chat/completions", body | {"messages": job.messages}
+        return "/completions", body | {"prompt": job.prompt}
+
+    async def _pieces(
+        self, job: GenerationJob, report: Callable[[Finished], None]
+    ) -> AsyncGenerator[bytes, None]:
+        path, body = self._request(job)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_s
+        backoff = MIN_BACKOFF_S
+        while True:
+            reader = _StreamReader(job.max_tokens)
+            retry_after: float | None = None
+            try:
+                async with self._client().stream("POST", path, json=body) as response:
+                    if not response.is_success:
+                        retry_after = await self._refused(response)
+                    else:
+                        self.available = True
+                        async for line in response.aiter_lines():
+                            if piece := reader.feed(line):
+                                yield piece
+                            if reader.overran:
+                                break
+                        report(reader.finished or reader.ended())
+                        return
+            except (httpx.HTTPError, _Cut) as exc:
+                self.available = False  # most likely down; if not, the probe says so at once
+                if reader.pieces:
+                    log.warning("upstream %s cut the stream: %r", self._url, exc)
+                    raise UpstreamError("the model's engine stopped while answering") from None
+                problem = repr(exc)
+            else:
+                problem = f"HTTP {response.status_code}"
+            now = loop.time()
+            if now >= deadline:
+                log.warning("upstream %s: %s; giving up", self._url, problem)
+                raise UpstreamUnavailable(UNAVAILABLE)
+            delay = min(retry_after if retry_after is not None else backoff, deadline - now)
+            log.warning("upstream %s: %s; trying again in %.2f s", self._url, problem, delay)
+            await asyncio.sleep(delay)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _refused(self, response: httpx.Response) -> float | None:
+        """Raises for a refusal that trying again will not change; else how long to wait before
+        trying again, if the engine said (`Retry-After`)."""
+        status = response.status_code
+        content = await response.aread()
+        if status >= 500:
+            self.available = False
+        elif status in CREDENTIALS:
+            log.error("upstream %s refused sluice's credentials: %s", self._url, content[:500])
+            raise UpstreamUnavailable(UNAVAILABLE)
+        elif status not in RETRIED:
+            raise UpstreamRejected(status, _engine_error(status, content))
+        return _retry_after(response.headers.get("retry-after"))
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        if self._http is not None:
+            # Best effort: close() is synchronous, and the process is ending anyway.
+            with contextlib.suppress(RuntimeError):  # no event loop runs any more
+                self._closing = asyncio.get_running_loop().create_task(self._http.aclose())
+
+
+class _Cut(Exception):
+    """The engine's stream ended without saying it was complete, or said something unreadable."""
+
+
+class _StreamReader:
+    """One job's SSE lines from the engine → its text pieces, then how it finished."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self._max_tokens = max_tokens
+        self.pieces = 0
+        self._reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self.finished: Finished | None = None
+        self.overran = False
+
+    def feed(self, line: str) -> bytes:
+        if self.finished is not None:
+            return b""  # past [DONE]: the body's end, read so that its connection is reused
+        if line.startswith("data:"):
+            data = line[5:].strip()
+        elif line.startswith("error:"):  # how some llama-server versions send a late error
+            data = line[6:].strip()
+        else:
+            return b""  # blank separators, comments, `event:` and `id:` lines
+        if data == "[DONE]":
+            self._finish(self._reason or "stop")
+            return b""
+        try:
+            chunk = json.loads(data)
+            if "error" in chunk:
+                self._fail(chunk)
+            if isinstance(usage := chunk.get("usage"), dict):
+                self._usage = usage
+            choice = (chunk.get("choices") or [{}])[0]
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            self._reason = choice.get("finish_reason") or self._reason
+            piece: bytes = text.encode() if text else b""
+        except (ValueError, AttributeError, TypeError, IndexError) as exc:
+            raise _Cut(f"unreadable chunk: {data[:200]!r}") from exc
+        if piece and self.pieces >= self._max_tokens:
+            self._finish("length")  # an engine that does not honour max_tokens: stop it here
+            self.overran = True
+            return b""
+        self.pieces += bool(piece)
+        return piece
+
+    def ended(self) -> Finished:
+        """How it finished, if the engine's answer ended without `[DONE]`: complete only if
+        the engine had said why it stopped."""
+        if self._reason is None:
+            raise _Cut("the stream ended without a finish reason or [DONE]")
+        self._finish(self._reason)
+        assert self.finished is not None
+        return self.finished
+
+    def _fail(self, chunk: dict[str, Any]) -> None:
+        body = _engine_error(500, json.dumps(chunk).encode())
+        status = body["code"] if isinstance(body["code"], int) else 500
+        if self.pieces == 0 and 400 <= status < 500:
+            raise UpstreamRejected(status, body)
+        log.warning("the engine's stream failed: %s", body["message"])
+        raise UpstreamError("the model's engine failed while answering")
+
+    def _finish(self, reason: str) -> None:
+        usage = self._usage or {}
+        self.finished = Finished(
+            "length" if reason == "length" else "stop",
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or self.pieces),
+        )
+
+
+def _engine_error(status: int, content: bytes) -> ErrorBody:
+    """The engine's error as OpenAI shapes it (`{"error": {...}}`), whatever the engine sent:
+    vLLM's older bare object, a bare string, or no JSON at all."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        data = None
+    error = data.get("error", data) if isinstance(data, dict) else None
+    if isinstance(error, str):
+        error = {"message": error}
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return {
+            "message": f"the model's engine refused the request (HTTP {status})",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    return {
+        "message": error["message"],
+        "type": str(error.get("type") or "invalid_request_error"),
+        "param": error.get("param"),
+        "code": error.get("code"),
+    }
+
+
+def _retry_after(value: str | None) -> float | None:
+    """`Retry-After` in seconds, given as seconds or as an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
