@@ -42,6 +42,8 @@ from worker.generate import CLAIM_SCRIPT, generate
 from worker.writer import StreamWriter
 
 log = logging.getLogger("sluice.worker")
+REDIS_START_WAIT_S = 30.0
+"""How long a starting worker waits for Redis to answer before it gives up (exit 1)."""
 
 # A heartbeat, by Redis's clock: this worker's score, then its slots, the state of its loops,
 # its jobs running and its model, one hash each; workers not heard from for a TTL are dropped
@@ -128,6 +130,24 @@ class SluiceWorker(ClaimingWorker):
             "ctx": {"settings": settings, "worker_id": self.worker_id, "backend": backend},
         }
         super().__init__(**{**options, **overrides})
+
+    async def main(self) -> None:
+        await self._wait_for_redis()
+        await super().main()
+
+    async def _wait_for_redis(self) -> None:
+        """A worker started beside Redis (compose, `sluice dev`, a pod) may be up first; arq's
+        own pool waits for it, and so does this one, instead of exiting at its first command."""
+        deadline = asyncio.get_running_loop().time() + REDIS_START_WAIT_S
+        while True:
+            try:
+                await self.pool.ping()
+                return
+            except (RedisError, OSError) as exc:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+                log.warning("Redis does not answer yet (%s); trying again", exc)
+                await asyncio.sleep(0.5)
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
         ctx["writer"] = StreamWriter(ctx["redis"], self.settings.stream_maxlen)

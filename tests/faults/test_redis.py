@@ -9,7 +9,7 @@ import httpx
 import redis
 
 from tests.faults.conftest import StackFactory
-from tests.procs import RedisServer, eventually
+from tests.procs import RedisServer, eventually, free_port, sluice, sluice_env, start_api
 from tests.sse import stream
 
 
@@ -60,3 +60,23 @@ def healthy(base_url: str) -> bool:
         return bool(httpx.get(f"{base_url}/ready", timeout=1).json().get("workers", 0) >= 1)
     except (httpx.HTTPError, ValueError):
         return False
+
+
+async def test_a_worker_started_before_redis_waits_for_it_then_serves() -> None:
+    later = RedisServer()  # its port is chosen; nothing listens on it yet
+    env = sluice_env(later.url(), free_port(), backend="synthetic")
+    worker = sluice("worker", "redis-later-w0", env)
+    api = None
+    try:
+        await asyncio.sleep(2)  # the worker has tried, and waits
+        assert worker.alive()
+        later.start()
+        api, base_url = start_api("redis-later", env)
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            served = await stream(client, {"prompt": "late", "stream": True, "max_tokens": 3})
+        assert served.events[-1].data == "[DONE]"
+        assert not served.errors
+    finally:
+        for proc in (api, worker, later):
+            if proc is not None:
+                proc.stop()
