@@ -76,7 +76,7 @@ GENERATION_TOKENS = Counter(
     "sluice_generation_tokens_total", "Tokens generated for requests served here", ["model"]
 )
 PROMPT_TOKENS = Counter(
-    "sluice_prompt_tokens_total", "Prompt tokens of requests served here", ["model"]
+    "sluice_prompt_tokens_total", "Prompt tokens of requests finished here", ["model"]
 )
 REQUESTS = Counter(
     "sluice_requests_total",
@@ -136,13 +136,15 @@ class RequestClock:
         tokens = [entry_id for entry_id, entry in batch if isinstance(entry, Token)]
         for _, entry in batch:
             match entry:
-                case Started(_, prompt_tokens, claimed_ms) if self.queued_ms is not None:
-                    PROMPT_TOKENS.labels(self.model).inc(prompt_tokens)
+                case Started(_, _, claimed_ms) if self.queued_ms is not None:
                     if claimed_ms is not None:
                         self.claimed_ms = claimed_ms
                         QUEUE_TIME.labels(self.model).observe((claimed_ms - self.queued_ms) / 1000)
-                case Finished(reason, _, completion_tokens) if self.queued_ms is not None:
-                    GENERATION_TOKENS.labels(self.model).inc(completion_tokens)
+                case Finished(reason, prompt, completion) if self.queued_ms is not None:
+                    # Both counted at the end, where every backend has them: an engine behind an
+                    # API tells its prompt's size only with its usage, when its stream ends.
+                    PROMPT_TOKENS.labels(self.model).inc(prompt)
+                    GENERATION_TOKENS.labels(self.model).inc(completion)
                     self._end(reason, now)
                 case Failed(error) if self.queued_ms is not None:
                     self._end(error["code"] or error["type"], now)

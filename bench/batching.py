@@ -19,38 +19,20 @@ whether a greedy answer is the same alone and inside a batch of 8.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import os
-import ssl
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import psutil
 
-from bench.common import (
-    ROOT,
-    Timing,
-    median,
-    pct,
-    progress,
-    pyplot,
-    redis_server,
-    save,
-    sluice_stack,
-    table,
-    timed_stream,
-)
+from bench import common
 from bench.peers import peer_server
 from shared.settings import Settings
-from tests.procs import Proc, free_port, wait_until
+from tests.upstreams import LlamaServer, llama_server_binary
 
 MAX_TOKENS = 128
 SYSTEMS = ["sluice", "llama-server", "llama-cpp-python"]
@@ -87,47 +69,6 @@ def request(topic: str, unique: bool = True) -> dict[str, Any]:
     }
 
 
-def llama_server_binary() -> str:
-    """deploy/llama-server.sh's cached build (it builds one, minutes, the first time)."""
-    done = subprocess.run(
-        ["bash", str(ROOT / "deploy" / "llama-server.sh")],
-        env={**os.environ, "PYTHON": sys.executable},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout.strip().splitlines()[-1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-@contextmanager
-def llama_server(binary: str, settings: Settings, sequences: int) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    threads = str(settings.n_threads)
-    server = Proc(
-        "bench-llama-server",
-        [
-            binary,
-            *("--model", str(settings.gguf_path)),
-            *("--parallel", str(sequences), "--ctx-size", str(settings.n_ctx * sequences)),
-            *("--threads", threads, "--threads-batch", threads),
-            *("--host", "127.0.0.1", "--port", str(port)),
-        ],
-    ).start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: healthy(f"{url}/health"), 120, "llama-server")
-        yield url, server.pid
-    finally:
-        server.stop()
-
-
 @dataclass(frozen=True)
 class Target:
     system: str
@@ -136,42 +77,26 @@ class Target:
     """The process that holds the model (sluice: its worker), for its RSS."""
 
 
-def tokens_of(timing: Timing) -> int:
-    return timing.completion_tokens or timing.content_events
-
-
 async def level(target: Target, n: int) -> dict[str, Any]:
     """N streams at once, each with a client of its own (see bench/concurrency.py)."""
-
-    tls = ssl.create_default_context()  # one for all: making one per client costs 20+ ms of CPU
-
-    async def stream(i: int) -> Timing:
-        async with httpx.AsyncClient(base_url=target.url, timeout=900, verify=tls) as client:
-            return await timed_stream(client, "/v1/chat/completions", request(TOPICS[i]))
-
-    start = time.perf_counter()
-    timings: list[Timing] = await asyncio.gather(*(stream(i) for i in range(n)))
-    wall = time.perf_counter() - start
-    ok = [t for t in timings if t.ok and tokens_of(t) > 0]
-    ttft = [t.ttft_s * 1000 for t in ok]
+    timings, wall = await common.concurrent_streams(
+        target.url, [request(TOPICS[i]) for i in range(n)]
+    )
+    ok = [t for t in timings if t.ok and t.tokens > 0]
     return {
         "system": target.system,
-        "streams": n,
-        "completed": len(ok),
-        "aggregate_tokens_per_s": sum(tokens_of(t) for t in ok) / wall,
-        "per_stream_tokens_per_s_p50": median([t.tokens_per_s for t in ok]),
-        "ttft_p50_ms": median(ttft),
-        "ttft_p95_ms": pct(ttft, 95),
-        "tokens_p50": median([tokens_of(t) for t in ok]),
-        "wall_s": wall,
-        "first_error": next((t.error or "ended before [DONE]" for t in timings if not t.ok), ""),
+        **common.level_stats(timings, wall),
+        "per_stream_tokens_per_s_p50": common.median([t.tokens_per_s for t in ok]),
+        "tokens_p50": common.median([t.tokens for t in ok]),
     }
 
 
 async def warm_up(targets: list[Target]) -> None:
     async with httpx.AsyncClient(timeout=300) as client:
         for target in targets:
-            await timed_stream(client, f"{target.url}/v1/chat/completions", request("warm-up"))
+            await common.timed_stream(
+                client, f"{target.url}/v1/chat/completions", request("warm-up")
+            )
 
 
 def rss_mb(pid: int) -> float:
@@ -212,12 +137,13 @@ def identity(alone: list[str], together: list[str]) -> dict[str, Any]:
 def sweep(levels: list[int], rounds: int) -> dict[str, Any]:
     settings = Settings(backend="llama")
     binary = llama_server_binary()
+    assert binary is not None, "no llama-server: `make llama-server` builds it"
     rows: list[dict[str, Any]] = []
     ratios: dict[int, dict[str, float]] = {}
     checks: dict[str, Any] = {}
     done, total = 0, len(levels) * rounds * len(SYSTEMS)
     with ExitStack() as run:
-        redis = run.enter_context(redis_server())
+        redis = run.enter_context(common.redis_server())
         peer_url = run.enter_context(peer_server(settings))
         peer_pid = next(
             p.pid
@@ -229,14 +155,21 @@ def sweep(levels: list[int], rounds: int) -> dict[str, Any]:
         for db, n in enumerate(levels, start=1):
             with ExitStack() as servers:
                 stack = servers.enter_context(
-                    sluice_stack(
+                    common.sluice_stack(
                         redis, 1, db=db, backend="llama", worker_max_jobs=str(n), access_log="false"
                     )
                 )
-                anchor_url, anchor_pid = servers.enter_context(llama_server(binary, settings, n))
+                anchor = LlamaServer(
+                    binary,
+                    slots=n,
+                    threads=settings.n_threads,
+                    ctx_per_slot=settings.n_ctx,
+                    model=settings.gguf_path,
+                ).start()
+                servers.callback(anchor.stop)
                 targets = [
                     Target("sluice", stack.base_url, stack.workers[0].pid),
-                    Target("llama-server", anchor_url, anchor_pid),
+                    Target("llama-server", anchor.url, anchor.pid),
                     peer,
                 ]
                 asyncio.run(warm_up(targets[:2]))
@@ -246,7 +179,7 @@ def sweep(levels: list[int], rounds: int) -> dict[str, Any]:
                         row = asyncio.run(level(target, n))
                         runs[target.system].append({**row, "round": r})
                         done += 1
-                        progress(done, total, f"batching {n} streams")
+                        common.progress(done, total, f"batching {n} streams")
                 for target in targets:
                     mine = sorted(runs[target.system], key=lambda x: x["aggregate_tokens_per_s"])
                     rows.append(
@@ -257,14 +190,14 @@ def sweep(levels: list[int], rounds: int) -> dict[str, Any]:
                     for r in range(rounds)
                 ]
                 ratios[n] = {
-                    "aggregate_sluice_over_llama_server": median(
+                    "aggregate_sluice_over_llama_server": common.median(
                         [
                             x["sluice"]["aggregate_tokens_per_s"]
                             / x["llama-server"]["aggregate_tokens_per_s"]
                             for x in by_round
                         ]
                     ),
-                    "per_stream_sluice_over_llama_cpp_python": median(
+                    "per_stream_sluice_over_llama_cpp_python": common.median(
                         [
                             x["sluice"]["per_stream_tokens_per_s_p50"]
                             / x["llama-cpp-python"]["per_stream_tokens_per_s_p50"]
@@ -301,7 +234,7 @@ def goals(result: dict[str, Any]) -> dict[str, bool]:
 
 
 def plot(rows: list[dict[str, Any]]) -> Any:
-    plt = pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     panels = [
         ("aggregate_tokens_per_s", "aggregate tokens/s"),
@@ -333,13 +266,10 @@ def plot(rows: list[dict[str, Any]]) -> Any:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--levels", default="1,2,4,8,16")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    result = sweep([int(n) for n in args.levels.split(",")], args.rounds)
+    args = common.sweep_arguments(__doc__, levels="1,2,4,8,16").parse_args()
+    result = sweep(args.levels, args.rounds)
     result["goals"] = goals(result)
-    save(
+    common.save(
         "batching",
         {"rounds": args.rounds, "max_tokens": MAX_TOKENS, **result},
         plot(result["rows"]),
@@ -355,7 +285,7 @@ def main() -> None:
         "tokens_p50",
         "rss_mb",
     ]
-    print(table(result["rows"], columns))
+    print(common.table(result["rows"], columns))
     print(result["ratios"])
     print(result["greedy_alone_vs_batch_of_8"])
     print(result["goals"])

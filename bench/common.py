@@ -5,9 +5,12 @@ Load goes only to addresses on this machine, and every loop is bounded in count 
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
 import platform
+import ssl
 import statistics
 import sys
 import time
@@ -65,11 +68,15 @@ class Timing:
     _last: float = field(default=0.0, repr=False)
 
     @property
+    def tokens(self) -> int:
+        """Tokens generated: as the server counted them (its usage), else content events."""
+        return self.completion_tokens or self.content_events
+
+    @property
     def tokens_per_s(self) -> float:
         """Tokens over generation time (first token to last), the usual decode-speed figure."""
-        tokens = self.completion_tokens or self.content_events
         span = sum(self.gaps_s)
-        return (tokens - 1) / span if tokens > 1 and span > 0 else float("nan")
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else float("nan")
 
     def record(self, text: str, start: float) -> None:
         """A piece of content arrived now; `start` is when the request was sent."""
@@ -125,6 +132,49 @@ async def timed_stream(client: httpx.AsyncClient, path: str, body: dict[str, Any
         timing.error = f"{type(exc).__name__}: {exc}"
     timing.total_s = time.perf_counter() - start
     return timing
+
+
+async def concurrent_streams(
+    url: str, bodies: Sequence[dict[str, Any]], path: str = "/v1/chat/completions"
+) -> tuple[list[Timing], float]:
+    """Every body streamed at once, each by a client of its own (as separate users would);
+    returns their timings and the wall time from the first request to the last end."""
+    tls = ssl.create_default_context()  # one for all: making one per client costs 20+ ms of CPU
+
+    async def one(body: dict[str, Any]) -> Timing:
+        async with httpx.AsyncClient(base_url=url, timeout=900, verify=tls) as client:
+            return await timed_stream(client, path, body)
+
+    start = time.perf_counter()
+    timings = await asyncio.gather(*(one(body) for body in bodies))
+    return list(timings), time.perf_counter() - start
+
+
+def level_stats(timings: Sequence[Timing], wall_s: float) -> dict[str, Any]:
+    """Concurrent streams, summed up: how many completed, their aggregate tokens/s (every
+    completed stream's tokens over the wall time), time to first token p50/p95, the first error."""
+    ok = [t for t in timings if t.ok and t.tokens > 0]
+    ttfts = [t.ttft_s * 1000 for t in ok]
+    return {
+        "streams": len(timings),
+        "completed": len(ok),
+        "aggregate_tokens_per_s": sum(t.tokens for t in ok) / wall_s,
+        "ttft_p50_ms": median(ttfts),
+        "ttft_p95_ms": pct(ttfts, 95),
+        "wall_s": wall_s,
+        "first_error": next((t.error or "ended before [DONE]" for t in timings if not t.ok), ""),
+    }
+
+
+def sweep_arguments(doc: str | None, levels: str, rounds: int = 3) -> argparse.ArgumentParser:
+    """A sweep's command line: its docstring's first paragraph as help, `--levels` (given
+    comma-separated, parsed to a list) and `--rounds`."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument(
+        "--levels", default=levels, type=lambda given: [int(n) for n in given.split(",")]
+    )
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser
 
 
 def progress(done: int, total: int, label: str) -> None:

@@ -16,7 +16,6 @@ rounds' ratios.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ssl
 import sys
@@ -40,6 +39,7 @@ from bench.common import (
     redis_server,
     save,
     sluice_stack,
+    sweep_arguments,
     table,
     timed_stream,
 )
@@ -218,11 +218,8 @@ def plot(rows: list[dict[str, Any]]) -> Any:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--levels", default="1,10,100,500,1000,2000")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    levels = [int(n) for n in args.levels.split(",")]
+    args = sweep_arguments(__doc__, levels="1,10,100,500,1000,2000").parse_args()
+    levels: list[int] = args.levels
     workers = max(1, -(-max(levels) // WORKER_SLOTS))
     with ExitStack() as stack:
         server = stack.enter_context(redis_server())

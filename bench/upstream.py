@@ -1,43 +1,95 @@
 """What sluice costs in front of an engine (issue 15): the same streams through sluice to
-llama-server and straight to llama-server, at 4 and 16 at once, in one run.
+llama-server and straight to llama-server, at 4 and 16 at once, in two layouts, in one run.
 
   through sluice   `sluice api` + one `sluice worker` with SLUICE_BACKEND=openai, whose upstream is
                    the llama-server below
   direct           the same llama-server (`-np 16`), asked directly
 
-llama.cpp's own server on the bundled GGUF (SmolLM2-135M Q4_1), built by deploy/llama-server.sh,
-with every core. Each request: the chat format, greedy, max_tokens 128, a prompt of its own (a
-request number first, so no stream answers from another's cached prompt). The two take turns,
-`--rounds` times per level, in alternating order. Per level: aggregate tokens/s (every stream's
-tokens, as the engine counts them, over the time from the first request to the last end) and time
-to first token, p50/p95, for each; then sluice's aggregate over direct's (median over rounds) and
-the time to first token sluice adds (p50 and p95 of all rounds' streams). Goals: at least 0.9x
-the aggregate, at most 10 ms added at the median.
+  shared           llama-server with a thread per core, on every core, which sluice (API, worker,
+                   Redis) and the load generator share with it
+  isolated         llama-server alone on CPU 0, with one thread; sluice, Redis and the load
+                   generator on the other cores: an engine on a device of its own, as deployed.
+                   The direct arm's engine is just as alone.
 
-    python -m bench.upstream [--levels 4,16] [--rounds 3]
+llama.cpp's own server on the bundled GGUF (SmolLM2-135M Q4_1), built by deploy/llama-server.sh.
+Each request: the chat format, greedy, max_tokens 128, a prompt of its own (a request number
+first, so no stream answers from another's cached prompt). Per layout, the two take turns,
+`--rounds` times per level, in alternating order. Per layout and level: aggregate tokens/s (every
+stream's tokens, as the engine counts them, over the time from the first request to the last
+end), time to first token p50/p95, and each process's CPU time per token generated, for each;
+then, round by round, sluice's aggregate over direct's and the time to first token sluice adds
+(to the round's p50 and p95), each the median over rounds. Goals: at least 0.9x the aggregate,
+at most 10 ms added at the median.
+
+    python -m bench.upstream [--layouts shared,isolated] [--levels 4,16] [--rounds 6]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
-import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import psutil
 
-from bench.common import median, pct, progress, pyplot, redis_server, save, sluice_stack, table
-from bench.common import timed_stream as timed
+from bench import common
 from tests.upstreams import LlamaServer, llama_server_binary
 
 MAX_TOKENS = 128
 SYSTEMS = ["sluice", "direct"]
+LAYOUTS = ["shared", "isolated"]
 TOPICS = ["the ocean", "volcanoes", "photosynthesis", "jazz", "chess", "honey bees", "the moon"]
+PROCESSES = ["engine", "api", "worker", "redis", "load"]
+"""Whose CPU time is measured: `load` is this process, the load generator."""
 _request_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    engine_threads: int
+    engine_cpus: set[int] | None = None
+    """None: every core, shared."""
+    rest_cpus: set[int] | None = None
+    """Where sluice, Redis and the load generator run."""
+
+
+def layout(name: str) -> Layout:
+    cores = os.cpu_count() or 1
+    if name == "shared":
+        return Layout(name, engine_threads=cores)
+    assert cores >= 2, "an isolated engine needs a core of its own and one for the rest"
+    return Layout(name, engine_threads=1, engine_cpus={0}, rest_cpus=set(range(1, cores)))
+
+
+@contextmanager
+def on_cpus(cpus: set[int] | None) -> Iterator[None]:
+    """This process, and every process it starts meanwhile, on `cpus` only (None: anywhere)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    _pin_own_threads(cpus)
+    try:
+        yield
+    finally:
+        _pin_own_threads(before)
+
+
+def _pin_own_threads(cpus: set[int]) -> None:
+    for tid in os.listdir("/proc/self/task"):  # a mask is a thread's own, not its process's
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    return {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
 
 
 def request(topic: str) -> dict[str, Any]:
@@ -53,129 +105,168 @@ def request(topic: str) -> dict[str, Any]:
     }
 
 
-async def level(url: str, n: int) -> dict[str, Any]:
-    """N streams at once, each with a client of its own."""
-
-    async def one(i: int) -> Any:
-        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-            return await timed(client, "/v1/chat/completions", request(TOPICS[i % len(TOPICS)]))
-
-    start = time.perf_counter()
-    timings = await asyncio.gather(*(one(i) for i in range(n)))
-    wall = time.perf_counter() - start
-    ok = [t for t in timings if t.ok and t.completion_tokens]
+async def level(url: str, n: int, processes: dict[str, psutil.Process]) -> dict[str, Any]:
+    """N streams at once, each with a client of its own, and the CPU time each process spent."""
+    before = cpu_seconds(processes)
+    timings, wall = await common.concurrent_streams(
+        url, [request(TOPICS[i % len(TOPICS)]) for i in range(n)]
+    )
+    after = cpu_seconds(processes)
+    ok = [t for t in timings if t.ok and t.tokens > 0]
     return {
-        "streams": n,
-        "completed": len(ok),
-        "aggregate_tokens_per_s": sum(t.completion_tokens for t in ok) / wall,
+        **common.level_stats(timings, wall),
+        "tokens": sum(t.tokens for t in ok),
+        "cpu_s": {name: after[name] - before[name] for name in processes},
         "ttfts_ms": [t.ttft_s * 1000 for t in ok],
-        "first_error": next((t.error or "ended early" for t in timings if not t.ok), ""),
     }
 
 
-def sweep(levels: list[int], rounds: int) -> dict[str, Any]:
+async def warm_up(url: str, n: int) -> None:
+    """`n` short streams at once: every slot of the engine touched (its first use of one costs
+    a second or more), and sluice's first jobs."""
+    await common.concurrent_streams(url, [request("warm-up") | {"max_tokens": 8} for _ in range(n)])
+
+
+def measure(
+    place: Layout, levels: list[int], rounds: int, tick: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Every level, `rounds` times per system, on a fresh engine and sluice in `place`; `tick`
+    after each."""
     binary = llama_server_binary()
     assert binary is not None, "no llama-server: `make llama-server` builds it"
-    threads = os.cpu_count() or 1
     rows: list[dict[str, Any]] = []
-    summary: dict[int, dict[str, float]] = {}
-    done, total = 0, len(levels) * rounds * len(SYSTEMS)
-    with ExitStack() as run:
-        engine = LlamaServer(binary, slots=max(levels), threads=threads).start()
+    with on_cpus(place.rest_cpus), ExitStack() as run:
+        engine = LlamaServer(
+            binary, slots=max(levels), threads=place.engine_threads, cpus=place.engine_cpus
+        ).start()
         run.callback(engine.stop)
-        redis = run.enter_context(redis_server())
+        redis = run.enter_context(common.redis_server())
         stack = run.enter_context(
-            sluice_stack(redis, 1, backend="openai", upstream_url=engine.v1, access_log="false")
+            common.sluice_stack(
+                redis, 1, backend="openai", upstream_url=engine.v1, access_log="false"
+            )
         )
+        pids = [engine.pid, stack.api.pid, stack.workers[0].pid, redis.pid, os.getpid()]
+        processes = {name: psutil.Process(pid) for name, pid in zip(PROCESSES, pids, strict=True)}
         urls = {"sluice": stack.base_url, "direct": engine.url}
-        for system in SYSTEMS:  # warm both: the engine's first prompts, sluice's first job
-            asyncio.run(level(urls[system], 2))
+        for system in SYSTEMS:
+            asyncio.run(warm_up(urls[system], max(levels)))
         for n in levels:
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
             for r in range(rounds):
                 for system in SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]:
-                    runs[system].append(asyncio.run(level(urls[system], n)))
-                    done += 1
-                    progress(done, total, f"upstream {n} streams")
-            for system in SYSTEMS:
-                ttfts = [t for x in runs[system] for t in x["ttfts_ms"]]
-                mid = sorted(runs[system], key=lambda x: x["aggregate_tokens_per_s"])[rounds // 2]
-                rows.append(
-                    {
-                        "system": system,
-                        "streams": n,
-                        "completed": min(x["completed"] for x in runs[system]),
-                        "aggregate_tokens_per_s": mid["aggregate_tokens_per_s"],
-                        "ttft_p50_ms": median(ttfts),
-                        "ttft_p95_ms": pct(ttfts, 95),
-                        "first_error": next((x["first_error"] for x in runs[system]), ""),
-                        "rounds": [
-                            {k: v for k, v in x.items() if k != "ttfts_ms"} for x in runs[system]
-                        ],
-                    }
-                )
-            mine, direct = rows[-2], rows[-1]
-            summary[n] = {
-                "aggregate_sluice_over_direct": median(
-                    [
-                        s["aggregate_tokens_per_s"] / d["aggregate_tokens_per_s"]
-                        for s, d in zip(runs["sluice"], runs["direct"], strict=True)
-                    ]
-                ),
-                "ttft_added_p50_ms": mine["ttft_p50_ms"] - direct["ttft_p50_ms"],
-                "ttft_added_p95_ms": mine["ttft_p95_ms"] - direct["ttft_p95_ms"],
-            }
-    return {"rows": rows, "summary": summary}
+                    runs[system].append(asyncio.run(level(urls[system], n, processes)))
+                    tick(f"upstream {place.name} {n} streams")
+            rows += [summarize(place.name, system, n, runs[system]) for system in SYSTEMS]
+            rows[-2]["versus_direct"] = versus(runs["sluice"], runs["direct"])
+    return rows
 
 
-def goals(summary: dict[int, dict[str, float]]) -> dict[str, bool]:
+def versus(mine: list[dict[str, Any]], direct: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sluice against direct, round by round (each pair ran back to back), then the median over
+    rounds: the engine's own speed drifts between rounds by more than sluice adds (at 16 streams
+    every stream of a round gets its first token in the same prefill batch)."""
+    pairs = list(zip(mine, direct, strict=True))
+    added = {q: [s[f"ttft_{q}_ms"] - d[f"ttft_{q}_ms"] for s, d in pairs] for q in ("p50", "p95")}
+    return {
+        "aggregate_sluice_over_direct": common.median(
+            [s["aggregate_tokens_per_s"] / d["aggregate_tokens_per_s"] for s, d in pairs]
+        ),
+        "ttft_added_p50_ms": common.median(added["p50"]),
+        "ttft_added_p95_ms": common.median(added["p95"]),
+        "ttft_added_p50_ms_by_round": added["p50"],
+    }
+
+
+def summarize(place: str, system: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ttfts = [t for x in runs for t in x["ttfts_ms"]]
+    tokens = sum(x["tokens"] for x in runs)
+    mid = sorted(runs, key=lambda x: x["aggregate_tokens_per_s"])[len(runs) // 2]
+    return {
+        "layout": place,
+        "system": system,
+        "streams": n,
+        "completed": min(x["completed"] for x in runs),
+        "aggregate_tokens_per_s": mid["aggregate_tokens_per_s"],
+        "ttft_p50_ms": common.median(ttfts),
+        "ttft_p95_ms": common.pct(ttfts, 95),
+        "cpu_ms_per_token": {
+            name: 1000 * sum(x["cpu_s"][name] for x in runs) / max(tokens, 1) for name in PROCESSES
+        },
+        "first_error": next((x["first_error"] for x in runs if x["first_error"]), ""),
+        "rounds": [{k: v for k, v in x.items() if k != "ttfts_ms"} for x in runs],
+    }
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per layout and level: sluice's aggregate over direct's, and the TTFT it adds."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        if "versus_direct" in row:
+            out.setdefault(row["layout"], {})[str(row["streams"])] = row["versus_direct"]
+    return out
+
+
+def goals(summed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, bool]:
     out: dict[str, bool] = {}
-    for n, s in summary.items():
-        out[f"{n}_streams_aggregate_at_least_0.9x_direct"] = (
-            s["aggregate_sluice_over_direct"] >= 0.9
-        )
-        out[f"{n}_streams_ttft_added_p50_at_most_10ms"] = s["ttft_added_p50_ms"] <= 10
+    for place, levels in summed.items():
+        for n, s in levels.items():
+            out[f"{place}_{n}_streams_aggregate_at_least_0.9x_direct"] = (
+                s["aggregate_sluice_over_direct"] >= 0.9
+            )
+            out[f"{place}_{n}_streams_ttft_added_p50_at_most_10ms"] = s["ttft_added_p50_ms"] <= 10
     return out
 
 
 def plot(rows: list[dict[str, Any]]) -> Any:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    levels = sorted({r["streams"] for r in rows})
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    groups = sorted(
+        {(r["layout"], r["streams"]) for r in rows}, key=lambda g: (LAYOUTS.index(g[0]), g[1])
+    )
     width = 0.38
     for i, system in enumerate(SYSTEMS):
-        mine = {r["streams"]: r for r in rows if r["system"] == system}
-        x = [j + (i - 0.5) * width for j in range(len(levels))]
-        axes[0].bar(x, [mine[n]["aggregate_tokens_per_s"] for n in levels], width, label=system)
-        axes[1].bar(x, [mine[n]["ttft_p50_ms"] for n in levels], width, label=system)
-    titles = ["aggregate tokens/s", "time to first token, p50 (ms)"]
-    for ax, title in zip(axes, titles, strict=True):
-        ax.set_xticks(range(len(levels)), [f"{n} streams" for n in levels])
+        mine = {(r["layout"], r["streams"]): r for r in rows if r["system"] == system}
+        x = [j + (i - 0.5) * width for j in range(len(groups))]
+        for ax, key in zip(axes, ["aggregate_tokens_per_s", "ttft_p50_ms"], strict=True):
+            ax.bar(x, [mine[g][key] for g in groups], width, label=system)
+    for ax, title in zip(
+        axes, ["aggregate tokens/s", "time to first token, p50 (ms)"], strict=True
+    ):
+        ax.set_xticks(range(len(groups)), [f"{place}\n{n} streams" for place, n in groups])
         ax.set_title(title)
         ax.legend(fontsize="small")
     fig.suptitle(
-        f"sluice → llama-server vs llama-server, SmolLM2-135M Q4_1, {os.cpu_count()} cores, "
+        f"sluice → llama-server vs llama-server, SmolLM2-135M Q4_1, {os.cpu_count()} cores "
+        f"(shared: all for all; isolated: the engine alone on one, with one thread), "
         f"greedy, max_tokens {MAX_TOKENS}",
         y=1.03,
+        fontsize="medium",
     )
     return fig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--levels", default="4,16")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = common.sweep_arguments(__doc__, levels="4,16", rounds=6)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
     args = parser.parse_args()
-    result = sweep([int(n) for n in args.levels.split(",")], args.rounds)
-    result["goals"] = goals(result["summary"])
-    save(
-        "upstream",
-        {"rounds": args.rounds, "max_tokens": MAX_TOKENS, **result},
-        plot(result["rows"]),
-    )
-    columns = ["system", "streams", "completed", "aggregate_tokens_per_s", "ttft_p50_ms"]
-    print(table(result["rows"], [*columns, "ttft_p95_ms"]))
-    print(json.dumps({"summary": result["summary"], "goals": result["goals"]}, indent=2))
+    places = [layout(name) for name in args.layouts.split(",")]
+    levels: list[int] = args.levels
+    done, total = itertools.count(1), len(places) * len(levels) * args.rounds * len(SYSTEMS)
+
+    def tick(label: str) -> None:
+        common.progress(next(done), total, label)
+
+    rows = [row for place in places for row in measure(place, levels, args.rounds, tick)]
+    summed = summary(rows)
+    result = {"rows": rows, "summary": summed, "goals": goals(summed)}
+    common.save("upstream", {"rounds": args.rounds, "max_tokens": MAX_TOKENS, **result}, plot(rows))
+    columns = ["layout", "system", "streams", "completed", "aggregate_tokens_per_s"]
+    print(common.table(rows, [*columns, "ttft_p50_ms", "ttft_p95_ms"]))
+    cpu = [{**r, **{f"{k}_ms": v for k, v in r["cpu_ms_per_token"].items()}} for r in rows]
+    print("CPU time per token generated (ms), by process:")
+    print(common.table(cpu, ["layout", "system", "streams", *(f"{k}_ms" for k in PROCESSES)]))
+    print(json.dumps({"summary": summed, "goals": result["goals"]}, indent=2))
 
 
 if __name__ == "__main__":

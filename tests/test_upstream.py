@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.gateway import STREAM_ID_HEADER
 from shared.protocol import ACTIVE_KEY, Failed, from_fields, stream_key
@@ -238,6 +239,34 @@ async def test_completions_are_the_engines_own_and_end_with_done(
     usage = ("prompt_tokens", "completion_tokens", "total_tokens")
     assert {k: collected["usage"][k] for k in usage} == {k: direct["usage"][k] for k in usage}
     assert collected["choices"][0]["finish_reason"] == direct["choices"][0]["finish_reason"]
+
+
+def prompt_tokens_counted(url: str, model: str) -> float:
+    """`sluice_prompt_tokens_total` of the API at `url`, for `model`."""
+    metrics = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text)
+    return sum(
+        s.value
+        for family in metrics
+        for s in family.samples
+        if s.name == "sluice_prompt_tokens_total" and s.labels == {"model": model}
+    )
+
+
+async def test_the_prompt_tokens_metric_counts_the_engines_count_once(
+    client: httpx.AsyncClient, upstream: Stack, model: str
+) -> None:
+    """The engine tells the prompt's size only at the end of its stream."""
+    body = {"model": model, "messages": USER, **GREEDY}
+    before = prompt_tokens_counted(upstream.base_url, model)
+
+    streamed = await stream(
+        client, {**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    collected = (await client.post("/v1/chat/completions", json=body)).json()
+
+    prompts = [streamed.chunks[-1]["usage"]["prompt_tokens"], collected["usage"]["prompt_tokens"]]
+    assert all(p > 0 for p in prompts)
+    assert prompt_tokens_counted(upstream.base_url, model) - before == sum(prompts)
 
 
 # --- what the engine refuses ---

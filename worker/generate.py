@@ -105,17 +105,24 @@ async def _generate(
         log.info("generating: %d prompt tokens", generation.prompt_tokens)
         TOKENS.labels("prefill").inc(generation.prompt_tokens)
         # While generating, the stream outlives any job: its TTL is reset when the job ends.
-        await writer.append(
+        # Stored while the backend works on the prompt (an engine's request goes out at once);
+        # the first token waits for it, and a refused one (`Fenced`) stops the job there.
+        written = writer.append(
             attempt,
             Started(ctx["worker_id"], generation.prompt_tokens, claimed_ms),
             expire_s=int(settings.stream_ttl_s + settings.job_timeout_s),
         )
+        written.add_done_callback(_retrieved)
+        started: asyncio.Future[str] | None = written
         text = TextAssembler(job.stop)
         produced = 0
         reason: FinishReason = "stop"
         # Closing the pieces ends the backend's work (an engine's request, a sequence) at once.
         async with signal.interrupting(), aclosing(generation.pieces) as pieces:
             async for piece in pieces:
+                if started is not None:
+                    await started
+                    started = None
                 produced += 1
                 if out := text.feed(piece):
                     await writer.send(attempt, out)
@@ -126,6 +133,8 @@ async def _generate(
                 if produced >= job.max_tokens and not generation.ends_itself:
                     reason = "length"
                     break
+        if started is not None:
+            await started
         if tail := text.flush():
             await writer.send(attempt, tail)
         end = generation.finished or Finished(reason, generation.prompt_tokens, produced)
@@ -152,3 +161,10 @@ async def _generate(
     except Exception:
         log.exception("job %s failed", job.stream_id)
         await finish(Failed(GenerationFailed("the worker failed while generating").body()))
+
+
+def _retrieved(future: asyncio.Future[str]) -> None:
+    """A job that fails before its first token never awaits its `Started` append: its outcome
+    is taken here, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()

@@ -64,6 +64,7 @@ async def test_after_n_streams_every_request_histogram_counts_n(stack: Stack) ->
     assert tokens == sum(len(r.text.split()) for r in results) + len(
         collected.json()["choices"][0]["message"]["content"].split()
     )
+    assert sample(stack.base_url, "sluice_prompt_tokens_total", model=MODEL) > 0
     assert sample(stack.base_url, "sluice_workers", model=MODEL) == 1
 
 
