@@ -272,8 +272,10 @@ class JobQueue:
         return meta
 
     async def stream_exists(self, stream_id: str, meta: StreamMeta) -> bool:
-        """False once a started stream has expired (its metadata may outlive it briefly)."""
-        return meta.worker is None or bool(await self._redis.exists(stream_key(stream_id)))
+        """False once an ended stream has expired (its metadata may outlive it briefly). One
+        still going exists even before its first entry is stored (a worker has just claimed
+        it, its `Started` is on its way)."""
+        return not meta.ended or bool(await self._redis.exists(stream_key(stream_id)))
 
     async def ended_by(self, stream_id: str, entry_id: str) -> bool:
         """Whether the stream's terminal entry is at or before `entry_id` ("+": anywhere)."""

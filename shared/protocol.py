@@ -216,6 +216,8 @@ class StreamMeta:
     """The worker running it; None while it waits in the queue."""
     queued_ms: int | None = None
     """When its current attempt was queued (Redis's clock)."""
+    ended: bool = False
+    """Its terminal entry is written: no more entries will come."""
 
     def fields(self) -> dict[str, str | int]:
         return {
@@ -242,6 +244,7 @@ class StreamMeta:
             fields.get(b"model", b"").decode(),
             worker.decode() if worker else None,
             int(fields[b"queued"]) if b"queued" in fields else None,
+            b"ended" in fields,
         )
 
 

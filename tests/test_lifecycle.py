@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 import redis
 
-from shared.protocol import MODELS_KEY, queue_name
+from shared.keys import ANONYMOUS
+from shared.protocol import (
+    MODELS_KEY,
+    Finished,
+    Started,
+    StreamMeta,
+    Token,
+    encode,
+    meta_key,
+    queue_name,
+    stream_key,
+)
 from tests.procs import RedisServer, Stack, eventually, start_stack
 from tests.sse import SSEResult, parse_sse, stream
 
@@ -302,3 +314,28 @@ async def test_every_key_left_behind_has_a_ttl(db: redis.Redis) -> None:
 
     assert list(db.scan_iter("*")), "the lifecycle tests should have left streams behind"
     assert immortal() == {}
+
+
+async def test_a_stream_just_claimed_resumes_before_its_first_entry_is_stored(
+    first: httpx.AsyncClient, db: redis.Redis
+) -> None:
+    """A worker has claimed the job (the metadata names it) and its `Started` is on its way, not
+    stored yet: a resume or a Responses stream opened then follows it; it is not `expired`."""
+    stream_id = f"claimed{uuid.uuid4().hex}"
+    meta = StreamMeta("chat.completion.chunk", 0, False, f"{stream_id}.1", ANONYMOUS, "synthetic")
+    db.hset(meta_key(stream_id), mapping={**meta.fields(), "worker": "a-worker"})
+    db.expire(meta_key(stream_id), 60)
+
+    async def store_entries_soon() -> None:
+        await asyncio.sleep(0.5)
+        for entry in (Started("a-worker", 1, 0), Token("late"), Finished("stop", 1, 1)):
+            db.xadd(stream_key(stream_id), dict([encode(entry)]))
+        db.expire(stream_key(stream_id), 60)
+
+    storing = asyncio.create_task(store_entries_soon())
+    resumed = await stream(first, path=f"/v1/streams/{stream_id}")
+    await storing
+
+    assert resumed.status == 200
+    assert resumed.text == "late"
+    assert resumed.events[-1].data == "[DONE]"
