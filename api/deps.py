@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.gateway import Gateway
-from shared.settings import Settings
 
 
 # `async def`, though they await nothing: FastAPI runs plain `def` dependencies in a thread.
@@ -16,10 +15,4 @@ async def get_gateway(request: Request) -> Gateway:
     return gateway
 
 
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.gateway.settings
-    return settings
-
-
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]

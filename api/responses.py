@@ -145,29 +145,13 @@ class ResponseEvents:
                 return events
             case Token(text):
                 self.text.append(text)
-                return [
-                    self._event(
-                        "response.output_text.delta",
-                        item_id=self.item_id,
-                        output_index=0,
-                        content_index=0,
-                        delta=text,
-                        logprobs=[],
-                    )
-                ]
+                return [self._content_event("response.output_text.delta", delta=text, logprobs=[])]
             case Finished(reason, prompt_tokens, completion_tokens):
                 self.usage = (prompt_tokens, completion_tokens)
                 self.status = "completed" if reason == "stop" else "incomplete"
                 text = self.output_text
                 return [
-                    self._event(
-                        "response.output_text.done",
-                        item_id=self.item_id,
-                        output_index=0,
-                        content_index=0,
-                        text=text,
-                        logprobs=[],
-                    ),
+                    self._content_event("response.output_text.done", text=text, logprobs=[]),
                     self._part_event("response.content_part.done", text),
                     self._event(
                         "response.output_item.done", output_index=0, item=self._output()[0]
@@ -257,9 +241,11 @@ class ResponseEvents:
         return {"type": "output_text", "text": text, "annotations": []}
 
     def _part_event(self, kind: str, text: str) -> Event:
-        return self._event(
-            kind, item_id=self.item_id, output_index=0, content_index=0, part=self._part(text)
-        )
+        return self._content_event(kind, part=self._part(text))
+
+    def _content_event(self, kind: str, **fields: Any) -> Event:
+        """An event about the one content part of the one output item."""
+        return self._event(kind, item_id=self.item_id, output_index=0, content_index=0, **fields)
 
     def _with_response(self, kind: str) -> Event:
         return self._event(kind, response=self.response())

@@ -78,20 +78,6 @@ return #dead
 )
 
 
-def default_max_jobs(settings: Settings) -> int:
-    if settings.worker_max_jobs is not None:
-        return settings.worker_max_jobs
-    if settings.backend == "llama":
-        from worker.backends.llama import DEFAULT_SEQUENCES  # llama.cpp loads only for llama
-
-        return DEFAULT_SEQUENCES  # its jobs are decoded together, one sequence each
-    if settings.backend == "openai":
-        from worker.backends.openai import DEFAULT_MAX_JOBS
-
-        return DEFAULT_MAX_JOBS  # the engine batches them; the worker only relays text
-    return 512
-
-
 class SluiceWorker(ClaimingWorker):
     """arq's worker (claiming as `ClaimingWorker` does), woken instead of polling.
 
@@ -120,7 +106,7 @@ class SluiceWorker(ClaimingWorker):
             ),
             "on_startup": self._startup,
             "on_shutdown": self._shutdown,
-            "max_jobs": default_max_jobs(settings),
+            "max_jobs": backend.max_concurrency,  # SLUICE_WORKER_MAX_JOBS, else its own default
             "job_timeout": settings.job_timeout_s,
             "keep_result": 0,
             # A cancelled job has written its stream's end; the supervisor retries lost jobs.

@@ -30,7 +30,8 @@ class Generation:
 
 class Backend(Protocol):
     max_concurrency: int
-    """How many jobs one worker process can really serve at once."""
+    """How many jobs one worker process runs at once: SLUICE_WORKER_MAX_JOBS, else what the
+    backend can really serve (its own default)."""
     model: str
     """The model it serves, as requests name it: its worker's queue (`queue_name`)."""
     n_ctx: int | None
@@ -50,10 +51,13 @@ class BackendError(RuntimeError):
 
 def load_backend(settings: Settings) -> Backend:
     if settings.backend == "synthetic":
-        from worker.backends.synthetic import SyntheticBackend
+        from worker.backends.synthetic import DEFAULT_MAX_JOBS, SyntheticBackend
 
         return SyntheticBackend(
-            settings.synthetic_tokens_per_s, model=settings.model_name, n_ctx=settings.n_ctx
+            settings.synthetic_tokens_per_s,
+            settings.worker_max_jobs or DEFAULT_MAX_JOBS,
+            model=settings.model_name,
+            n_ctx=settings.n_ctx,
         )
     if settings.backend == "openai":
         from worker.backends.openai import OpenAIBackend

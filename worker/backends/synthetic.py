@@ -24,6 +24,8 @@ PASSAGE = (
     "the gateway only relays what the workers write. Every stream ends with a final event, so "
     "no client is left waiting for a response that will never come."
 )
+DEFAULT_MAX_JOBS = 512
+"""Jobs one worker runs at once unless SLUICE_WORKER_MAX_JOBS says otherwise."""
 FAULT = re.compile(r"\[\[(fail|crash) after (\d+)\]\]")
 
 
@@ -37,7 +39,7 @@ class SyntheticBackend:
     def __init__(
         self,
         tokens_per_s: float,
-        max_concurrency: int = 512,
+        max_concurrency: int = DEFAULT_MAX_JOBS,
         *,
         model: str = "synthetic",
         n_ctx: int | None = None,
