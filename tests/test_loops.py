@@ -38,12 +38,13 @@ async def test_a_failing_loop_is_restarted_and_its_failures_logged_once(
     loop = group.start("flaky", flaky)
     with caplog.at_level(logging.ERROR, logger="test.loops"):
         await asyncio.wait_for(healthy.wait(), 5)
-    states = group.states()
+    just_restarted = group.states()
+    await eventually(lambda: group.states() == {"flaky": "running"}, "settled")
     await group.stop()
 
     assert loop.restarts == 3
     assert loop.last_error == "RuntimeError: failure 3"
-    assert states == {"flaky": "running"}
+    assert just_restarted == {"flaky": "restarting"}
     assert len(caplog.records) == 1
     assert "failure 1" in caplog.text
     assert group.states() == {}
@@ -59,6 +60,25 @@ async def test_a_loop_that_keeps_failing_shows_as_restarting() -> None:
 
     assert not group.healthy
     await group.stop()
+
+
+async def test_a_loop_failing_shortly_after_each_start_never_reads_as_running() -> None:
+    """Between two failed attempts the loop runs for a moment; health must not flap to running."""
+
+    async def fails_on_its_first_tick() -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("tick failed")
+
+    group = LoopGroup(logging.getLogger("test.loops"))
+    group.start("ticking", fails_on_its_first_tick)
+    await asyncio.sleep(0.06)
+    samples: list[str] = []
+    for _ in range(60):
+        samples.append(group.states()["ticking"])
+        await asyncio.sleep(0.02)
+    await group.stop()
+
+    assert set(samples) == {"restarting"}
 
 
 @pytest.fixture
