@@ -58,6 +58,9 @@ class Timing:
     ok: bool = False
     error: str = ""
     ttft_s: float = float("nan")
+    sent_s: float = float("nan")
+    """When the request's last byte was written to the socket: what came before (a client of its
+    own, a connection, encoding) is the load generator's work, not the server's."""
     total_s: float = float("nan")
     chars: int = 0
     chunks: int = 0
@@ -71,6 +74,11 @@ class Timing:
     def tokens(self) -> int:
         """Tokens generated: as the server counted them (its usage), else content events."""
         return self.completion_tokens or self.content_events
+
+    @property
+    def ttft_after_sent_s(self) -> float:
+        """Time to first token from the request's last byte: the server's share alone."""
+        return self.ttft_s - self.sent_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -100,10 +108,16 @@ async def timed_stream(client: httpx.AsyncClient, path: str, body: dict[str, Any
     """POST a streaming request and time it: first content, gaps between content, the end."""
     timing = Timing()
     start = time.perf_counter()
+
+    async def trace(event: str, _: dict[str, Any]) -> None:
+        if event == "http11.send_request_body.complete":
+            timing.sent_s = time.perf_counter() - start
+
     try:
-        async with client.stream("POST", path, json=body) as response:
+        async with client.stream("POST", path, json=body, extensions={"trace": trace}) as response:
             timing.headers = {
-                k: response.headers.get(k, "") for k in ("cache-control", "x-accel-buffering")
+                k: response.headers.get(k, "")
+                for k in ("cache-control", "x-accel-buffering", "x-sluice-stream-id")
             }
             if response.status_code != 200:
                 timing.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"

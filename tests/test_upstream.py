@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.gateway import STREAM_ID_HEADER
+from bench.upstream import engine_first_token_ms
 from shared.protocol import ACTIVE_KEY, Failed, from_fields, stream_key
 from tests.procs import RedisServer, Stack, eventually, start_stack
 from tests.sse import SSEResult, parse_sse, stream
@@ -207,6 +208,20 @@ async def test_a_chat_stream_is_the_engines_own_text_and_usage(
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.prompt_tokens == engine.usage.prompt_tokens
     assert chunks[-1].usage.completion_tokens == engine.usage.completion_tokens
+
+
+async def test_the_worker_logs_the_engines_own_time_to_first_token(
+    client: httpx.AsyncClient, upstream: Stack, model: str
+) -> None:
+    """What bench/upstream.py subtracts from a client's time to first token to find sluice's."""
+    asked = time.perf_counter()
+    result = await stream(client, {"model": model, "messages": USER, "stream": True, **GREEDY})
+    took_ms = (time.perf_counter() - asked) * 1000
+
+    stream_id = result.headers[STREAM_ID_HEADER]
+    logs = upstream.workers[0]
+    await eventually(lambda: stream_id in engine_first_token_ms(logs), "the finished line")
+    assert 0 < engine_first_token_ms(logs)[stream_id] < took_ms
 
 
 async def test_a_non_streaming_chat_is_the_engines_own_answer(

@@ -101,6 +101,7 @@ async def _generate(
     try:
         if signal.stopped:
             raise signal.error()
+        asked = asyncio.get_running_loop().time()
         generation = await backend.start(job)
         log.info("generating: %d prompt tokens", generation.prompt_tokens)
         TOKENS.labels("prefill").inc(generation.prompt_tokens)
@@ -116,10 +117,13 @@ async def _generate(
         started: asyncio.Future[str] | None = written
         text = TextAssembler(job.stop)
         produced = 0
+        first_piece_ms: float | None = None
         reason: FinishReason = "stop"
         # Closing the pieces ends the backend's work (an engine's request, a sequence) at once.
         async with signal.interrupting(), aclosing(generation.pieces) as pieces:
             async for piece in pieces:
+                if first_piece_ms is None:
+                    first_piece_ms = (asyncio.get_running_loop().time() - asked) * 1000
                 if started is not None:
                     await started
                     started = None
@@ -139,7 +143,14 @@ async def _generate(
             await writer.send(attempt, tail)
         end = generation.finished or Finished(reason, generation.prompt_tokens, produced)
         await finish(end)
-        log.info("finished: %s, %d tokens", end.reason, end.completion_tokens)
+        # The backend's own time to first token (an engine's, seen from here): what a client's
+        # time to first token holds beyond it is sluice's.
+        log.info(
+            "finished: %s, %d tokens, the first %s ms after the backend was asked",
+            end.reason,
+            end.completion_tokens,
+            "-" if first_piece_ms is None else f"{first_piece_ms:.1f}",
+        )
         TOKENS.labels("decode").inc(end.completion_tokens)
         if generation.ends_itself:  # its engine counts the prompt, and says so only now
             TOKENS.labels("prefill").inc(end.prompt_tokens)
