@@ -450,6 +450,7 @@ def sluice_behind(redis_server: RedisServer) -> Iterator[tuple[Stack, Stack]]:
         synthetic_tokens_per_s="5",  # a stream of 90 words lasts 18 s
         worker_max_jobs="1",  # a second job waits, silent, until the first is done
         resume_grace_s="0.5",
+        drain_s="1",  # at teardown a job may still run, its reader gone with the front
     )
     try:
         front = start_stack(

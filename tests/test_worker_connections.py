@@ -23,8 +23,8 @@ from tests.sse import SSEResult, stream
 from worker.backends.synthetic import PASSAGE, words
 
 JOBS = 500
-TOKENS = 24
-RATE = "4"  # tokens/s: each job runs 6 s, longer than opening every stream takes
+TOKENS = 12
+RATE = "1"  # tokens/s: each job runs 12 s, well past the time opening every stream takes
 BOUND = 16
 DB = 20
 
