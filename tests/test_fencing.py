@@ -117,6 +117,7 @@ def test_a_stale_attempt_writing_alongside_its_successor_never_lands_after_the_h
         handover = asyncio.ensure_future(scene.retry(1))
         await asyncio.gather(send(old, 1, stale), handover, send(new, 2, fresh))
         await new.append(scene.attempt(2), END, expire_s=60)
+        await old.flushed()  # its last batch may still be on its way, refused or not
         assert handover.result()
 
         written = await scene.entries()

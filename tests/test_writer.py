@@ -80,3 +80,16 @@ async def test_a_writer_that_keeps_up_writes_one_entry_per_token(
         await writer.send(key, piece)
         await writer.append(sync, Started("w", 0))  # wait until written
     assert [getattr(e, "text", None) for e in await entries(redis, key)] == ["a", "b", "c"]
+
+
+async def test_flushed_returns_once_everything_sent_is_in_the_stream(
+    redis: Redis, key: Attempt
+) -> None:
+    writer = StreamWriter(redis, maxlen=1000)
+    await writer.append(key, Started("w", 1))
+    await writer.send(key, "sent, not awaited")
+
+    await writer.flushed()
+
+    assert (await entries(redis, key))[1:] == [decode(b"t", b"sent, not awaited")]
+    await writer.flushed()  # nothing pending: returns at once

@@ -90,6 +90,11 @@ class StreamWriter:
             self._drained.clear()
             await self._drained.wait()
 
+    async def flushed(self) -> None:
+        """Returns once every entry given so far has been written, or has failed to be."""
+        while (flusher := self._flusher) is not None:
+            await asyncio.wait({flusher})
+
     def _raise_failure(self, key: str) -> None:
         if failure := self._failed.pop(key, None):
             raise failure
