@@ -6,8 +6,9 @@ one script, by Redis's clock, looks at every active stream:
 
 - queued, and no client has read it for the resume grace: withdrawn, ended `cancelled`;
 - queued longer than `queue_timeout_s`: withdrawn, ended `queue_timeout`;
-- running on a worker whose heartbeat stopped: tried again if no token was written yet (at most
-  `MAX_ATTEMPTS` in all), else ended `worker_lost`;
+- running on a worker whose heartbeat stopped (or that gave the job back, its engine down):
+  tried again if no token was written yet (at most `MAX_ATTEMPTS` in all), else ended
+  `worker_lost`;
 - running with no reader for the resume grace: the worker is told to stop (`unread`);
 - running past `job_timeout_s` (plus a worker TTL, so the worker's own timeout comes first):
   ended `generation_failed`.
@@ -31,6 +32,7 @@ from shared.protocol import (
     ACTIVE_KEY,
     CANCEL_CHANNEL,
     FENCED_APPEND_LUA,
+    MAX_ATTEMPTS,
     QUEUE_PREFIX,
     READERS_KEY,
     REDIS_NOW_LUA,
@@ -46,9 +48,6 @@ from shared.protocol import (
 from shared.settings import Settings
 
 log = logging.getLogger("sluice.api")
-
-MAX_ATTEMPTS = 2
-"""A job lost with its worker before any token is tried once more; a second loss is final."""
 
 # KEYS: lease, active streams, workers, readers.
 # ARGV: 1 this process's id, 2 lease TTL (ms), 3 worker TTL (ms), 4 reader TTL (ms),

@@ -101,6 +101,11 @@ def job_id(stream_id: str, attempt: int) -> str:
     return f"{stream_id}.{attempt}"
 
 
+MAX_ATTEMPTS = 2
+"""A job lost with its worker before any token (or given back by a worker whose engine is down)
+is tried once more; a second loss is final."""
+
+
 def attempt_number(arq_job_id: str) -> int:
     return int(arq_job_id.rpartition(".")[2])
 

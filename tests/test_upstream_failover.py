@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from shared.protocol import meta_key
+from shared.protocol import meta_key, serving_key
 from tests.procs import RedisServer, Stack, eventually, free_port, start_stack
+from tests.sse import stream
 from tests.upstreams import LlamaServer
 
 pytestmark = pytest.mark.model
@@ -55,6 +59,63 @@ async def test_jobs_go_only_to_the_worker_whose_engine_answers(half_down: Stack)
         workers = {served_by(r, a.headers["X-Sluice-Stream-Id"]) for a in answers}
     assert len(workers) == 1
     assert f"-{half_down.workers[1].pid}-" in workers.pop()
+
+
+@pytest.fixture
+def both_up(
+    redis_server: RedisServer, llama_server: LlamaServer, llama_server_binary: Path
+) -> Iterator[tuple[Stack, LlamaServer]]:
+    """Two workers serving `smol`, each in front of an engine of its own; the first's engine is
+    the test's to kill."""
+    doomed = LlamaServer(llama_server_binary, slots=2, threads=1).start()
+    stack = start_stack(
+        "failover-claimed",
+        redis_server.fresh_url(48),
+        1,
+        backend="openai",
+        upstream_url=doomed.v1,
+        served_model_name=SERVED,
+        queue_timeout_s="30",  # a job left with the first worker would wait this long
+    )
+    stack.add_worker(SLUICE_UPSTREAM_URL=llama_server.v1)
+    yield stack, doomed
+    stack.stop()
+    doomed.stop()
+
+
+async def test_jobs_claimed_by_a_worker_whose_engine_dies_go_to_one_whose_engine_answers(
+    both_up: tuple[Stack, LlamaServer],
+) -> None:
+    """The first worker takes every job (the second is frozen meanwhile), then finds its engine
+    gone: it gives the jobs back, and the second worker serves them, long before the queue
+    timeout."""
+    stack, doomed = both_up
+    with redis.Redis.from_url(stack.redis_url) as r:
+        await eventually(lambda: r.zcard(serving_key(SERVED)) == 2, "both workers serving")
+    first, second = stack.workers
+    body = {"model": SERVED, "prompt": "Rivers:", "max_tokens": 6, "temperature": 0, "stream": True}
+    asked = time.monotonic()
+    second.signal(signal.SIGSTOP)
+    try:
+        doomed.kill()
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
+            streams = [
+                asyncio.ensure_future(stream(client, body, "/v1/completions")) for _ in range(4)
+            ]
+            await asyncio.sleep(1)  # the first worker claims them all, and cannot reach its engine
+            second.signal(signal.SIGCONT)
+            results = await asyncio.gather(*streams)
+    finally:
+        second.signal(signal.SIGCONT)
+    took = time.monotonic() - asked
+
+    for result in results:
+        assert result.status == 200
+        assert not result.errors
+        assert result.text
+        assert result.events[-1].data == "[DONE]"
+    assert took < 15
+    assert "given back" in first.log_tail(400)
 
 
 def _listed(stack: Stack) -> bool:

@@ -15,6 +15,12 @@ from types import TracebackType
 from shared.errors import Cancelled
 from shared.protocol import StopReason
 
+
+class HandedBack(Exception):
+    """The job went back to the queue, for a worker whose engine answers: this one stops, and
+    writes nothing more to its stream."""
+
+
 _MESSAGES: dict[StopReason, str] = {
     "cancelled": "cancelled by request",
     "unread": "no client was reading the stream",
@@ -30,6 +36,13 @@ class StopSignal:
     _waiting: asyncio.Task[object] | None = field(default=None, init=False, repr=False)
     """The job's task, while it is inside `interrupting()`."""
     _interrupted: bool = field(default=False, init=False, repr=False)
+    _handed_back: bool = field(default=False, init=False, repr=False)
+
+    def hand_back(self) -> None:
+        """Stop, the job having been given back to the queue (see `HandedBack`)."""
+        if not self.event.is_set():
+            self._handed_back = True
+            self.stop("cancelled")
 
     def stop(self, reason: StopReason) -> None:
         if not self.event.is_set():
@@ -48,7 +61,9 @@ class StopSignal:
     def stopped(self) -> bool:
         return self.event.is_set()
 
-    def error(self) -> Cancelled:
+    def error(self) -> Cancelled | HandedBack:
+        if self._handed_back:
+            return HandedBack("given back to the queue")
         return Cancelled(_MESSAGES[self.reason])
 
 

@@ -8,10 +8,13 @@ from contextlib import aclosing
 from datetime import datetime
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from shared import tracing
 from shared.errors import GenerationFailed, RemoteError, SluiceError
 from shared.logs import bind
 from shared.protocol import (
+    MAX_ATTEMPTS,
     REDIS_NOW_LUA,
     Attempt,
     Entry,
@@ -21,11 +24,14 @@ from shared.protocol import (
     Started,
     cancel_key,
     meta_key,
+    serving_key,
+    stream_key,
+    worker_ttl_ms,
 )
 from shared.schema import GenerationJob
 from shared.settings import Settings
 from worker.backends import Backend, BackendError
-from worker.control import JobControl, StopSignal
+from worker.control import HandedBack, JobControl, StopSignal
 from worker.metrics import TOKENS
 from worker.text import TextAssembler
 from worker.writer import Fenced, StreamWriter
@@ -47,6 +53,33 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return {2, now} end
 return {1, now}
 """
 )
+
+# Gives a job whose backend cannot reach its engine back to the queue, if another worker serves
+# its model now and the job may be tried again (no token written, attempts left): the stream's
+# worker is marked as one that is gone, and the supervisor retries the job as it retries a lost
+# worker's, fenced. Returns 1 if given back.
+# KEYS: metadata, stream, the model's serving set. ARGV: job id, worker id, worker TTL (ms),
+# max attempts.
+HAND_BACK_SCRIPT = (
+    REDIS_NOW_LUA
+    + """
+local current = redis.call('HMGET', KEYS[1], 'job', 'ended', 'worker')
+if current[1] ~= ARGV[1] or current[2] or current[3] ~= ARGV[2] then return 0 end
+if tonumber(string.match(ARGV[1], '%.(%d+)$')) >= tonumber(ARGV[4]) then return 0 end
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if newest and newest[2][1] ~= 's' then return 0 end
+local serving = redis.call('ZRANGEBYSCORE', KEYS[3], redis_now_ms() - tonumber(ARGV[3]), '+inf')
+for _, worker in ipairs(serving) do
+  if worker ~= ARGV[2] then
+    redis.call('HSET', KEYS[1], 'worker', ARGV[2] .. ' (gave the job back)')
+    return 1
+  end
+end
+return 0
+"""
+)
+HAND_BACK_CHECK_S = 0.25
+"""How often a job waiting for its first piece looks whether it should be given back."""
 
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
@@ -80,6 +113,10 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         # The supervisor ended the stream or gave it to a newer attempt while this one was
         # presumed dead (a frozen process, a long pause): it has nothing more to say.
         log.warning("job %s lost its stream to the supervisor; stopped", attempt.job)
+    except HandedBack:
+        log.warning(
+            "job %s given back: its engine does not answer, another worker's does", attempt.job
+        )
     finally:
         control.release(job.stream_id)
         if span is not None:
@@ -98,6 +135,7 @@ async def _generate(
         # Its append also gives the metadata the stream's TTL, so a late resume gets a 404.
         await asyncio.shield(writer.append(attempt, entry, expire_s=settings.stream_ttl_s))
 
+    giving_back: _GiveBack | None = None
     try:
         if signal.stopped:
             raise signal.error()
@@ -115,6 +153,7 @@ async def _generate(
         )
         written.add_done_callback(_retrieved)
         started: asyncio.Future[str] | None = written
+        giving_back = _GiveBack(ctx, job, attempt, signal)
         text = TextAssembler(job.stop)
         produced = 0
         first_piece_ms: float | None = None
@@ -124,6 +163,8 @@ async def _generate(
             async for piece in pieces:
                 if first_piece_ms is None:
                     first_piece_ms = (asyncio.get_running_loop().time() - asked) * 1000
+                    if await giving_back.stop():
+                        raise HandedBack("given back to the queue")
                 if started is not None:
                     await started
                     started = None
@@ -154,7 +195,7 @@ async def _generate(
         TOKENS.labels("decode").inc(end.completion_tokens)
         if generation.ends_itself:  # its engine counts the prompt, and says so only now
             TOKENS.labels("prefill").inc(end.prompt_tokens)
-    except Fenced:
+    except (Fenced, HandedBack):
         raise
     except SluiceError as exc:
         # Its status too (an engine's 4xx, a prompt too long), where a relayed error's own (500)
@@ -172,6 +213,63 @@ async def _generate(
     except Exception:
         log.exception("job %s failed", job.stream_id)
         await finish(Failed(GenerationFailed("the worker failed while generating").body()))
+    finally:
+        if giving_back is not None:
+            giving_back.cancel()
+
+
+class _GiveBack:
+    """While a job waits for its first piece: once its backend cannot reach its engine, looks
+    every `HAND_BACK_CHECK_S` whether to give the job back (`HAND_BACK_SCRIPT`), and if it did,
+    stops the job (`HandedBack`)."""
+
+    def __init__(
+        self, ctx: dict[str, Any], job: GenerationJob, attempt: Attempt, signal: StopSignal
+    ) -> None:
+        self._signal = signal
+        self._check: asyncio.Future[bool] | None = None
+        self._task = asyncio.create_task(self._watch(ctx, job, attempt))
+
+    async def _watch(self, ctx: dict[str, Any], job: GenerationJob, attempt: Attempt) -> None:
+        backend: Backend = ctx["backend"]
+        while True:
+            await asyncio.sleep(HAND_BACK_CHECK_S)
+            if backend.available:
+                continue
+            self._check = asyncio.ensure_future(self._give_back(ctx, job, attempt))
+            if await asyncio.shield(self._check):
+                self._signal.hand_back()
+                return
+
+    async def _give_back(self, ctx: dict[str, Any], job: GenerationJob, attempt: Attempt) -> bool:
+        settings: Settings = ctx["settings"]
+        try:
+            given = await ctx["hand_back"](
+                keys=[
+                    meta_key(job.stream_id),
+                    stream_key(job.stream_id),
+                    serving_key(ctx["backend"].model),
+                ],
+                args=[
+                    attempt.job,
+                    ctx["worker_id"],
+                    worker_ttl_ms(settings.heartbeat_s),
+                    MAX_ATTEMPTS,
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("job %s: could not look whether to give it back: %s", attempt.job, exc)
+            return False
+        return bool(given)
+
+    async def stop(self) -> bool:
+        """The first piece came: no giving back from now on. True if the job was given back
+        all the same (a check that was under way decided so): it must stop."""
+        self._task.cancel()
+        return self._check is not None and bool(await self._check)
+
+    def cancel(self) -> None:
+        self._task.cancel()
 
 
 def _retrieved(future: asyncio.Future[str]) -> None:

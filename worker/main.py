@@ -38,7 +38,7 @@ from shared.settings import Settings
 from worker import metrics
 from worker.backends import Backend, load_backend
 from worker.control import JobControl
-from worker.generate import CLAIM_SCRIPT, generate
+from worker.generate import CLAIM_SCRIPT, HAND_BACK_SCRIPT, generate
 from worker.writer import StreamWriter
 
 log = logging.getLogger("sluice.worker")
@@ -139,6 +139,7 @@ class SluiceWorker(ClaimingWorker):
         ctx["writer"] = StreamWriter(ctx["redis"], self.settings.stream_maxlen)
         metrics.serve(self.settings.worker_metrics_port)
         ctx["claim"] = ctx["redis"].register_script(CLAIM_SCRIPT)
+        ctx["hand_back"] = ctx["redis"].register_script(HAND_BACK_SCRIPT)
         self._heartbeat = ctx["redis"].register_script(HEARTBEAT_SCRIPT)
         control = ctx["control"] = JobControl()
         # Alive before it claims anything: the supervisor retries jobs of workers not beating.
