@@ -20,6 +20,9 @@ class HandedBack(Exception):
     """The job went back to the queue, for a worker whose engine answers: this one stops, and
     writes nothing more to its stream."""
 
+    def __init__(self) -> None:
+        super().__init__("given back to the queue")
+
 
 _MESSAGES: dict[StopReason, str] = {
     "cancelled": "cancelled by request",
@@ -63,7 +66,7 @@ class StopSignal:
 
     def error(self) -> Cancelled | HandedBack:
         if self._handed_back:
-            return HandedBack("given back to the queue")
+            return HandedBack()
         return Cancelled(_MESSAGES[self.reason])
 
 

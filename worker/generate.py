@@ -164,7 +164,7 @@ async def _generate(
                 if first_piece_ms is None:
                     first_piece_ms = (asyncio.get_running_loop().time() - asked) * 1000
                     if await giving_back.stop():
-                        raise HandedBack("given back to the queue")
+                        raise HandedBack()
                 if started is not None:
                     await started
                     started = None
