@@ -16,7 +16,7 @@ from api.auth import Principal
 from api.catalog import ModelCatalog, ServedModel
 from api.hub import StreamHub
 from api.jobs import JobQueue
-from api.metrics import RESUMES, DeploymentState, RequestClock, measured
+from api.metrics import RESUMES, DeploymentState, RequestClock, arrived, measured
 from api.readers import ReaderRegistry
 from api.relay import DONE, SEPARATOR, EventEncoder, collect, follow, sse_events
 from shared import tracing
@@ -95,7 +95,7 @@ class Gateway:
         log.info("queued %s", kind)
         chunks = self.chunk_encoder(job.stream_id, meta)
         headers = {STREAM_ID_HEADER: job.stream_id} | use.headers()
-        clock = RequestClock(model, meta.queued_ms, span)
+        clock = RequestClock(model, meta.queued_ms, span, received=arrived(request.scope))
         if not stream:
             try:
                 with self.readers.reading(job.stream_id, announced=True):

@@ -18,7 +18,7 @@ from api.errors import install_error_handlers
 from api.gateway import STREAM_ID_HEADER, Gateway
 from api.hub import StreamHub
 from api.jobs import JobQueue
-from api.metrics import DeploymentState
+from api.metrics import DeploymentState, StampArrival
 from api.openapi import SluiceAPI
 from api.readers import ReaderRegistry
 from api.routes import chat, completions, health, models, responses, streams
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=[STREAM_ID_HEADER, "Retry-After", *RATE_LIMIT_HEADERS],
             max_age=600,
         )
+    app.add_middleware(StampArrival)  # the outermost: added last
     for module in (chat, completions, models, streams, responses, health):
         app.include_router(module.router)
     return app

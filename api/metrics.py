@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from redis.asyncio import Redis
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.relay import Batch, Waiting
 from shared.protocol import (
@@ -30,6 +31,8 @@ from shared.status import STATUS_KEYS, STATUS_SCRIPT, Status, status_args
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+ARRIVED = "sluice_arrived"
+"""Where `StampArrival` puts a request's arrival in its ASGI scope's `state`."""
 AgeOf = Callable[[str], float]
 """How long ago Redis wrote an entry, by its id (`StreamHub.age_s`)."""
 
@@ -116,6 +119,24 @@ class DeploymentState:
         return generate_latest(), CONTENT_TYPE_LATEST
 
 
+class StampArrival:
+    """Stamps each HTTP request with when it reached this process, before any other middleware,
+    its parsing, validation or Redis: the time to first token counts from there (`arrived`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})[ARRIVED] = time.monotonic()
+        await self.app(scope, receive, send)
+
+
+def arrived(scope: Scope) -> float:
+    """When the request of `scope` arrived (`StampArrival`); now, if it was not stamped."""
+    return float(scope.get("state", {}).get(ARRIVED, time.monotonic()))
+
+
 @dataclass
 class RequestClock:
     """One request's timings, fed by the batches its relay sends."""
@@ -126,6 +147,7 @@ class RequestClock:
     span: Span | None = None
     """The request's trace span, ended with it (tracing on)."""
     received: float = field(default_factory=time.monotonic)
+    """When the request arrived (`arrived`), for the time to first token."""
     claimed_ms: int | None = None
     first_sent: float | None = None
     last_sent: float | None = None

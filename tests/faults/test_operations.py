@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faults.conftest import StackFactory
-from tests.procs import LOGS, Stack, eventually, free_port
+from tests.procs import LOGS, RedisServer, Stack, eventually, free_port
 from tests.sse import stream
 
 MODEL = "synthetic"
@@ -66,6 +66,33 @@ async def test_after_n_streams_every_request_histogram_counts_n(stack: Stack) ->
     )
     assert sample(stack.base_url, "sluice_prompt_tokens_total", model=MODEL) > 0
     assert sample(stack.base_url, "sluice_workers", model=MODEL) == 1
+
+
+async def test_time_to_first_token_counts_from_the_requests_arrival(
+    make_stack: StackFactory,
+) -> None:
+    """What comes before the queue counts too (parsing, admission, the submit): here a submit
+    held up by a paused Redis, on a Redis of this test's own."""
+    paused_s = 1.0
+    own = RedisServer().start()
+    try:
+        stack = make_stack(workers=1, redis=own, synthetic_tokens_per_s="200")
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
+            await stream(client, {"prompt": "the model is known", "stream": True})
+            own.signal(signal.SIGSTOP)
+            try:
+                held = asyncio.create_task(stream(client, {"prompt": "held", "stream": True}))
+                await asyncio.sleep(paused_s)
+            finally:
+                own.signal(signal.SIGCONT)
+            result = await held
+        ttft_sum = sample(stack.base_url, "sluice_time_to_first_token_seconds_sum", model=MODEL)
+    finally:
+        own.stop()
+
+    assert result.events[-1].data == "[DONE]"
+    assert not result.errors
+    assert ttft_sum >= paused_s
 
 
 async def test_the_worker_serves_its_own_metrics(stack: Stack) -> None:
