@@ -1,8 +1,12 @@
 """What sluice costs in front of an engine (issue 15): the same streams through sluice to
-llama-server and straight to llama-server, at 4 and 16 at once, in two layouts, in one run.
+llama-server, through the thinnest Python gateway to it, and straight to it, at 4 and 16 at once,
+in two layouts, in one run.
 
-  through sluice   `sluice api` + one `sluice worker` with SLUICE_BACKEND=openai, whose upstream is
+  sluice           `sluice api` + one `sluice worker` with SLUICE_BACKEND=openai, whose upstream is
                    the llama-server below
+  proxy            bench/proxy.py: FastAPI and sse-starlette, as sluice's API, relaying the
+                   engine's stream from the request handler (no queue, Redis or worker): what any
+                   gateway on these frameworks costs, so that sluice's queue shows beyond it
   direct           the same llama-server (`-np 16`), asked directly
 
   shared           llama-server with a thread per core, on every core, which sluice (API, worker,
@@ -13,12 +17,13 @@ llama-server and straight to llama-server, at 4 and 16 at once, in two layouts, 
 
 llama.cpp's own server on the bundled GGUF (SmolLM2-135M Q4_1), built by deploy/llama-server.sh.
 Each request: the chat format, greedy, max_tokens 128, a prompt of its own (a request number
-first, so no stream answers from another's cached prompt). Per layout, the two take turns,
-`--rounds` times per level, in alternating order. Per layout and level: aggregate tokens/s (every
-stream's tokens, as the engine counts them, over the time from the first request to the last
-end), time to first token p50/p95, and each process's CPU time per token generated, for each;
-then, round by round, sluice's aggregate over direct's and the time to first token sluice adds
-(to the round's p50 and p95), each the median over rounds.
+first, so no stream answers from another's cached prompt), each on a connection of its own
+(`common.lean_stream`: a load generator that costs the shared core little). Per layout, the three
+take turns, `--rounds` times per level, each going first in turn. Per layout and level:
+aggregate tokens/s (every stream's tokens, as the engine counts them, over the time from the
+first request to the last end), time to first token p50/p95, and each process's CPU time per
+token generated, for each; then, round by round, sluice's aggregate over direct's and the time
+to first token sluice adds (to the round's p50 and p95), each the median over rounds.
 
 That end-to-end difference swings by a second from round to round at 16 streams: the engine
 batches the prompts that have arrived when it starts a step, so a few milliseconds' spread in
@@ -26,8 +31,8 @@ arrival moves a stream's first token by whole prefill batches, one way or the ot
 itself adds is therefore also taken per stream: its time to first token at the client (from the
 request's last byte sent, so that the load generator's own work before it is left out), less the
 engine's own, as the worker saw it (from asking the engine to its first token; the worker logs it
-with each finished stream). Goals: at least 0.9x the aggregate, at most 10 ms added by sluice
-at the median.
+with each finished stream). The proxy's share is taken the same way (it logs the engine's).
+Goals: at least 0.9x the aggregate, at most 10 ms added by sluice at the median.
 
     python -m bench.upstream [--layouts shared,isolated] [--levels 4,16] [--rounds 6]
 """
@@ -40,6 +45,7 @@ import itertools
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -48,19 +54,23 @@ from typing import Any
 import psutil
 
 from bench import common
-from tests.procs import LOGS, Proc
+from tests.procs import LOGS, Proc, answers, free_port, wait_until
 from tests.upstreams import LlamaServer, llama_server_binary
 
 MAX_TOKENS = 128
-SYSTEMS = ["sluice", "direct"]
+SYSTEMS = ["sluice", "proxy", "direct"]
 LAYOUTS = ["shared", "isolated"]
 TOPICS = ["the ocean", "volcanoes", "photosynthesis", "jazz", "chess", "honey bees", "the moon"]
-PROCESSES = ["engine", "api", "worker", "redis", "load"]
+PROCESSES = ["engine", "api", "worker", "redis", "proxy", "load"]
 """Whose CPU time is measured: `load` is this process, the load generator."""
 _request_ids = itertools.count(1)
-ENGINE_FIRST_TOKEN = re.compile(
-    r"finished: .* the first ([0-9.]+) ms after the backend was asked .*\[stream (\w+)\]"
-)
+FIRST_TOKEN_LOGS = {
+    "sluice": re.compile(
+        r"finished: .* the first ([0-9.]+) ms after the backend was asked .*\[stream (\w+)\]"
+    ),
+    "proxy": re.compile(r"engine first token ([0-9.]+) ms after it was asked \[stream (\w+)\]"),
+}
+"""Where each gateway logs the engine's own time to first token, per stream id."""
 
 
 @dataclass(frozen=True)
@@ -118,17 +128,19 @@ def request(topic: str) -> dict[str, Any]:
     }
 
 
-def engine_first_token_ms(worker: Proc) -> dict[str, float]:
-    """Per stream id, the engine's time to first token as `worker` logged it."""
-    log = (LOGS / f"{worker.name}.log").read_text(errors="replace")
-    return {m[2]: float(m[1]) for m in ENGINE_FIRST_TOKEN.finditer(log)}
+def engine_first_token_ms(system: str, logger: Proc) -> dict[str, float]:
+    """Per stream id, the engine's time to first token as `system`'s `logger` process logged
+    it (sluice's worker, the proxy)."""
+    log = (LOGS / f"{logger.name}.log").read_text(errors="replace")
+    return {m[2]: float(m[1]) for m in FIRST_TOKEN_LOGS[system].finditer(log)}
 
 
 async def level(
-    url: str, n: int, processes: dict[str, psutil.Process], worker: Proc | None = None
+    url: str, n: int, processes: dict[str, psutil.Process], logger: tuple[str, Proc] | None = None
 ) -> dict[str, Any]:
     """N streams at once, each with a client of its own, and the CPU time each process spent;
-    through sluice (`worker` given), also what sluice added to each stream's first token."""
+    through a gateway (`logger`: its name and the process that logs the engine's first tokens),
+    also what the gateway added to each stream's first token."""
     before = cpu_seconds(processes)
     timings, wall = await common.concurrent_streams(
         url, [request(TOPICS[i % len(TOPICS)]) for i in range(n)]
@@ -141,11 +153,14 @@ async def level(
         "cpu_s": {name: after[name] - before[name] for name in processes},
         "ttfts_ms": [t.ttft_s * 1000 for t in ok],
     }
-    if worker is not None:
-        engine = engine_first_token_ms(worker)
+    if logger is not None:
+        ids = {t.headers["x-sluice-stream-id"] for t in ok}
+        # A client may read [DONE] before the worker has logged the stream's end.
+        wait_until(lambda: ids <= engine_first_token_ms(*logger).keys(), 10, "first-token logs")
+        engine = engine_first_token_ms(*logger)
         added = [t.ttft_after_sent_s * 1000 - engine[t.headers["x-sluice-stream-id"]] for t in ok]
-        result["sluice_added_ms"] = added
-        result["sluice_added_p50_ms"] = common.median(added)
+        result["added_ms"] = added
+        result["added_p50_ms"] = common.median(added)
     return result
 
 
@@ -174,33 +189,57 @@ def measure(
                 redis, 1, backend="openai", upstream_url=engine.v1, access_log="false"
             )
         )
-        pids = [engine.pid, stack.api.pid, stack.workers[0].pid, redis.pid, os.getpid()]
+        proxy, proxy_url = run.enter_context(proxy_server(engine.v1))
+        pids = [engine.pid, stack.api.pid, stack.workers[0].pid, redis.pid, proxy.pid, os.getpid()]
         processes = {name: psutil.Process(pid) for name, pid in zip(PROCESSES, pids, strict=True)}
-        urls = {"sluice": stack.base_url, "direct": engine.url}
+        urls = {"sluice": stack.base_url, "proxy": proxy_url, "direct": engine.url}
+        loggers = {"sluice": ("sluice", stack.workers[0]), "proxy": ("proxy", proxy)}
         for system in SYSTEMS:
             asyncio.run(warm_up(urls[system], max(levels)))
         for n in levels:
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
             for r in range(rounds):
-                for system in SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]:
-                    worker = stack.workers[0] if system == "sluice" else None
-                    runs[system].append(asyncio.run(level(urls[system], n, processes, worker)))
+                for system in SYSTEMS[r % 3 :] + SYSTEMS[: r % 3]:  # each goes first in turn
+                    result = level(urls[system], n, processes, loggers.get(system))
+                    runs[system].append(asyncio.run(result))
                     tick(f"upstream {place.name} {n} streams")
             rows += [summarize(place.name, system, n, runs[system]) for system in SYSTEMS]
-            rows[-2]["versus_direct"] = versus(runs["sluice"], runs["direct"])
+            rows[-3]["versus_direct"] = versus(runs["sluice"], runs["direct"], runs["proxy"])
     return rows
 
 
-def versus(mine: list[dict[str, Any]], direct: list[dict[str, Any]]) -> dict[str, Any]:
+@contextmanager
+def proxy_server(upstream: str) -> Iterator[tuple[Proc, str]]:
+    """bench/proxy.py in front of `upstream`; its process and URL."""
+    port = free_port()
+    proc = Proc(
+        f"bench-proxy-{port}",
+        [sys.executable, "-m", "bench.proxy", "--port", str(port), "--upstream", upstream],
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: answers(f"{url}/docs"), 30, proc.name)
+        yield proc, url
+    finally:
+        proc.stop()
+
+
+def versus(
+    mine: list[dict[str, Any]], direct: list[dict[str, Any]], proxy: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Sluice against direct, round by round (each pair ran back to back), then the median over
     rounds: the engine's own speed drifts between rounds by more than sluice adds (at 16 streams
-    every stream of a round gets its first token in the same prefill batch)."""
+    every stream of a round gets its first token in the same prefill batch). Beside it, what the
+    proxy adds, per stream, as sluice's own share is taken."""
     pairs = list(zip(mine, direct, strict=True))
     added = {q: [s[f"ttft_{q}_ms"] - d[f"ttft_{q}_ms"] for s, d in pairs] for q in ("p50", "p95")}
-    own = [a for s in mine for a in s["sluice_added_ms"]]
+    own = [a for s in mine for a in s["added_ms"]]
+    proxied = [a for p in proxy for a in p["added_ms"]]
     return {
         "sluice_added_p50_ms": common.median(own),
         "sluice_added_p95_ms": common.pct(own, 95),
+        "proxy_added_p50_ms": common.median(proxied),
+        "proxy_added_p95_ms": common.pct(proxied, 95),
         "aggregate_sluice_over_direct": common.median(
             [s["aggregate_tokens_per_s"] / d["aggregate_tokens_per_s"] for s, d in pairs]
         ),
@@ -226,9 +265,7 @@ def summarize(place: str, system: str, n: int, runs: list[dict[str, Any]]) -> di
             name: 1000 * sum(x["cpu_s"][name] for x in runs) / max(tokens, 1) for name in PROCESSES
         },
         "first_error": next((x["first_error"] for x in runs if x["first_error"]), ""),
-        "rounds": [
-            {k: v for k, v in x.items() if k not in ("ttfts_ms", "sluice_added_ms")} for x in runs
-        ],
+        "rounds": [{k: v for k, v in x.items() if k not in ("ttfts_ms", "added_ms")} for x in runs],
     }
 
 
@@ -258,10 +295,10 @@ def plot(rows: list[dict[str, Any]]) -> Any:
     groups = sorted(
         {(r["layout"], r["streams"]) for r in rows}, key=lambda g: (LAYOUTS.index(g[0]), g[1])
     )
-    width = 0.38
+    width = 0.27
     for i, system in enumerate(SYSTEMS):
         mine = {(r["layout"], r["streams"]): r for r in rows if r["system"] == system}
-        x = [j + (i - 0.5) * width for j in range(len(groups))]
+        x = [j + (i - 1) * width for j in range(len(groups))]
         for ax, key in zip(axes, ["aggregate_tokens_per_s", "ttft_p50_ms"], strict=True):
             ax.bar(x, [mine[g][key] for g in groups], width, label=system)
     for ax, title in zip(
@@ -271,7 +308,8 @@ def plot(rows: list[dict[str, Any]]) -> Any:
         ax.set_title(title)
         ax.legend(fontsize="small")
     fig.suptitle(
-        f"sluice → llama-server vs llama-server, SmolLM2-135M Q4_1, {os.cpu_count()} cores "
+        f"sluice → llama-server vs a bare proxy vs llama-server, SmolLM2-135M Q4_1, "
+        f"{os.cpu_count()} cores "
         f"(shared: all for all; isolated: the engine alone on one, with one thread), "
         f"greedy, max_tokens {MAX_TOKENS}",
         y=1.03,
