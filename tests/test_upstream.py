@@ -21,7 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.gateway import STREAM_ID_HEADER
-from bench.upstream import engine_first_token_ms
+from bench import common
+from bench.upstream import engine_first_token_ms, proxy_server
 from shared.protocol import ACTIVE_KEY, Failed, from_fields, stream_key
 from tests.procs import RedisServer, Stack, eventually, start_stack
 from tests.sse import SSEResult, parse_sse, stream
@@ -220,8 +221,29 @@ async def test_the_worker_logs_the_engines_own_time_to_first_token(
 
     stream_id = result.headers[STREAM_ID_HEADER]
     logs = upstream.workers[0]
-    await eventually(lambda: stream_id in engine_first_token_ms(logs), "the finished line")
-    assert 0 < engine_first_token_ms(logs)[stream_id] < took_ms
+    await eventually(
+        lambda: stream_id in engine_first_token_ms("sluice", logs), "the finished line"
+    )
+    assert 0 < engine_first_token_ms("sluice", logs)[stream_id] < took_ms
+
+
+async def test_the_bench_proxy_relays_the_engine_and_logs_its_first_token(
+    llama_server: LlamaServer, model: str
+) -> None:
+    """bench/upstream.py's floor, timed by its lean client: the engine's own stream, and the
+    engine's first-token time per stream where the bench reads it."""
+    body = {"model": model, "messages": USER, "stream": True, **GREEDY}
+    with proxy_server(llama_server.v1) as (proxy, url):
+        timing = await common.lean_stream(url, "/v1/chat/completions", body)
+        stream_id = timing.headers["x-sluice-stream-id"]
+        await eventually(lambda: stream_id in engine_first_token_ms("proxy", proxy), "its line")
+        engine_ms = engine_first_token_ms("proxy", proxy)[stream_id]
+    direct = await common.lean_stream(llama_server.url, "/v1/chat/completions", body)
+
+    assert timing.ok
+    assert timing.error == ""
+    assert (timing.chars, timing.completion_tokens) == (direct.chars, direct.completion_tokens)
+    assert 0 < engine_ms < timing.ttft_after_sent_s * 1000
 
 
 async def test_a_non_streaming_chat_is_the_engines_own_answer(
