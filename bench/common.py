@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 
 from tests.procs import RedisServer, Stack, start_stack
 
@@ -312,6 +314,30 @@ def sluice_stack(redis: RedisServer, workers: int, db: int = 0, **settings: str)
         yield stack
     finally:
         stack.stop()
+
+
+@contextmanager
+def on_cpus(cpus: set[int] | None) -> Iterator[None]:
+    """This process, and every process it starts meanwhile, on `cpus` only (None: anywhere)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    pin_own_threads(cpus)
+    try:
+        yield
+    finally:
+        pin_own_threads(before)
+
+
+def pin_own_threads(cpus: set[int]) -> None:
+    for tid in os.listdir("/proc/self/task"):  # a mask is a thread's own, not its process's
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    return {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

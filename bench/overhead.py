@@ -11,23 +11,35 @@ batching, so every token is its own event): the relay's latency per token (the w
 to Redis, by the entry id's clock, to the client's read) and the CPU per token of the server
 processes (for sluice: API, worker and Redis).
 
-    python -m bench.overhead [--requests 100]
+In bursts: 16 requests at once, every process on one core (sluice's three and the bare
+endpoint, and the load generator, which `lean_stream` keeps light), each stream 2 tokens at
+5 tokens/s, so that its first token comes 200 ms after its backend starts, as after an engine's
+prefill: what each server adds to the first token beyond those 200 ms (from the request's last
+byte sent), and each server process's CPU per request. This is what decides a burst's time to
+first token when the server has one core (bench/upstream.py).
+
+    python -m bench.overhead [--requests 100] [--bursts 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.common import (
     Timing,
+    cpu_seconds,
+    lean_stream,
     median,
+    on_cpus,
     pct,
     progress,
     pyplot,
@@ -38,10 +50,14 @@ from bench.common import (
     timed_stream,
 )
 from bench.concurrency import Sampler, bare_server
+from tests.procs import RedisServer, Stack
 
 TOKENS = 60  # fewer than the synthetic text has: every request streams exactly this many
 PACED_RATE = 100
 BODY = {"messages": [{"role": "user", "content": "overhead"}], "stream": True, "max_tokens": TOKENS}
+BURST = 16
+BURST_RATE = 5.0
+BURST_BODY = BODY | {"max_tokens": 2}
 
 
 async def sequential(url: str, requests: int, label: str) -> list[Timing]:
@@ -77,19 +93,19 @@ def cpu_per_token_us(pids: list[int], run: Callable[[], object], tokens: int) ->
     return (after - before) / tokens * 1e6
 
 
+def synthetic_pair(stack: ExitStack, tokens_per_s: float) -> tuple[RedisServer, Stack, str, int]:
+    """Redis, sluice on the synthetic backend and the bare endpoint, both at `tokens_per_s`, up
+    until `stack` closes; the bare endpoint's URL and process id."""
+    server = stack.enter_context(redis_server())
+    settings = {"synthetic_tokens_per_s": str(tokens_per_s), "access_log": "false"}
+    sluice = stack.enter_context(sluice_stack(server, 1, backend="synthetic", **settings))
+    bare_url, bare_pid = stack.enter_context(bare_server(tokens_per_s=tokens_per_s))
+    return server, sluice, bare_url, bare_pid
+
+
 def paced(requests: int) -> dict[str, float]:
     with ExitStack() as stack:
-        server = stack.enter_context(redis_server())
-        sluice = stack.enter_context(
-            sluice_stack(
-                server,
-                1,
-                backend="synthetic",
-                synthetic_tokens_per_s=str(PACED_RATE),
-                access_log="false",
-            )
-        )
-        bare_url, bare_pid = stack.enter_context(bare_server(tokens_per_s=PACED_RATE))
+        server, sluice, bare_url, bare_pid = synthetic_pair(stack, PACED_RATE)
         latencies: list[float] = []
         tokens = requests * TOKENS
         sluice_pids = [sluice.api.pid, *(w.pid for w in sluice.workers), server.pid]
@@ -107,6 +123,43 @@ def paced(requests: int) -> dict[str, float]:
         "sluice_cpu_per_token_us": sluice_cpu,
         "bare_cpu_per_token_us": bare_cpu,
     }
+
+
+async def burst_added_ms(url: str, bursts: int, label: str) -> list[float]:
+    """Per stream, its time to first token beyond its backend's own (`1 / BURST_RATE`)."""
+    added = []
+    for n in range(bursts):
+        timings = await asyncio.gather(
+            *(lean_stream(url, "/v1/chat/completions", BURST_BODY) for _ in range(BURST))
+        )
+        assert all(t.ok for t in timings), [t.error for t in timings if not t.ok]
+        added += [t.ttft_after_sent_s * 1000 - 1000 / BURST_RATE for t in timings]
+        progress(n + 1, bursts, label)
+    return added
+
+
+def in_bursts(bursts: int) -> dict[str, Any]:
+    core = {max(os.sched_getaffinity(0))}
+    with on_cpus(core), ExitStack() as stack:
+        server, sluice, bare_url, bare_pid = synthetic_pair(stack, BURST_RATE)
+        sluice_pids = {"api": sluice.api.pid, "worker": sluice.workers[0].pid, "redis": server.pid}
+        systems = {"sluice": (sluice.base_url, sluice_pids), "bare": (bare_url, {"bare": bare_pid})}
+        out: dict[str, Any] = {"streams_at_once": BURST, "bursts": bursts}
+        for system, (url, pids) in systems.items():
+            processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+            asyncio.run(burst_added_ms(url, 3, f"{system}, warming up"))  # first uses cost more
+            before = cpu_seconds(processes)
+            added = asyncio.run(burst_added_ms(url, bursts, f"{system}, in bursts"))
+            after = cpu_seconds(processes)
+            requests = BURST * bursts
+            out[system] = {
+                "added_p50_ms": median(added),
+                "added_p95_ms": pct(added, 95),
+                "cpu_ms_per_request": {
+                    name: (after[name] - before[name]) * 1000 / requests for name in processes
+                },
+            }
+    return out
 
 
 def row(system: str, timings: list[Timing]) -> dict[str, Any]:
@@ -150,6 +203,7 @@ def plot(rows: list[dict[str, Any]]) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--bursts", type=int, default=20)
     args = parser.parse_args()
     with ExitStack() as stack:
         server = stack.enter_context(redis_server())
@@ -168,10 +222,13 @@ def main() -> None:
         "relay_added_per_token_us": s["per_token_p50_us"] - b["per_token_p50_us"],
     }
     per_token = paced(max(1, args.requests // 5))
-    save("overhead", {"systems": rows, "added": added, "paced": per_token}, plot(rows))
+    bursts = in_bursts(args.bursts)
+    result = {"systems": rows, "added": added, "paced": per_token, "in_bursts": bursts}
+    save("overhead", result, plot(rows))
     print(table(rows, list(rows[0])))
     print(added)
     print(per_token)
+    print(bursts)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ Goals: at least 0.9x the aggregate, at most 10 ms added by sluice at the median.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -91,30 +90,6 @@ def layout(name: str) -> Layout:
     return Layout(name, engine_threads=1, engine_cpus={0}, rest_cpus=set(range(1, cores)))
 
 
-@contextmanager
-def on_cpus(cpus: set[int] | None) -> Iterator[None]:
-    """This process, and every process it starts meanwhile, on `cpus` only (None: anywhere)."""
-    if cpus is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    _pin_own_threads(cpus)
-    try:
-        yield
-    finally:
-        _pin_own_threads(before)
-
-
-def _pin_own_threads(cpus: set[int]) -> None:
-    for tid in os.listdir("/proc/self/task"):  # a mask is a thread's own, not its process's
-        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
-            os.sched_setaffinity(int(tid), cpus)
-
-
-def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
-    return {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
-
-
 def request(topic: str) -> dict[str, Any]:
     return {
         "messages": [
@@ -141,11 +116,11 @@ async def level(
     """N streams at once, each with a client of its own, and the CPU time each process spent;
     through a gateway (`logger`: its name and the process that logs the engine's first tokens),
     also what the gateway added to each stream's first token."""
-    before = cpu_seconds(processes)
+    before = common.cpu_seconds(processes)
     timings, wall = await common.concurrent_streams(
         url, [request(TOPICS[i % len(TOPICS)]) for i in range(n)]
     )
-    after = cpu_seconds(processes)
+    after = common.cpu_seconds(processes)
     ok = [t for t in timings if t.ok and t.tokens > 0]
     result = {
         **common.level_stats(timings, wall),
@@ -178,7 +153,7 @@ def measure(
     binary = llama_server_binary()
     assert binary is not None, "no llama-server: `make llama-server` builds it"
     rows: list[dict[str, Any]] = []
-    with on_cpus(place.rest_cpus), ExitStack() as run:
+    with common.on_cpus(place.rest_cpus), ExitStack() as run:
         engine = LlamaServer(
             binary, slots=max(levels), threads=place.engine_threads, cpus=place.engine_cpus
         ).start()
