@@ -97,8 +97,16 @@ def synthetic_pair(stack: ExitStack, tokens_per_s: float) -> tuple[RedisServer, 
     """Redis, sluice on the synthetic backend and the bare endpoint, both at `tokens_per_s`, up
     until `stack` closes; the bare endpoint's URL and process id."""
     server = stack.enter_context(redis_server())
-    settings = {"synthetic_tokens_per_s": str(tokens_per_s), "access_log": "false"}
-    sluice = stack.enter_context(sluice_stack(server, 1, backend="synthetic", **settings))
+    rate = str(tokens_per_s)
+    sluice = stack.enter_context(
+        sluice_stack(
+            server,
+            1,
+            backend="synthetic",
+            synthetic_tokens_per_s=rate,
+            access_log="false",
+        )
+    )
     bare_url, bare_pid = stack.enter_context(bare_server(tokens_per_s=tokens_per_s))
     return server, sluice, bare_url, bare_pid
 
