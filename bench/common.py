@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
-from tests.procs import RedisServer, Stack, start_stack
+from tests.procs import Proc, RedisServer, Stack, answers, free_port, start_stack, wait_until
 
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -317,20 +317,35 @@ def sluice_stack(redis: RedisServer, workers: int, db: int = 0, **settings: str)
 
 
 @contextmanager
+def anchor_server(module: str, *args: str) -> Iterator[tuple[Proc, str]]:
+    """`python -m <module> --port P <args>` (an anchor server: bench/bare.py, bench/proxy.py),
+    once it answers; its process and URL, stopped on exit."""
+    port = free_port()
+    name = f"{module.replace('.', '-')}-{port}"
+    proc = Proc(name, [sys.executable, "-m", module, "--port", str(port), *args]).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: answers(url), 30, name)
+        yield proc, url
+    finally:
+        proc.stop()
+
+
+@contextmanager
 def on_cpus(cpus: set[int] | None) -> Iterator[None]:
     """This process, and every process it starts meanwhile, on `cpus` only (None: anywhere)."""
     if cpus is None:
         yield
         return
     before = os.sched_getaffinity(0)
-    pin_own_threads(cpus)
+    _pin_own_threads(cpus)
     try:
         yield
     finally:
-        pin_own_threads(before)
+        _pin_own_threads(before)
 
 
-def pin_own_threads(cpus: set[int]) -> None:
+def _pin_own_threads(cpus: set[int]) -> None:
     for tid in os.listdir("/proc/self/task"):  # a mask is a thread's own, not its process's
         with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
             os.sched_setaffinity(int(tid), cpus)

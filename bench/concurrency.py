@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -32,6 +31,7 @@ import redis
 from api.main import API_CLIENT_NAME
 from bench.common import (
     Timing,
+    anchor_server,
     median,
     pct,
     progress,
@@ -43,7 +43,6 @@ from bench.common import (
     table,
     timed_stream,
 )
-from tests.procs import Proc, answers, free_port, wait_until
 
 TOKENS = 60
 RATE = 30
@@ -60,25 +59,9 @@ def body(n: int) -> dict[str, Any]:
 
 @contextmanager
 def bare_server(tokens_per_s: float = RATE) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    server = Proc(
-        "bench-bare",
-        [
-            sys.executable,
-            "-m",
-            "bench.bare",
-            "--port",
-            str(port),
-            "--tokens-per-s",
-            str(tokens_per_s),
-        ],
-    ).start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: answers(url), 30, "bare server")
+    """bench/bare.py at `tokens_per_s`; its URL and process id."""
+    with anchor_server("bench.bare", "--tokens-per-s", str(tokens_per_s)) as (server, url):
         yield url, server.pid
-    finally:
-        server.stop()
 
 
 class Sampler:

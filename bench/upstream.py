@@ -40,20 +40,20 @@ Goals: at least 0.9x the aggregate, at most 10 ms added by sluice at the median.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import re
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
 from bench import common
-from tests.procs import LOGS, Proc, answers, free_port, wait_until
+from tests.procs import LOGS, Proc, wait_until
 from tests.upstreams import LlamaServer, llama_server_binary
 
 MAX_TOKENS = 128
@@ -183,20 +183,9 @@ def measure(
     return rows
 
 
-@contextmanager
-def proxy_server(upstream: str) -> Iterator[tuple[Proc, str]]:
+def proxy_server(upstream: str) -> contextlib.AbstractContextManager[tuple[Proc, str]]:
     """bench/proxy.py in front of `upstream`; its process and URL."""
-    port = free_port()
-    proc = Proc(
-        f"bench-proxy-{port}",
-        [sys.executable, "-m", "bench.proxy", "--port", str(port), "--upstream", upstream],
-    ).start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: answers(f"{url}/docs"), 30, proc.name)
-        yield proc, url
-    finally:
-        proc.stop()
+    return common.anchor_server("bench.proxy", "--upstream", upstream)
 
 
 def versus(
