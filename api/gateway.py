@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 from fastapi import Request
@@ -18,7 +20,16 @@ from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.metrics import RESUMES, DeploymentState, RequestClock, arrived, measured
 from api.readers import ReaderRegistry
-from api.relay import DONE, SEPARATOR, EventEncoder, collect, follow, sse_events
+from api.relay import (
+    DONE,
+    SEPARATOR,
+    Batch,
+    EventEncoder,
+    Waiting,
+    collect,
+    follow,
+    sse_events,
+)
 from shared import tracing
 from shared.errors import ClientDisconnected, SluiceError, StreamNotFound
 from shared.logs import bind
@@ -28,12 +39,23 @@ from shared.schema import ChunkEncoder, GenerationJob, SamplingRequest
 from shared.settings import Settings
 
 log = logging.getLogger("sluice.api")
+T = TypeVar("T")
 STREAM_ID_HEADER = "X-Sluice-Stream-Id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 ID_PREFIX: dict[StreamKind, str] = {
     "chat.completion.chunk": "chatcmpl-",
     "text_completion": "cmpl-",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A queued request: its stream, the headers its response carries, and its clock."""
+
+    stream_id: str
+    meta: StreamMeta
+    headers: dict[str, str]
+    clock: RequestClock
 
 
 class Gateway:
@@ -68,6 +90,39 @@ class Gateway:
             object=meta.kind,
         )
 
+    async def submit(
+        self,
+        request: Request,
+        owner: Principal,
+        job: GenerationJob,
+        kind: StreamKind,
+        *,
+        model: str,
+        include_usage: bool,
+        pinned: bool = False,
+        keep_s: int | None = None,
+    ) -> Submitted:
+        """Queue `job` (see `JobQueue.submit`), traced and timed from the request's arrival."""
+        key_name = owner.name if self.settings.auth_enabled else None
+        bind(job.stream_id, key_name)
+        span = tracing.start_span(f"sluice {kind}")
+        if span is not None:
+            span.set_attribute("sluice.stream_id", job.stream_id)
+        job = job.model_copy(update={"key_name": key_name, "trace": tracing.carrier(span)})
+        try:
+            meta, use = await self.queue.submit(
+                job, kind, include_usage, owner, model, pinned=pinned, keep_s=keep_s
+            )
+        except BaseException as exc:
+            if span is not None:
+                span.record_exception(exc)
+                span.end()
+            raise
+        log.info("queued %s", kind)
+        headers = {STREAM_ID_HEADER: job.stream_id} | use.headers()
+        clock = RequestClock(model, meta.queued_ms, span, received=arrived(request.scope))
+        return Submitted(job.stream_id, meta, headers, clock)
+
     async def serve(
         self,
         request: Request,
@@ -79,55 +134,40 @@ class Gateway:
         stream: bool,
         include_usage: bool,
     ) -> EventSourceResponse | JSONResponse:
-        key_name = owner.name if self.settings.auth_enabled else None
-        bind(job.stream_id, key_name)
-        span = tracing.start_span(f"sluice {kind}")
-        if span is not None:
-            span.set_attribute("sluice.stream_id", job.stream_id)
-        job = job.model_copy(update={"key_name": key_name, "trace": tracing.carrier(span)})
+        sub = await self.submit(request, owner, job, kind, model=model, include_usage=include_usage)
+        stream_id, clock = sub.stream_id, sub.clock
+        if stream:
+            return self._respond(stream_id, "0-0", sub.meta, sub.headers, clock, announced=True)
+        chunks = self.chunk_encoder(stream_id, sub.meta)
         try:
-            meta, use = await self.queue.submit(job, kind, include_usage, owner, model)
-        except BaseException as exc:
-            if span is not None:
-                span.record_exception(exc)
-                span.end()
-            raise
-        log.info("queued %s", kind)
-        chunks = self.chunk_encoder(job.stream_id, meta)
-        headers = {STREAM_ID_HEADER: job.stream_id} | use.headers()
-        clock = RequestClock(model, meta.queued_ms, span, received=arrived(request.scope))
-        if not stream:
-            try:
-                with self.readers.reading(job.stream_id, announced=True):
-                    body = await self._collect_while_connected(
-                        request, owner, job.stream_id, chunks, clock
-                    )
-            finally:
-                clock.close()
-            return JSONResponse(body, headers=headers)
-        return self._respond(job.stream_id, "0-0", meta, headers, clock, announced=True)
+            with self.readers.reading(stream_id, announced=True):
+                collecting = collect(self.entries(stream_id, clock), chunks)
+                body = await self.until_disconnect(request, owner, stream_id, collecting)
+        finally:
+            clock.close()
+        return JSONResponse(body, headers=sub.headers)
 
-    async def _collect_while_connected(
-        self,
-        request: Request,
-        owner: Principal,
-        stream_id: str,
-        chunks: ChunkEncoder,
-        clock: RequestClock,
-    ) -> dict[str, object]:
-        """The collected body; if the client hangs up first, its generation is cancelled: a
-        non-streaming response cannot be resumed, so nobody will ever read the rest."""
-        entries = measured(follow(self.hub, self.settings, stream_id), clock, self.hub.age_s)
-        collecting = asyncio.ensure_future(collect(entries, chunks))
+    def entries(
+        self, stream_id: str, clock: RequestClock, after: str = "0-0"
+    ) -> AsyncIterator[Batch | Waiting]:
+        """The stream's entries after `after` (`follow`), observed by the request's clock."""
+        return measured(follow(self.hub, self.settings, stream_id, after), clock, self.hub.age_s)
+
+    async def until_disconnect(
+        self, request: Request, owner: Principal, stream_id: str, work: Awaitable[T]
+    ) -> T:
+        """`work`'s result; if the client hangs up first, the stream's generation is cancelled:
+        a response that is not streamed cannot be resumed, so nobody will read the rest."""
+        working = asyncio.ensure_future(work)
         gone = asyncio.ensure_future(_disconnect(request))
         try:
-            await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({working, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not collecting.done():
-                collecting.cancel()
-        if collecting.done() and not collecting.cancelled():
-            return collecting.result()
+            if not working.done():
+                working.cancel()
+        if working.done() and not working.cancelled():
+            return working.result()
         with contextlib.suppress(SluiceError):
             await self.queue.cancel(stream_id, owner)
         raise ClientDisconnected("the client closed the connection before the response")
@@ -164,9 +204,7 @@ class Gateway:
                 return
             try:
                 with self.readers.reading(stream_id, announced=announced):
-                    entries = measured(
-                        follow(self.hub, self.settings, stream_id, after), clock, self.hub.age_s
-                    )
+                    entries = self.entries(stream_id, clock, after)
                     async for ev in sse_events(entries, encoder, self.settings, shutdown):
                         yield ev
             finally:

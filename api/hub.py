@@ -62,6 +62,10 @@ class StreamHub:
         self._wake_task: asyncio.Task[None] | None = None
         self._redis_clock_ahead_s = 0.0
 
+    @property
+    def redis(self) -> Redis:
+        return self._redis
+
     def start(self, loops: LoopGroup) -> None:
         loops.start("stream-reader", self.read_forever)
         loops.start("redis-clock", self.follow_redis_clock)

@@ -18,7 +18,6 @@ from shared.errors import (
     StreamFinished,
     StreamNotFound,
 )
-from shared.keys import ANONYMOUS, Limits
 from shared.protocol import (
     ACTIVE_KEY,
     CANCEL_CHANNEL,
@@ -37,8 +36,8 @@ from shared.protocol import (
     Failed,
     StreamKind,
     StreamMeta,
-    cancel_key,
     encode,
+    entry_cap,
     from_fields,
     job_id,
     meta_key,
@@ -58,45 +57,76 @@ from shared.settings import Settings
 # Ends a stream whose current attempt is still waiting in the queue: takes the job out of arq's
 # hands unless a worker has claimed it (arq marks a claim with the in-progress key), then
 # appends the terminal entry, fenced like any append. Returns 1 if the stream was ended here.
-# KEYS: in-progress key, queue, arq job key, stream, metadata. ARGV: job id, payload, MAXLEN, TTL.
+# KEYS: in-progress key, queue, arq job key, stream, metadata. ARGV: job id, payload, TTL.
 WITHDRAW_SCRIPT = (
     FENCED_APPEND_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
-if fenced_append(KEYS[4], KEYS[5], ARGV[1], 'e', ARGV[2], ARGV[3], ARGV[4]) == 0 then return 0 end
+if fenced_append(KEYS[4], KEYS[5], ARGV[1], 'e', ARGV[2], ARGV[3]) == 0 then return 0 end
 return 1
 """
 )
 
+# Puts an attempt in its model's queue, writing it as arq's enqueue_job does (the job key, then
+# the queue entry), marks its stream active and queued since `now`, and wakes the model's
+# workers. arq's own enqueue_job spends three round trips guarding against a duplicate id;
+# ours are fresh.
+ENQUEUE_LUA = """
+local function enqueue(meta, queue, job_key, active, stream_id, job, record, job_ttl_ms,
+                       meta_ttl_s, wake, now)
+  redis.call('HSET', meta, 'queued', now)
+  redis.call('EXPIRE', meta, meta_ttl_s)
+  redis.call('ZADD', active, 'NX', now, stream_id)
+  redis.call('EXPIRE', active, meta_ttl_s)
+  redis.call('PSETEX', job_key, job_ttl_ms, record)
+  redis.call('ZADD', queue, now, job)
+  redis.call('PUBLISH', wake, job)
+end
+"""
+
 # Makes `new` the stream's current attempt if `dead` still is and the stream has not ended (so
-# that a late retry cannot revive a stream), and takes `dead` out of arq's hands for good. From
-# then on the fence refuses anything the dead attempt still appends.
-REPLACE_SCRIPT = """
+# that a late retry cannot revive a stream), takes `dead` out of arq's hands for good, and
+# queues `new`, in one step: no moment exists where the stream's attempt is in no queue. From
+# then on the fence refuses anything the dead attempt still appends. Returns 1 if retried.
+# KEYS: metadata, the model's queue, the dead attempt's arq job key, the new one's, active
+# streams. ARGV: dead job id, new job id, the new job's arq record, job TTL (ms), metadata TTL
+# (s), the model's wake channel, stream id.
+RETRY_SCRIPT = (
+    REDIS_NOW_LUA
+    + ENQUEUE_LUA
+    + """
 local current = redis.call('HMGET', KEYS[1], 'job', 'ended')
 if current[1] ~= ARGV[1] or current[2] then return 0 end
 redis.call('HSET', KEYS[1], 'job', ARGV[2])
 redis.call('HDEL', KEYS[1], 'worker', 'started')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
+enqueue(KEYS[1], KEYS[2], KEYS[4], KEYS[5], ARGV[7], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
+        redis_now_ms())
 return 1
+"""
+)
+
+# Marks a stream cancelled, for the worker's next append and its claim, and tells its worker at
+# once. KEYS: metadata. ARGV: cancel channel, message.
+CANCEL_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'cancel', 1) end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 """
 
 
-# Admits and enqueues a job in one atomic round trip, writing the job as arq's enqueue_job does
-# (the job key, then the queue entry), then wakes the model's workers. arq's own enqueue_job
-# spends three round trips guarding against a duplicate id; ours are fresh. Times are Redis's.
-# Being one script, two API processes cannot both admit past a limit. Capacity is the model's
-# own: the live workers of its serving set (not those of other models, nor those whose backend
-# is unavailable), their slots, and its queue.
+# Admits and enqueues a job in one atomic round trip, then wakes the model's workers. Times are
+# Redis's. Being one script, two API processes cannot both admit past a limit. Capacity is the
+# model's own: the live workers of its serving set (not those of other models, nor those whose
+# backend is unavailable), their slots, and its queue.
 # KEYS: the model's serving set, worker slots, the model's queue, arq job key, stream metadata,
 # readers, active streams, the owner's requests, tokens and open streams (see `KEY_*_PREFIX`),
 # models.
-# ARGV: max_queue ('': a retry, admitted without checks or counting), worker TTL (ms), job id,
-# arq payload, job TTL (ms), wake channel, stream id, metadata TTL (s), the owner's requests
-# per minute, tokens per minute and open streams (0: no limit), the model, then metadata fields
-# and values.
+# ARGV: max_queue, worker TTL (ms), job id, arq payload, job TTL (ms), wake channel, stream id,
+# metadata TTL (s), the owner's requests per minute, tokens per minute and open streams (0: no
+# limit), the model, then metadata fields and values.
 # Returns {0, requests, tokens, ms to the window's next minute} when enqueued (the owner's use
 # of its windows, this request included), {1} with no live worker for the model, {2, waiting}
 # when its queue is full, {3, limit, retry after (ms)} when the owner is at `limit`, {4} for a
@@ -104,6 +134,7 @@ return 1
 _SUBMIT = (
     REDIS_NOW_LUA
     + WINDOW_LUA
+    + ENQUEUE_LUA
     + """
 local now = redis_now_ms()
 local to_next_minute = 60000 - now % 60000
@@ -113,43 +144,36 @@ local function wait_ms(used, previous, current, limit)
   end
   return to_next_minute
 end
-if ARGV[1] ~= '' then
-  if redis.call('HEXISTS', KEYS[11], ARGV[12]) == 0 then return {4} end
-  local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
-  if #live == 0 then return {1} end
-  local rpm, tpm, max_streams = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-  if rpm > 0 then
-    local used, previous, current = window_used(KEYS[8], now)
-    if used + 1 > rpm then return {3, 'requests', wait_ms(used, previous, current, rpm)} end
-  end
-  if tpm > 0 then
-    local used, previous, current = window_used(KEYS[9], now)
-    if used >= tpm then return {3, 'tokens', wait_ms(used, previous, current, tpm)} end
-  end
-  if max_streams > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now - tonumber(ARGV[8]) * 1000)
-    if redis.call('ZCARD', KEYS[10]) >= max_streams then return {3, 'streams', 1000} end
-  end
-  local slots = 0
-  for _, worker in ipairs(live) do
-    slots = slots + (tonumber(redis.call('HGET', KEYS[2], worker)) or 1)
-  end
-  local waiting = redis.call('ZCARD', KEYS[3]) - slots  -- arq keeps running jobs in the queue
-  if waiting >= tonumber(ARGV[1]) then return {2, waiting} end
-  window_add(KEYS[8], now, 1)
-  redis.call('ZADD', KEYS[10], now, ARGV[7])
-  redis.call('EXPIRE', KEYS[10], ARGV[8])
+if redis.call('HEXISTS', KEYS[11], ARGV[12]) == 0 then return {4} end
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
+if #live == 0 then return {1} end
+local rpm, tpm, max_streams = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+if rpm > 0 then
+  local used, previous, current = window_used(KEYS[8], now)
+  if used + 1 > rpm then return {3, 'requests', wait_ms(used, previous, current, rpm)} end
 end
-if #ARGV > 12 then redis.call('HSET', KEYS[5], unpack(ARGV, 13)) end
-redis.call('HSET', KEYS[5], 'queued', now)
-redis.call('EXPIRE', KEYS[5], ARGV[8])
-redis.call('ZADD', KEYS[6], now, ARGV[7])
+if tpm > 0 then
+  local used, previous, current = window_used(KEYS[9], now)
+  if used >= tpm then return {3, 'tokens', wait_ms(used, previous, current, tpm)} end
+end
+if max_streams > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now - tonumber(ARGV[8]) * 1000)
+  if redis.call('ZCARD', KEYS[10]) >= max_streams then return {3, 'streams', 1000} end
+end
+local slots = 0
+for _, worker in ipairs(live) do
+  slots = slots + (tonumber(redis.call('HGET', KEYS[2], worker)) or 1)
+end
+local waiting = redis.call('ZCARD', KEYS[3]) - slots  -- arq keeps running jobs in the queue
+if waiting >= tonumber(ARGV[1]) then return {2, waiting} end
+window_add(KEYS[8], now, 1)
+redis.call('ZADD', KEYS[10], now, ARGV[7])
+redis.call('EXPIRE', KEYS[10], ARGV[8])
+redis.call('HSET', KEYS[5], unpack(ARGV, 13))
+redis.call('ZADD', KEYS[6], now, ARGV[7])  -- whoever asked is reading
 redis.call('EXPIRE', KEYS[6], ARGV[8])
-redis.call('ZADD', KEYS[7], 'NX', now, ARGV[7])
-redis.call('EXPIRE', KEYS[7], ARGV[8])
-redis.call('PSETEX', KEYS[4], ARGV[5], ARGV[4])
-redis.call('ZADD', KEYS[3], now, ARGV[3])
-redis.call('PUBLISH', ARGV[6], ARGV[3])
+enqueue(KEYS[5], KEYS[3], KEYS[4], KEYS[7], ARGV[7], ARGV[3], ARGV[4], ARGV[5], ARGV[8], ARGV[6],
+        now)
 local requests = window_used(KEYS[8], now)
 local tokens = window_used(KEYS[9], now)
 return {0, math.ceil(requests), math.ceil(tokens), to_next_minute, now}
@@ -168,7 +192,8 @@ class JobQueue:
         self._redis = redis
         self._settings = settings
         self._withdraw = redis.register_script(WITHDRAW_SCRIPT)
-        self._replace = redis.register_script(REPLACE_SCRIPT)
+        self._retry = redis.register_script(RETRY_SCRIPT)
+        self._cancel = redis.register_script(CANCEL_SCRIPT)
         self._submit = redis.register_script(_SUBMIT)
         self._live_workers = redis.register_script(_LIVE_WORKERS)
         self._meta_ttl_s = int(
@@ -192,52 +217,48 @@ class JobQueue:
         include_usage: bool,
         owner: Principal,
         model: str,
+        *,
+        pinned: bool = False,
+        keep_s: int | None = None,
     ) -> tuple[StreamMeta, KeyUse]:
         """Queue the stream's first attempt for `model`: 404 if no worker ever served it, 503
         with no live worker that can, 429 with more than `max_queue` jobs waiting for its slots
-        or with `owner` at one of its limits."""
+        or with `owner` at one of its limits. `pinned`: it runs whether or not anyone reads
+        it; `keep_s`: its stream lives that long after its end, not `SLUICE_STREAM_TTL_S`."""
+        settings = self._settings
         meta = StreamMeta(
             kind, now_ms() // 1000, include_usage, job_id(job.stream_id, 1), owner.name, model
         )
-        fields = {**meta.fields(), "payload": job.model_dump_json()}
-        result = await self._enqueue(meta.job, job, model, owner=owner, meta_fields=fields)
-        meta = dataclasses.replace(meta, queued_ms=result[4])
-        return meta, KeyUse(owner.limits, result[1], result[2], result[3])
-
-    async def _enqueue(
-        self,
-        arq_job_id: str,
-        job: GenerationJob,
-        model: str,
-        *,
-        owner: Principal | None,
-        meta_fields: dict[str, str | int] | None = None,
-    ) -> list[int]:
-        """Enqueue; admitted against the limits when `owner` is given, else (a retry) as is."""
-        settings = self._settings
-        expires_ms = int((settings.queue_timeout_s + settings.job_timeout_s) * 1000)
-        name = owner.name if owner else ANONYMOUS
-        limits = owner.limits if owner else Limits(0, 0, 0)
+        fields: dict[str, str | int] = {
+            **meta.fields(),
+            "payload": job.model_dump_json(),
+            "cap": entry_cap(job.max_tokens),
+        }
+        if pinned:
+            fields["pinned"] = 1
+        if keep_s is not None:
+            fields["keep"] = keep_s
+        limits = owner.limits
         result: list[int | bytes] = await self._submit(
             keys=[
                 serving_key(model),
                 WORKER_SLOTS_KEY,
                 queue_name(model),
-                job_key(arq_job_id),
+                job_key(meta.job),
                 meta_key(job.stream_id),
-                READERS_KEY,  # whoever asked is reading
+                READERS_KEY,
                 ACTIVE_KEY,
-                KEY_REQUESTS_PREFIX + name,
-                KEY_TOKENS_PREFIX + name,
-                KEY_STREAMS_PREFIX + name,
+                KEY_REQUESTS_PREFIX + owner.name,
+                KEY_TOKENS_PREFIX + owner.name,
+                KEY_STREAMS_PREFIX + owner.name,
                 MODELS_KEY,
             ],
             args=[
-                settings.max_queue if owner else "",
+                settings.max_queue,
                 worker_ttl_ms(settings.heartbeat_s),
-                arq_job_id,
-                job_record(JOB_FUNCTION, (job.model_dump(),), now_ms()),
-                expires_ms,
+                meta.job,
+                self._record(job),
+                self._job_ttl_ms,
                 wake_channel(model),
                 job.stream_id,
                 self._meta_ttl_s,
@@ -245,7 +266,7 @@ class JobQueue:
                 limits.tpm or 0,
                 limits.max_streams or 0,
                 model,
-                *(item for pair in (meta_fields or {}).items() for item in pair),
+                *(item for pair in fields.items() for item in pair),
             ],
         )
         match result:
@@ -260,7 +281,17 @@ class JobQueue:
                 )
             case [3, bytes(limit), int(wait_ms)]:
                 raise rate_limited(limit.decode(), limits, wait_ms)
-        return [int(n) for n in result]
+        _, requests, tokens, to_next_minute, queued_ms = (int(n) for n in result)
+        meta = dataclasses.replace(meta, queued_ms=queued_ms)
+        return meta, KeyUse(owner.limits, requests, tokens, to_next_minute)
+
+    @staticmethod
+    def _record(job: GenerationJob) -> bytes:
+        return job_record(JOB_FUNCTION, (job.model_dump(),), now_ms())
+
+    @property
+    def _job_ttl_ms(self) -> int:
+        return int((self._settings.queue_timeout_s + self._settings.job_timeout_s) * 1000)
 
     async def meta(self, stream_id: str, reader: Principal) -> StreamMeta:
         """The stream's metadata, if it exists and belongs to `reader`'s key: another key's
@@ -295,32 +326,45 @@ class JobQueue:
                 stream_key(stream_id),
                 meta_key(stream_id),
             ],
-            args=[arq_job_id, payload, self._settings.stream_maxlen, self._settings.stream_ttl_s],
+            args=[arq_job_id, payload, self._settings.stream_ttl_s],
         )
         return bool(ended)
 
     async def retry(self, stream_id: str, dead_job: str, attempt: int, model: str) -> bool:
-        """Replace an attempt whose worker died with attempt number `attempt`, at most once,
+        """Replace an attempt whose worker lost it with attempt number `attempt`, at most once,
         in the queue of the model the stream was routed to."""
         new_job = job_id(stream_id, attempt)
-        replaced = await self._replace(
-            keys=[meta_key(stream_id), queue_name(model), job_key(dead_job)],
-            args=[dead_job, new_job],
-        )
-        if not replaced:
-            return False
         payload = await self._redis.hget(meta_key(stream_id), "payload")  # type: ignore[misc]
-        await self._enqueue(new_job, GenerationJob.model_validate_json(payload), model, owner=None)
-        return True
+        if payload is None:  # expired meanwhile
+            return False
+        job = GenerationJob.model_validate_json(payload)
+        retried = await self._retry(
+            keys=[
+                meta_key(stream_id),
+                queue_name(model),
+                job_key(dead_job),
+                job_key(new_job),
+                ACTIVE_KEY,
+            ],
+            args=[
+                dead_job,
+                new_job,
+                self._record(job),
+                self._job_ttl_ms,
+                self._meta_ttl_s,
+                wake_channel(model),
+                stream_id,
+            ],
+        )
+        return bool(retried)
 
     async def cancel(self, stream_id: str, reader: Principal) -> StreamMeta:
         """Stop a stream's generation, wherever it runs; a stream still queued never starts."""
         meta = await self.meta(stream_id, reader)
         if await self.ended_by(stream_id, "+"):
             raise StreamFinished(f"stream {stream_id!r} has already finished")
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(cancel_key(stream_id), 1, ex=self._meta_ttl_s)
-            pipe.publish(CANCEL_CHANNEL, f"{stream_id} cancelled")
-            await pipe.execute()
+        await self._cancel(
+            keys=[meta_key(stream_id)], args=[CANCEL_CHANNEL, f"{stream_id} cancelled"]
+        )
         await self.withdraw(stream_id, meta, Cancelled("cancelled before generation started"))
         return meta

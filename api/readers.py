@@ -4,8 +4,8 @@ Each API process keeps a count of its open relays per stream and, once per `read
 refreshes all of them in `sluice:readers`, scored by Redis's clock (and at once when a stream
 gains its first reader here). The supervisor stops a generation, or withdraws a queued job,
 whose stream has gone unread for `SLUICE_RESUME_GRACE_S`. When the last local reader of a
-stream leaves, its member is removed at the next refresh, so a grace of 0 acts within a period
-and a supervisor tick.
+stream leaves, its member is removed at once (and again at the next refresh), so a grace of 0
+acts within a supervisor tick. The key's TTL covers readers only: nothing else lives in it.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class ReaderRegistry:
             self._open[stream_id] -= 1
             if self._open[stream_id] <= 0:
                 del self._open[stream_id]
+                # Said at once, not at the next refresh: a queued job nobody reads is passed
+                # over by the workers' claims from the supervisor's next tick.
+                self._soon(self._mark([], [stream_id]))
                 self._left.add(stream_id)
 
     def _soon(self, command: Awaitable[object]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -22,7 +23,10 @@ from shared.protocol import (
     Finished,
     Started,
     Token,
+    check_complete,
     decode,
+    entry_id_key,
+    from_fields,
     stream_key,
 )
 from shared.schema import ChunkEncoder, completion_body, error_envelope
@@ -68,7 +72,10 @@ async def follow(
     """
     key = stream_key(stream_id)
     tick = min(RELAY_TICK_S, settings.ping_s)
-    tokens_sent = after != "0-0"
+    from_start = after == "0-0"
+    if not from_start:
+        await _check_kept_after(hub, key, after)
+    tokens_sent = not from_start
     started = tokens_sent
     while True:
         try:
@@ -80,6 +87,9 @@ async def follow(
             yield Waiting(queued=not started)
             continue
         batch = [(entry_id.decode(), decode(kind, value)) for entry_id, (kind, value) in raw]
+        if from_start:
+            check_complete(batch[0][1])
+            from_start = False
         after = batch[-1][0]
         started = started or any(isinstance(e, Started) for _, e in batch)
         tokens_sent = tokens_sent or any(isinstance(e, Token) for _, e in batch)
@@ -94,6 +104,17 @@ async def follow(
             lag = hub.age_s(after)
             if lag > settings.behind_s:
                 await asyncio.sleep(min(lag, settings.max_hold_s))
+
+
+async def _check_kept_after(hub: StreamHub, key: str, after: str) -> None:
+    """Raises `StreamTruncated` if entries after `after` may be gone: the stream's head was
+    trimmed (it no longer starts as every stream does) past `after`."""
+    first = await hub.redis.xrange(key, count=1)
+    if not first:
+        return
+    first_id, fields = first[0]
+    if entry_id_key(first_id.decode()) > entry_id_key(after):
+        check_complete(from_fields(fields))
 
 
 class EventEncoder:
@@ -135,6 +156,27 @@ class EventEncoder:
             yield event(self.chunks.content("".join(text)), id=last_id)
 
 
+class Keepalive:
+    """A comment for a stream quiet for `ping_s` (`: queued`, `: generating`), so proxies do
+    not cut it."""
+
+    def __init__(self, ping_s: float) -> None:
+        self._ping_s = ping_s
+        self._last_sent = time.monotonic()
+
+    def sent(self) -> None:
+        """Something went out: the stream is not quiet."""
+        self._last_sent = time.monotonic()
+
+    def due(self, what: str) -> ServerSentEvent | None:
+        """The comment, if the stream has been quiet long enough."""
+        now = time.monotonic()
+        if now - self._last_sent < self._ping_s:
+            return None
+        self._last_sent = now
+        return comment(what)
+
+
 async def sse_events(
     entries: AsyncIterator[Batch | Waiting],
     encoder: EventEncoder,
@@ -149,7 +191,7 @@ async def sse_events(
     cancels it (and it could no longer say why).
     """
     loop = asyncio.get_running_loop()
-    last_sent = loop.time()
+    keepalive = Keepalive(settings.ping_s)
     shutdown_deadline: float | None = None
     last = b""  # the stream's last events, which go out with [DONE]
     try:
@@ -160,11 +202,10 @@ async def sse_events(
                 if now >= shutdown_deadline:
                     raise ShuttingDown("the server is shutting down; resume this stream elsewhere")
             if isinstance(item, Waiting):
-                if now - last_sent >= settings.ping_s:
-                    last_sent = now
-                    yield comment("queued" if item.queued else "generating")
+                if ping := keepalive.due("queued" if item.queued else "generating"):
+                    yield ping
                 continue
-            last_sent = now
+            keepalive.sent()
             # A batch's events (the role and the first text, say) go out in one write.
             events = b"".join(ev.encode() for ev in encoder.events(item))
             if isinstance(item[-1][1], TERMINAL):

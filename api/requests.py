@@ -98,12 +98,13 @@ def check_token_limits(request: SamplingRequest, n_ctx: int | None) -> int | Non
     return limit
 
 
+def template_message(role: str, content: str) -> dict[str, str]:
+    """A message as the chat template takes it; `developer` is the newer name for `system`."""
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
 def message_dicts(messages: list[ChatMessage], settings: Settings) -> list[dict[str, str]]:
-    """Messages as the chat template takes them; `developer` is the newer name for `system`."""
-    out = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-        for i, m in enumerate(messages)
-    ]
+    out = [template_message(m.role, m.text(i)) for i, m in enumerate(messages)]
     check_text("".join(m["content"] for m in out), "messages", settings)
     return out
 

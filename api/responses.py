@@ -5,9 +5,11 @@ entries (`ResponseEvents`): one `response.output_text.delta` per token entry, an
 of events per `Started` and terminal entry. Replaying from the first entry therefore produces
 the same events with the same `sequence_number`s on every API process, and
 `starting_after=N` only skips the first N + 1. A small hash (`response_key`) holds what the
-stream does not: the owner, the request, the conversation (for `previous_response_id`) and,
-once the stream has ended, a copy of its entries, so that a stored response outlives its
-stream (`SLUICE_STREAM_TTL_S`) for `SLUICE_RESPONSE_TTL_S`.
+stream does not: the owner, the request and the conversation (for `previous_response_id`). A
+stored response's stream is kept `SLUICE_RESPONSE_TTL_S` after its end, not
+`SLUICE_STREAM_TTL_S` (its metadata's `keep`, applied by the append that ends it, whichever
+process or worker writes it), and a background one's stream is `pinned`: it runs whoever reads
+it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,24 +26,21 @@ from arq.connections import ArqRedis
 
 from api.auth import Principal
 from api.gateway import Gateway
+from api.metrics import RequestClock
 from api.relay import Waiting, follow
 from shared.errors import ErrorBody, SluiceError, StreamNotFound
 from shared.protocol import (
-    READERS_KEY,
-    REDIS_NOW_LUA,
-    TERMINAL,
     Entry,
     Failed,
     Finished,
     Started,
     Token,
+    check_complete,
     decode,
-    encode,
+    meta_key,
     response_key,
     stream_key,
 )
-
-log = logging.getLogger("sluice.api")
 
 RESPONSE_PREFIX = "resp_"
 MESSAGE_PREFIX = "msg_"
@@ -51,11 +49,6 @@ CANCEL_WAIT_S = 5.0
 
 Status = Literal["queued", "in_progress", "completed", "incomplete", "cancelled", "failed"]
 Event = dict[str, Any]
-
-# A background response must run whoever reads it, so its stream is marked as read until the
-# job must have ended (by Redis's clock): the supervisor stops only generations nobody reads.
-# KEYS: readers. ARGV: stream id, for how long (ms).
-_PIN = REDIS_NOW_LUA + "redis.call('ZADD', KEYS[1], redis_now_ms() + tonumber(ARGV[2]), ARGV[1])"
 
 
 class ResponseNotFound(StreamNotFound):
@@ -256,11 +249,13 @@ class ResponseEvents:
         return event
 
 
-def error_event(sequence: int, error: ErrorBody) -> Event:
-    """A relay that cannot go on (the server shuts down, say): resume after the last event."""
+def error_event(last_sequence: int, error: ErrorBody) -> Event:
+    """A relay that cannot go on (the server shuts down, say). It takes no number of its own:
+    it carries the last event's, so `starting_after` it resumes exactly after that event, and
+    the response's own next event keeps its number."""
     return {
         "type": "error",
-        "sequence_number": sequence,
+        "sequence_number": last_sequence,
         "code": error["code"],
         "message": error["message"],
         "param": error["param"],
@@ -273,94 +268,49 @@ class ResponseStore:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.redis: ArqRedis = gateway.queue.redis
-        self._pin = self.redis.register_script(_PIN)
-        self._keepers: set[asyncio.Task[None]] = set()
 
     @property
     def ttl_s(self) -> int:
         return self.gateway.settings.response_ttl_s
 
     async def save(self, record: ResponseRecord) -> None:
-        """Store the new response; a background one is kept running whoever reads it, and
-        this process copies its entries into the hash when it ends."""
-        settings = self.gateway.settings
         stream_id = stream_id_of(record.id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(response_key(stream_id), "record", record.to_json())
             pipe.expire(response_key(stream_id), self.ttl_s)
             await pipe.execute()
-        if record.background:
-            pin_ms = int((settings.queue_timeout_s + settings.job_timeout_s) * 1000)
-            await self._pin(keys=[READERS_KEY], args=[stream_id, pin_ms])
-        keeper = asyncio.get_running_loop().create_task(self._keep(record))
-        self._keepers.add(keeper)
-        keeper.add_done_callback(self._keepers.discard)
 
-    async def _keep(self, record: ResponseRecord) -> None:
-        """Follows the stream to its end and keeps a copy of its entries with the response."""
-        stream_id = stream_id_of(record.id)
-        entries: list[Entry] = []
-        try:
-            async for batch in follow(self.gateway.hub, self.gateway.settings, stream_id):
-                if not isinstance(batch, Waiting):
-                    entries.extend(entry for _, entry in batch)
-            await self._snapshot(stream_id, entries)
-        except SluiceError as exc:
-            log.warning(
-                "response %s: not copied (%r); it lives as long as its stream", stream_id, exc
-            )
-
-    async def _snapshot(self, stream_id: str, entries: list[Entry]) -> None:
-        key = response_key(stream_id)
-        if await self.redis.exists(key):
-            raw = json.dumps([encode(e) for e in entries])
-            await self.redis.hsetnx(key, "entries", raw)  # type: ignore[misc]
-
-    async def find(
-        self, resp_id: str, reader: Principal
-    ) -> tuple[ResponseRecord, list[Entry] | None]:
-        """The response and, once it has ended, its entries; 404 unless it is `reader`'s."""
+    async def find(self, resp_id: str, reader: Principal) -> ResponseRecord:
+        """The response; 404 unless it is `reader`'s."""
         stream_id = stream_id_of(resp_id)
-        fields: dict[bytes, bytes] = await self.redis.hgetall(response_key(stream_id))  # type: ignore[misc]
-        if b"record" not in fields:
+        raw = await self.redis.hget(response_key(stream_id), "record")  # type: ignore[misc]
+        record = ResponseRecord.from_json(raw) if raw is not None else None
+        if record is None or not hmac.compare_digest(record.owner, reader.name):
             raise ResponseNotFound(f"Response with id '{resp_id}' not found.", param="response_id")
-        record = ResponseRecord.from_json(fields[b"record"])
-        if not hmac.compare_digest(record.owner, reader.name):
-            raise ResponseNotFound(f"Response with id '{resp_id}' not found.", param="response_id")
-        stored = fields.get(b"entries")
-        if stored is None:
-            return record, None
-        return record, [decode(k.encode(), v.encode()) for k, v in json.loads(stored)]
+        return record
 
-    async def entries_now(self, record: ResponseRecord, stored: list[Entry] | None) -> list[Entry]:
-        """Every entry written so far (copying them into the hash if the stream has ended)."""
-        if stored is not None:
-            return stored
-        stream_id = stream_id_of(record.id)
-        raw = await self.redis.xrange(stream_key(stream_id))
+    async def entries_now(self, record: ResponseRecord) -> list[Entry]:
+        """Every entry written so far."""
+        raw = await self.redis.xrange(stream_key(stream_id_of(record.id)))
         entries = [decode(*next(iter(fields.items()))) for _, fields in raw]
-        if entries and isinstance(entries[-1], TERMINAL):
-            await self._snapshot(stream_id, entries)
+        if entries:
+            check_complete(entries[0])
         return entries
 
     async def current(self, resp_id: str, reader: Principal) -> ResponseEvents:
-        record, stored = await self.find(resp_id, reader)
+        record = await self.find(resp_id, reader)
         state = ResponseEvents(record)
-        state.replay(await self.entries_now(record, stored))
+        state.replay(await self.entries_now(record))
         return state
 
     async def events(
-        self, record: ResponseRecord, stored: list[Entry] | None, reader: Principal
+        self, record: ResponseRecord, reader: Principal, clock: RequestClock
     ) -> AsyncIterator[Event]:
-        """Every event of the response from the first, live until its last."""
+        """Every event of the response from the first, live until its last; `{}` for a
+        keepalive while nothing happens."""
         state = ResponseEvents(record)
         for event in state.opening():
             yield event
-        if stored is not None:
-            for entry in stored:
-                for event in state.feed(entry):
-                    yield event
-            return
         stream_id = stream_id_of(record.id)
         queue = self.gateway.queue
         try:
@@ -368,11 +318,11 @@ class ResponseStore:
             exists = await queue.stream_exists(stream_id, meta)
         except StreamNotFound:
             exists = False
-        if not exists:  # the stream expired before its entries were copied
+        if not exists:
             raise ResponseNotFound(f"Response with id '{record.id}' has expired.")
-        async for batch in follow(self.gateway.hub, self.gateway.settings, stream_id):
+        async for batch in self.gateway.entries(stream_id, clock):
             if isinstance(batch, Waiting):
-                yield {}  # a keepalive
+                yield {}
                 continue
             for _, entry in batch:
                 for event in state.feed(entry):
@@ -398,4 +348,12 @@ class ResponseStore:
         if not state.ended:
             with contextlib.suppress(SluiceError):
                 await self.gateway.queue.cancel(stream_id, reader)
-        await self.redis.delete(response_key(stream_id))
+        # Its stream is kept no longer than any other: a stream TTL from its end.
+        stream_ttl_s = self.gateway.settings.stream_ttl_s
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(response_key(stream_id))
+            pipe.hdel(meta_key(stream_id), "keep")
+            if state.ended:
+                pipe.expire(stream_key(stream_id), stream_ttl_s)
+                pipe.expire(meta_key(stream_id), stream_ttl_s)
+            await pipe.execute()

@@ -21,7 +21,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from arq.worker import Worker
 
-from shared.protocol import REDIS_NOW_LUA
+from shared.protocol import REDIS_NOW_LUA, meta_key
 
 ARQ_VERSION = "0.28.0"
 """The arq these internals were read from (pyproject pins it)."""
@@ -64,25 +64,34 @@ def job_record(function: str, args: tuple[Any, ...], enqueue_time_ms: int) -> by
 # arq's poll reads `max(5 * max_jobs, 100)` due ids from the head of the queue and claims each
 # with WATCH/EXISTS/ZSCORE/MULTI: running jobs stay in the queue, so a worker with a free slot
 # behind 100 running jobs (all workers' together) never sees a waiting one, and a burst costs
-# round trips per running job. This claims in one
-# script, scanning past claimed jobs, by Redis's clock (a worker's own clock may be seconds off).
+# round trips per running job. This claims in one script, scanning past claimed jobs, by Redis's
+# clock (a worker's own clock may be seconds off). The in-progress key holds when it was
+# claimed. A job whose stream no client reads (its metadata says `unread`) is passed over: it
+# keeps its place, and starts once its reader is back (or is withdrawn).
 # KEYS: the queue. ARGV: in-progress key prefix, free slots, in-progress TTL (ms), most ids to
-# scan. Returns the claimed ids, each followed by its score.
+# scan, stream metadata prefix. Returns the claimed ids, each followed by its score.
 CLAIM_SCRIPT = (
     REDIS_NOW_LUA
     + """
+local queue = KEYS[1]
+local in_progress_prefix, free, claim_ttl, most = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local meta_prefix = ARGV[5]
 local now = redis_now_ms()
-local free = tonumber(ARGV[2])
 local claimed = {}
 local offset = 0
-while free > 0 and offset < tonumber(ARGV[4]) do
-  local page = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', offset, 200)
+local function unread(job)
+  local stream_id = string.match(job, '^(.*)%.%d+$')
+  return stream_id and redis.call('HEXISTS', meta_prefix .. stream_id, 'unread') == 1
+end
+while free > 0 and offset < tonumber(most) do
+  local page = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'WITHSCORES', 'LIMIT', offset, 200)
   if #page == 0 then break end
   for i = 1, #page, 2 do
-    local in_progress = ARGV[1] .. page[i]
-    if free > 0 and redis.call('EXISTS', in_progress) == 0 then
-      redis.call('PSETEX', in_progress, ARGV[3], '1')
-      table.insert(claimed, page[i])
+    local job = page[i]
+    local in_progress = in_progress_prefix .. job
+    if free > 0 and redis.call('EXISTS', in_progress) == 0 and not unread(job) then
+      redis.call('PSETEX', in_progress, claim_ttl, now)
+      table.insert(claimed, job)
       table.insert(claimed, page[i + 1])
       free = free - 1
     end
@@ -128,7 +137,13 @@ class ClaimingWorker(Worker):
             self._claim_script = self.pool.register_script(CLAIM_SCRIPT)
         claimed = await self._claim_script(
             keys=[self.queue_name],
-            args=[in_progress_key_prefix, free, int(self.in_progress_timeout_s * 1000), MAX_SCAN],
+            args=[
+                in_progress_key_prefix,
+                free,
+                int(self.in_progress_timeout_s * 1000),
+                MAX_SCAN,
+                meta_key(""),
+            ],
         )
         for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True):
             await self.sem.acquire()  # free: the slots were counted above

@@ -68,6 +68,15 @@ class StreamNotFound(SluiceError):
     code = "stream_not_found"
 
 
+class StreamTruncated(SluiceError):
+    """Entries a reader asked for are gone from the stream (trimmed or deleted by hand: sluice
+    caps a stream above what it can hold, `entry_cap`): said, never skipped silently."""
+
+    status = 410
+    type = "invalid_request_error"
+    code = "stream_truncated"
+
+
 class StreamFinished(SluiceError):
     status = 409
     type = "invalid_request_error"

@@ -14,7 +14,7 @@ from typing import Literal
 
 from redis.typing import EncodableT, FieldT
 
-from shared.errors import ErrorBody
+from shared.errors import ErrorBody, StreamTruncated
 
 PREFIX = "sluice:"
 QUEUE_PREFIX = PREFIX + "queue:"
@@ -36,6 +36,10 @@ by every heartbeat of its workers and never expired, so that a model whose worke
 (503) can be told from one never served (404)."""
 READERS_KEY = PREFIX + "readers"
 """Sorted set: stream id -> when an API process last saw a client reading it (ms)."""
+HELD_KEY = PREFIX + "held"
+"""Sorted set: job id (an attempt) -> when its worker last said it still runs it (Redis's
+clock, ms), written by every heartbeat for each running job. A live worker that no longer lists
+an attempt it claimed has dropped it, and the supervisor acts as for a dead worker."""
 CANCEL_CHANNEL = PREFIX + "cancel"
 """Pub/Sub channel: `<stream id> <reason>` for a generation to stop (see `StopReason`)."""
 ACTIVE_KEY = PREFIX + "active"
@@ -87,13 +91,11 @@ def meta_key(stream_id: str) -> str:
     """Hash: what a resumed relay needs (`StreamMeta`), which job attempt is current (`job`,
     the fencing token of every append), and the supervisor's facts: `queued` and `started`
     (Redis's clock, ms), `unread` (since when no client reads it), `ended` (the id of its
-    terminal entry, once written)."""
+    terminal entry, once written). Set at submit: `cap` (the most entries its stream keeps,
+    `entry_cap`), `pinned` (a background response: it runs whoever reads it) and `keep` (the
+    TTL its stream and metadata get at the end, where it is not the stream TTL: a stored
+    response's). Set by a cancel: `cancel`, which the next append of a token sees."""
     return f"{PREFIX}meta:{stream_id}"
-
-
-def cancel_key(stream_id: str) -> str:
-    """Set when a stream is cancelled, for a worker that starts the job after the broadcast."""
-    return f"{PREFIX}cancel:{stream_id}"
 
 
 def job_id(stream_id: str, attempt: int) -> str:
@@ -137,6 +139,16 @@ def worker_ttl_ms(heartbeat_s: float) -> int:
     return int(heartbeat_s * 3 * 1000)
 
 
+ENTRY_CAP_SLACK = 8
+
+
+def entry_cap(max_tokens: int) -> int:
+    """The most entries a stream of at most `max_tokens` tokens can need: a token entry holds
+    at least one token, and `Started` and the terminal entry are one each. A stream is capped
+    there (XADD MAXLEN), so trimming never takes an entry of its own."""
+    return max_tokens + ENTRY_CAP_SLACK
+
+
 def now_ms() -> int:
     """This host's clock: for what clients are told (`created`), never to judge liveness."""
     return int(time.time() * 1000)
@@ -171,18 +183,27 @@ end
 # The one way anything is appended to a job's stream, by a worker or by the supervisor.
 # `job` is the appender's attempt: the fencing token. The append is refused (returns 0) unless
 # that attempt is still the stream's current one and the stream has not ended, so a worker
-# presumed dead cannot write after its successor or after the end. A terminal entry (`f`, `e`)
-# ends the stream, gives its metadata the stream's TTL, closes it for its owner's concurrent
-# streams and charges a finished one's tokens to its owner's tokens per minute.
+# presumed dead cannot write after its successor or after the end. A token of a cancelled
+# stream is refused too (returns -1): the worker learns of a cancel at its next token, whatever
+# became of the broadcast. A terminal entry (`f`, `e`) ends the stream, gives it and its
+# metadata their TTL (`keep` where set), closes it for its owner's concurrent streams and
+# charges a finished one's tokens to its owner's tokens per minute.
 FENCED_APPEND_LUA = (
     REDIS_NOW_LUA
     + WINDOW_LUA
     + f"""
-local function fenced_append(stream, meta, job, kind, payload, maxlen, ttl)
-  local current = redis.call('HMGET', meta, 'job', 'ended', 'owner')
+local function fenced_append(stream, meta, job, kind, payload, ttl)
+  local current = redis.call('HMGET', meta, 'job', 'ended', 'owner', 'cap', 'keep', 'cancel')
   if current[1] ~= job or current[2] then return 0 end
-  local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', kind, payload)
+  if kind == 't' and current[6] then return -1 end
+  local id
+  if current[4] then
+    id = redis.call('XADD', stream, 'MAXLEN', '~', current[4], '*', kind, payload)
+  else
+    id = redis.call('XADD', stream, '*', kind, payload)
+  end
   if kind == 'f' or kind == 'e' then
+    ttl = current[5] or ttl
     redis.call('HSET', meta, 'ended', id)
     redis.call('EXPIRE', meta, ttl)
     local owner = current[3]
@@ -200,6 +221,9 @@ local function fenced_append(stream, meta, job, kind, payload, maxlen, ttl)
 end
 """
 )
+REFUSED_FENCED = 0
+REFUSED_CANCELLED = -1
+"""What `fenced_append` returns for an append it refuses."""
 
 
 FinishReason = Literal["stop", "length"]
@@ -328,6 +352,13 @@ def from_fields(fields: Mapping[bytes, bytes]) -> Entry:
     """An entry as redis-py's XRANGE and XREVRANGE give it: a one-field mapping."""
     [(kind, payload)] = fields.items()
     return decode(kind, payload)
+
+
+def check_complete(first: Entry) -> None:
+    """A stream read from its start begins with `Started`, or with the error that ended it
+    before it started; anything else means its first entries are gone."""
+    if not isinstance(first, Started | Failed):
+        raise StreamTruncated("the stream's first entries are gone; it cannot be replayed whole")
 
 
 def entry_id_key(entry_id: str) -> tuple[int, int]:

@@ -84,10 +84,14 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(60.0, gt=0)
     job_timeout_s: float = Field(600.0, gt=0)
     stream_ttl_s: int = Field(600, ge=1)
+    redis_retry_s: float = Field(30.0, ge=0)
+    """How long a worker keeps trying a write that Redis fails (a blip, a failover) where giving
+    up would leave a stream without its end: claiming a job's stream, and writing its terminal
+    entry. Past it the job lets go, and the supervisor ends or retries the stream within three
+    heartbeats of Redis answering."""
     response_ttl_s: int = Field(86_400, ge=1)
     """How long a stored response (`POST /v1/responses`) can be retrieved, replayed and
     continued with `previous_response_id` (a day)."""
-    stream_maxlen: int = Field(10_000, ge=100)
     ping_s: float = Field(15.0, gt=0)
     resume_grace_s: float = Field(5.0, ge=0)
     drain_s: int = Field(60, ge=0)

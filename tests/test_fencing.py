@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from api.jobs import REPLACE_SCRIPT
+from api.jobs import RETRY_SCRIPT
 from shared.protocol import Attempt, Entry, Failed, Token, from_fields, job_id
 from tests.procs import RedisServer
 from worker.writer import Fenced, StreamWriter
@@ -43,9 +43,11 @@ class Scene:
         return Attempt(self.stream_id, job_id(self.stream_id, n))
 
     async def retry(self, current: int) -> bool:
-        replaced = await self.redis.register_script(REPLACE_SCRIPT)(
-            keys=[self.attempt(1).meta_key, f"{self.stream_id}:queue", f"{self.stream_id}:job"],
-            args=[self.attempt(current).job, self.attempt(current + 1).job],
+        old, new = self.attempt(current).job, self.attempt(current + 1).job
+        scratch = f"{self.stream_id}:scratch:"  # the queue's and arq's keys, unused here
+        replaced = await self.redis.register_script(RETRY_SCRIPT)(
+            keys=[self.attempt(1).meta_key, *(scratch + k for k in ("queue", "old", "new", "on"))],
+            args=[old, new, "{}", 60_000, 60, scratch + "wake", self.stream_id],
         )
         return bool(replaced)
 
@@ -61,7 +63,8 @@ async def with_scene(redis_url: str, play: Callable[[Scene], Awaitable[None]]) -
     try:
         await play(scene)
     finally:
-        await redis.delete(first.stream_key, first.meta_key)
+        scratch = [key async for key in redis.scan_iter(f"{scene.stream_id}:scratch:*")]
+        await redis.delete(first.stream_key, first.meta_key, *scratch)
         await redis.aclose()
 
 
@@ -71,7 +74,7 @@ def test_only_the_current_attempt_appends_and_nothing_follows_the_end(
     redis_server: RedisServer, ops: list[Op]
 ) -> None:
     async def play(scene: Scene) -> None:
-        writers = {n: StreamWriter(scene.redis, maxlen=1000) for n in range(1, 5)}
+        writers = {n: StreamWriter(scene.redis) for n in range(1, 5)}
         current, ended, expected = 1, False, []
         for i, (kind, n) in enumerate(ops):
             if kind == "retry":
@@ -103,7 +106,7 @@ def test_a_stale_attempt_writing_alongside_its_successor_never_lands_after_the_h
     stream, nothing of attempt 1's follows it."""
 
     async def play(scene: Scene) -> None:
-        old, new = StreamWriter(scene.redis, 1000), StreamWriter(scene.redis, 1000)
+        old, new = StreamWriter(scene.redis), StreamWriter(scene.redis)
 
         async def send(writer: StreamWriter, n: int, count: int) -> None:
             for i in range(count):

@@ -43,7 +43,7 @@ async def entries(redis: Redis, key: Attempt) -> list[Entry]:
 async def test_text_sent_before_the_stream_is_written_joins_its_unwritten_token(
     redis: Redis, key: Attempt
 ) -> None:
-    writer = StreamWriter(redis, maxlen=1000)
+    writer = StreamWriter(redis)
     await writer.append(key, Started("w", 1))
     for piece in ("a", "b", "c"):  # no await in between lets the writer run: all unwritten
         await writer.send(key, piece)
@@ -57,7 +57,7 @@ async def test_text_never_joins_across_another_entry_or_stream(
     redis: Redis, key: Attempt, new_attempt: NewAttempt
 ) -> None:
     other = await new_attempt()
-    writer = StreamWriter(redis, maxlen=1000)
+    writer = StreamWriter(redis)
     await writer.send(key, "a")
     await writer.send(other, "x")
     await writer.send(key, "b")
@@ -74,7 +74,7 @@ async def test_text_never_joins_across_another_entry_or_stream(
 async def test_a_writer_that_keeps_up_writes_one_entry_per_token(
     redis: Redis, key: Attempt, new_attempt: NewAttempt
 ) -> None:
-    writer = StreamWriter(redis, maxlen=1000)
+    writer = StreamWriter(redis)
     sync = await new_attempt()
     for piece in ("a", "b", "c"):
         await writer.send(key, piece)
@@ -85,7 +85,7 @@ async def test_a_writer_that_keeps_up_writes_one_entry_per_token(
 async def test_flushed_returns_once_everything_sent_is_in_the_stream(
     redis: Redis, key: Attempt
 ) -> None:
-    writer = StreamWriter(redis, maxlen=1000)
+    writer = StreamWriter(redis)
     await writer.append(key, Started("w", 1))
     await writer.send(key, "sent, not awaited")
 

@@ -101,13 +101,21 @@ class JobControl:
 
     def __init__(self) -> None:
         self._running: dict[str, StopSignal] = {}
+        self._attempts: dict[str, str] = {}
 
-    def watch(self, stream_id: str) -> StopSignal:
+    def watch(self, stream_id: str, attempt: str) -> StopSignal:
+        """`attempt`: the job's arq id, which the heartbeat lists as held (`running`)."""
         signal = self._running[stream_id] = StopSignal()
+        self._attempts[stream_id] = attempt
         return signal
 
     def release(self, stream_id: str) -> None:
         self._running.pop(stream_id, None)
+        self._attempts.pop(stream_id, None)
+
+    def running(self) -> list[str]:
+        """The job ids (attempts) running here."""
+        return list(self._attempts.values())
 
     def stop(self, message: str) -> None:
         """Act on a `CANCEL_CHANNEL` message, `<stream id> <reason>`."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -22,7 +23,6 @@ from shared.protocol import (
     Finished,
     FinishReason,
     Started,
-    cancel_key,
     meta_key,
     serving_key,
     stream_key,
@@ -34,22 +34,23 @@ from worker.backends import Backend, BackendError
 from worker.control import HandedBack, JobControl, StopSignal
 from worker.metrics import TOKENS
 from worker.text import TextAssembler
-from worker.writer import Fenced, StreamWriter
+from worker.writer import Fenced, StreamWriter, TextLost
 
 log = logging.getLogger("sluice.worker")
 
 # Records which worker runs the stream's current attempt, and since when (Redis's clock), for
 # the supervisor. Returns {0}, and the job does nothing, if the stream is gone or ended or this
 # attempt was replaced; {2, now} if the stream was cancelled before the job started; else
-# {1, now}.
+# {1, now}. Run again after a failure, it changes nothing but the time.
+# KEYS: metadata. ARGV: job id, worker id.
 CLAIM_SCRIPT = (
     REDIS_NOW_LUA
     + """
-local current = redis.call('HMGET', KEYS[1], 'job', 'ended')
+local current = redis.call('HMGET', KEYS[1], 'job', 'ended', 'cancel')
 if current[1] ~= ARGV[1] or current[2] then return {0} end
 local now = redis_now_ms()
 redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'started', now)
-if redis.call('EXISTS', KEYS[2]) == 1 then return {2, now} end
+if current[3] then return {2, now} end
 return {1, now}
 """
 )
@@ -80,6 +81,26 @@ return 0
 )
 HAND_BACK_CHECK_S = 0.25
 """How often a job waiting for its first piece looks whether it should be given back."""
+MAX_BACKOFF_S = 2.0
+
+T = TypeVar("T")
+
+
+async def persist(what: str, call: Callable[[], Awaitable[T]], settings: Settings) -> T:
+    """`call()`, tried again with backoff while Redis fails, for up to `redis_retry_s`. Only
+    for writes whose repetition is harmless: a fenced append lands at most once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.redis_retry_s
+    backoff = 0.05
+    while True:
+        try:
+            return await call()
+        except (RedisError, OSError) as exc:
+            if loop.time() + backoff > deadline:
+                raise
+            log.warning("%s failed (%s); trying again in %.2f s", what, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
 
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
@@ -91,9 +112,10 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     queue_span = tracing.start_span(
         "queue", parent=parent, start_ns=int(enqueued.timestamp() * 1_000_000_000)
     )
-    claim, *claimed_ms = await ctx["claim"](
-        keys=[meta_key(job.stream_id), cancel_key(job.stream_id)],
-        args=[attempt.job, ctx["worker_id"]],
+    claim, *claimed_ms = await persist(
+        f"claiming {attempt.job}",
+        lambda: ctx["claim"](keys=[attempt.meta_key], args=[attempt.job, ctx["worker_id"]]),
+        ctx["settings"],
     )
     if queue_span is not None:
         queue_span.end()
@@ -104,7 +126,7 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     if span is not None:
         span.set_attribute("sluice.worker", ctx["worker_id"])
     control: JobControl = ctx["control"]
-    signal = control.watch(job.stream_id)
+    signal = control.watch(job.stream_id, attempt.job)
     if claim == 2:
         signal.stop("cancelled")
     try:
@@ -131,9 +153,13 @@ async def _generate(
     writer: StreamWriter = ctx["writer"]
 
     async def finish(entry: Entry) -> None:
-        # The terminal entry must land even if this task is being cancelled (arq's habit too).
-        # Its append also gives the metadata the stream's TTL, so a late resume gets a 404.
-        await asyncio.shield(writer.append(attempt, entry, expire_s=settings.stream_ttl_s))
+        # The terminal entry must land even if this task is being cancelled (arq's habit too),
+        # and even if Redis fails for a while: it is fenced, so it lands at most once. Its
+        # append also gives the metadata the stream's TTL, so a late resume gets a 404.
+        def append() -> asyncio.Future[str]:
+            return writer.append(attempt, entry, expire_s=settings.stream_ttl_s)
+
+        await asyncio.shield(persist(f"ending {attempt.job}", append, settings))
 
     giving_back: _GiveBack | None = None
     try:
@@ -197,6 +223,9 @@ async def _generate(
             TOKENS.labels("prefill").inc(end.prompt_tokens)
     except (Fenced, HandedBack):
         raise
+    except TextLost as exc:
+        log.warning("job %s: %s", job.stream_id, exc)
+        await finish(Failed(GenerationFailed("the worker could not store the answer").body()))
     except SluiceError as exc:
         # Its status too (an engine's 4xx, a prompt too long), where a relayed error's own (500)
         # would misstate it to a non-streaming request.

@@ -20,6 +20,7 @@ from shared.arq_internals import ClaimingWorker
 from shared.loops import LoopGroup
 from shared.protocol import (
     CANCEL_CHANNEL,
+    HELD_KEY,
     JOB_FUNCTION,
     MODELS_KEY,
     REDIS_NOW_LUA,
@@ -49,10 +50,11 @@ REDIS_START_WAIT_S = 30.0
 # its jobs running and its model, one hash each; workers not heard from for a TTL are dropped
 # (they died without saying goodbye). While its backend can serve it also beats in its model's
 # serving set, and its model is announced in the models table, which never expires.
+# It also says which streams it still runs (`HELD_KEY`), so that one it dropped is noticed.
 # KEYS: workers, the per-worker hashes (slots, loops, busy, models), its model's serving set,
-# models.
+# models, held streams.
 # ARGV: worker id, TTL (ms), a value per hash (the last: its model), whether its backend can
-# serve ('1' or '0'), the model's context length ('': unknown).
+# serve ('1' or '0'), the model's context length ('': unknown), then the streams it runs.
 WORKER_HASHES = [WORKER_SLOTS_KEY, WORKER_LOOPS_KEY, WORKER_BUSY_KEY, WORKER_MODELS_KEY]
 HEARTBEAT_SCRIPT = (
     REDIS_NOW_LUA
@@ -73,6 +75,9 @@ for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], ttl) end
 local model = {announced = now}
 if ARGV[8] ~= '' then model.n_ctx = tonumber(ARGV[8]) end
 redis.call('HSET', KEYS[7], ARGV[6], cjson.encode(model))
+for i = 9, #ARGV do redis.call('ZADD', KEYS[8], now, ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[8], ttl)
 return #dead
 """
 )
@@ -98,6 +103,7 @@ class SluiceWorker(ClaimingWorker):
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._wake = asyncio.Event()
         self._loops = LoopGroup(log)
+        self._control = JobControl()
         options: dict[str, Any] = {
             "functions": [func(generate, name=JOB_FUNCTION)],
             "queue_name": queue_name(backend.model),
@@ -136,12 +142,12 @@ class SluiceWorker(ClaimingWorker):
                 await asyncio.sleep(0.5)
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
-        ctx["writer"] = StreamWriter(ctx["redis"], self.settings.stream_maxlen)
+        ctx["writer"] = StreamWriter(ctx["redis"])
         metrics.serve(self.settings.worker_metrics_port)
         ctx["claim"] = ctx["redis"].register_script(CLAIM_SCRIPT)
         ctx["hand_back"] = ctx["redis"].register_script(HAND_BACK_SCRIPT)
         self._heartbeat = ctx["redis"].register_script(HEARTBEAT_SCRIPT)
-        control = ctx["control"] = JobControl()
+        control = ctx["control"] = self._control
         # Alive before it claims anything: the supervisor retries jobs of workers not beating.
         await self._beat_once()
         self._loops.start("listen", lambda: self._listen(control))
@@ -200,7 +206,7 @@ class SluiceWorker(ClaimingWorker):
     async def _beat_once(self) -> None:
         backend = self.backend
         await self._heartbeat(
-            keys=[WORKERS_KEY, *WORKER_HASHES, serving_key(backend.model), MODELS_KEY],
+            keys=[WORKERS_KEY, *WORKER_HASHES, serving_key(backend.model), MODELS_KEY, HELD_KEY],
             args=[
                 self.worker_id,
                 worker_ttl_ms(self.settings.heartbeat_s),
@@ -210,6 +216,7 @@ class SluiceWorker(ClaimingWorker):
                 backend.model,
                 int(backend.available),
                 "" if backend.n_ctx is None else backend.n_ctx,
+                *self._control.running(),
             ],
         )
 

@@ -5,10 +5,12 @@ waiting for Redis to store it (`send`), so a fast backend is not held to one tok
 trip; the first and terminal entries wait (`append`). Text sent while the stream's previous token
 entry is still unwritten joins that entry: a worker that falls behind writes fewer, larger
 entries instead of falling further behind, and one that keeps up writes a token per entry. A
-failed write is raised by the next call for that stream.
+failed write is raised by the next call for that stream (as `TextLost`: text the job produced
+is not in the stream, so it must not end as if complete).
 
 Every append is fenced (see `FENCED_APPEND_LUA`): one refused because the attempt was replaced
-or the stream already ended raises `Fenced`, and the job stops.
+or the stream already ended raises `Fenced`, and the job stops; a token refused because the
+stream was cancelled raises `Cancelled`, and the job ends the stream so.
 """
 
 from __future__ import annotations
@@ -18,20 +20,29 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from shared.protocol import FENCED_APPEND_LUA, Attempt, Entry, Token, encode
+from shared.errors import Cancelled
+from shared.protocol import (
+    FENCED_APPEND_LUA,
+    REFUSED_CANCELLED,
+    TERMINAL,
+    Attempt,
+    Entry,
+    Token,
+    encode,
+)
 
 # Appends a batch of entries, in order, each to its own job's stream: one command for the batch,
 # where a pipeline of XADDs costs this process a command's encoding per token.
-# KEYS: per entry its stream and metadata. ARGV: MAXLEN, then per entry its attempt, kind,
-# payload and TTL (0: none). Returns per entry its id, or 0 where the append was refused.
+# KEYS: per entry its stream and metadata. ARGV: per entry its attempt, kind, payload and TTL
+# (0: none). Returns per entry its id, or what `fenced_append` returns for a refusal.
 APPEND_SCRIPT = (
     FENCED_APPEND_LUA
     + """
 local ids = {}
 for i = 1, #KEYS / 2 do
-  local at = 2 + (i - 1) * 4
+  local at = 1 + (i - 1) * 4
   ids[i] = fenced_append(KEYS[2 * i - 1], KEYS[2 * i], ARGV[at], ARGV[at + 1], ARGV[at + 2],
-                         ARGV[1], ARGV[at + 3])
+                         ARGV[at + 3])
 end
 return ids
 """
@@ -45,6 +56,11 @@ class Fenced(RuntimeError):
     """The stream no longer takes this attempt's entries: it ended, or a newer attempt owns it."""
 
 
+class TextLost(RuntimeError):
+    """Text sent to a stream was not stored (Redis failed the write): the stream has a gap, so
+    it may end only with an error."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
     attempt: Attempt
@@ -54,9 +70,8 @@ class _Pending:
 
 
 class StreamWriter:
-    def __init__(self, redis: Redis, maxlen: int) -> None:
+    def __init__(self, redis: Redis) -> None:
         self._append = redis.register_script(APPEND_SCRIPT)
-        self._maxlen = maxlen
         self._pending: list[_Pending] = []
         self._open_token: dict[str, int] = {}
         """Stream key -> index in `_pending` of its token entry, while nothing follows it."""
@@ -95,13 +110,19 @@ class StreamWriter:
         while (flusher := self._flusher) is not None:
             await asyncio.wait({flusher})
 
-    def _raise_failure(self, key: str) -> None:
+    def _raise_failure(self, key: str, *, ending: bool = False) -> None:
+        """Raises what became of an earlier write to the stream, if it failed. A stream being
+        ended (`ending`) may end after a refusal for a cancel: that end is the point of it."""
         if failure := self._failed.pop(key, None):
-            raise failure
+            if isinstance(failure, Cancelled) and ending:
+                return
+            if isinstance(failure, Fenced | Cancelled):
+                raise failure
+            raise TextLost(f"text for {key} was not stored: {failure!r}") from failure
 
     def _enqueue(self, item: _Pending) -> None:
         key = item.attempt.stream_key
-        self._raise_failure(key)
+        self._raise_failure(key, ending=isinstance(item.entry, TERMINAL))
         self._open_token.pop(key, None)
         self._pending.append(item)
         if self._flusher is None:
@@ -137,16 +158,19 @@ class StreamWriter:
 
     async def _write(self, batch: list[_Pending]) -> list[str | BaseException]:
         keys: list[str] = []
-        args: list[str | int] = [self._maxlen]
+        args: list[str | int] = []
         for item in batch:
             keys += (item.attempt.stream_key, item.attempt.meta_key)
             args.append(item.attempt.job)
             args.extend(encode(item.entry))
             args.append(item.expire_s or 0)
         ids = await self._append(keys=keys, args=args)
-        return [
-            entry_id.decode()
-            if entry_id
-            else Fenced(f"{item.attempt.job} may no longer append to its stream")
-            for item, entry_id in zip(batch, ids, strict=True)
-        ]
+        return [_outcome(item, entry_id) for item, entry_id in zip(batch, ids, strict=True)]
+
+
+def _outcome(item: _Pending, entry_id: bytes | int) -> str | BaseException:
+    if isinstance(entry_id, bytes):
+        return entry_id.decode()
+    if entry_id == REFUSED_CANCELLED:
+        return Cancelled("cancelled by request")
+    return Fenced(f"{item.attempt.job} may no longer append to its stream")

@@ -6,8 +6,6 @@ A response is a sluice stream (`resp_<stream id>`); see api/responses.py for its
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -19,9 +17,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.auth import Principal, PrincipalDep
 from api.gateway import SSE_HEADERS, STREAM_ID_HEADER
+from api.metrics import RESUMES, RequestClock
 from api.openapi import ERRORS, EVENT_STREAM, json_body
-from api.relay import SEPARATOR, Waiting, comment, follow
-from api.requests import build_job, check_text, parse, read_json_object
+from api.relay import SEPARATOR, Batch, Keepalive, Waiting
+from api.requests import build_job, check_text, parse, read_json_object, template_message
 from api.responses import (
     Event,
     ResponseEvents,
@@ -32,8 +31,6 @@ from api.responses import (
     stream_id_of,
 )
 from shared.errors import GenerationFailed, InvalidRequest, SluiceError
-from shared.logs import bind
-from shared.protocol import Entry
 from shared.schema import ResponsesRequest
 
 RESPONSE_OBJECT = {"schema": {"type": "object", "description": "OpenAI's `Response` object"}}
@@ -87,8 +84,7 @@ async def create_response(
             {"role": "assistant", "content": previous.output_text},
         ]
     conversation = history + [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-        for i, m in enumerate(req.input_messages())
+        template_message(m.role, m.text(i)) for i, m in enumerate(req.input_messages())
     ]
     check_text("".join(m["content"] for m in conversation), "input", settings)
     instructions = [{"role": "system", "content": req.instructions}] if req.instructions else []
@@ -100,14 +96,20 @@ async def create_response(
         default_max_tokens=settings.max_tokens,
         messages=instructions + conversation,
     )
-    key_name = caller.name if settings.auth_enabled else None
-    bind(job.stream_id, key_name)
-    job = job.model_copy(update={"key_name": key_name})
-    meta, use = await gateway.queue.submit(job, "chat.completion.chunk", False, caller, model.name)
+    sub = await gateway.submit(
+        request,
+        caller,
+        job,
+        "chat.completion.chunk",
+        model=model.name,
+        include_usage=False,
+        pinned=req.background,
+        keep_s=store.ttl_s if req.store else None,
+    )
     record = ResponseRecord(
         id=response_id(job.stream_id),
         owner=caller.name,
-        created_at=meta.created,
+        created_at=sub.meta.created,
         model=model.name,
         background=req.background,
         store=req.store,
@@ -121,18 +123,25 @@ async def create_response(
     )
     if req.store:
         await store.save(record)
-    headers = {STREAM_ID_HEADER: job.stream_id} | use.headers()
     if req.stream:
-        return _stream(store, record, None, caller, after=-1, headers=headers, announced=True)
+        return _stream(store, record, caller, sub.clock, after=-1, headers=sub.headers)
     state = ResponseEvents(record)
     state.opening()
-    if not req.background:
-        with gateway.readers.reading(job.stream_id, announced=True):
-            async for batch in follow(gateway.hub, settings, job.stream_id):
-                if not isinstance(batch, Waiting):
-                    for _, entry in batch:
-                        state.feed(entry)
-    return JSONResponse(state.response(), headers=headers)
+    try:
+        if not req.background:
+            with gateway.readers.reading(job.stream_id, announced=True):
+                folding = _fold(state, gateway.entries(job.stream_id, sub.clock))
+                await gateway.until_disconnect(request, caller, job.stream_id, folding)
+    finally:
+        sub.clock.close()
+    return JSONResponse(state.response(), headers=sub.headers)
+
+
+async def _fold(state: ResponseEvents, entries: AsyncIterator[Batch | Waiting]) -> None:
+    async for batch in entries:
+        if not isinstance(batch, Waiting):
+            for _, entry in batch:
+                state.feed(entry)
 
 
 @router.get("/v1/responses/{response_id}", response_model=None, responses=ANSWERS)
@@ -147,10 +156,12 @@ async def retrieve_response(
     ones until its last (a finished, failed or cancelled one replays and closes)."""
     if not stream:
         return JSONResponse((await store.current(response_id, caller)).response())
-    record, stored = await store.find(response_id, caller)
+    record = await store.find(response_id, caller)
     after = -1 if starting_after is None else starting_after
     headers = {STREAM_ID_HEADER: stream_id_of(record.id)}
-    return _stream(store, record, stored, caller, after=after, headers=headers)
+    RESUMES.labels(record.model).inc()
+    clock = RequestClock(record.model, queued_ms=None)
+    return _stream(store, record, caller, clock, after=after, headers=headers)
 
 
 @router.post("/v1/responses/{response_id}/cancel", response_model=None, responses=ANSWERS)
@@ -168,12 +179,11 @@ async def delete_response(response_id: str, store: StoreDep, caller: PrincipalDe
 def _stream(
     store: ResponseStore,
     record: ResponseRecord,
-    stored: list[Entry] | None,
     caller: Principal,
+    clock: RequestClock,
     *,
     after: int,
     headers: dict[str, str],
-    announced: bool = False,
 ) -> EventSourceResponse:
     """The events with a `sequence_number` above `after`. A foreground response's readers
     keep it running, as a chat stream's do; a background one runs whoever reads it."""
@@ -181,41 +191,38 @@ def _stream(
     stream_id = stream_id_of(record.id)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        loop = asyncio.get_running_loop()
-        last_sent = loop.time()
+        keepalive = Keepalive(gateway.settings.ping_s)
         sequence = after
-        reading = (
-            contextlib.nullcontext()
-            if record.background
-            else gateway.readers.reading(stream_id, announced=announced)
-        )
         try:
-            with reading:
-                async for event in store.events(record, stored, caller):
+            with gateway.readers.reading(stream_id):
+                async for event in store.events(record, caller, clock):
                     if not event:
-                        if loop.time() - last_sent >= gateway.settings.ping_s:
-                            last_sent = loop.time()
-                            yield comment("generating")
+                        if ping := keepalive.due("generating"):
+                            yield ping
                         continue
                     if event["sequence_number"] <= after:
                         continue
-                    last_sent = loop.time()
+                    keepalive.sent()
                     sequence = event["sequence_number"]
                     yield _sse(event)
         except SluiceError as exc:
-            yield _sse(error_event(sequence + 1, exc.body()))
+            yield _sse(error_event(sequence, exc.body()))
         except Exception:
             log.exception("relay of response %s failed", record.id)
             error = GenerationFailed("the relay failed")
-            yield _sse(error_event(sequence + 1, error.body()))
+            yield _sse(error_event(sequence, error.body()))
+        finally:
+            clock.close()
 
     return EventSourceResponse(events(), headers=SSE_HEADERS | headers, ping=0, sep=SEPARATOR)
 
 
 def _sse(event: Event) -> ServerSentEvent:
+    # An error event carries the number of the event before it: no `id:`, so a browser's
+    # Last-Event-ID stays on that event.
     return ServerSentEvent(
         data=json.dumps(event, ensure_ascii=False, separators=(",", ":")),
         event=event["type"],
-        id=str(event["sequence_number"]),
+        id=None if event["type"] == "error" else str(event["sequence_number"]),
         sep=SEPARATOR,
     )

@@ -67,14 +67,15 @@ class SyntheticBackend:
         loop = asyncio.get_running_loop()
         start = loop.time()
         for n, piece in enumerate(pieces):
-            if fault is not None and n == fault[1]:
-                if fault[0] == "crash":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise BackendError(f"synthetic failure after {n} tokens")
+            # A fault comes when its token would have: one token-time after the last one.
             if self.tokens_per_s:
                 await asyncio.sleep(max(0.0, start + (n + 1) / self.tokens_per_s - loop.time()))
             else:
                 await asyncio.sleep(0)
+            if fault is not None and n == fault[1]:
+                if fault[0] == "crash":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise BackendError(f"synthetic failure after {n} tokens")
             yield piece
 
     def close(self) -> None:
