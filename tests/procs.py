@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,8 @@ from typing import TypeVar
 
 import httpx
 import redis
+
+from tests.prereqs import missing, require
 
 T = TypeVar("T")
 LOGS = Path(__file__).parent / ".logs"
@@ -100,7 +101,7 @@ class Proc:
 class RedisServer(Proc):
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        server = shutil.which("redis-server") or "redis-server"
+        server = require("redis-server")
         super().__init__(
             f"redis-{self.port}",
             [
@@ -149,10 +150,10 @@ def sluice(command: str, name: str, env: dict[str, str], clock_offset: str | Non
 
 
 def faketime_library() -> Path:
-    """Debian's libfaketime (package faketime, which .ci/run installs)."""
+    """Debian's libfaketime (package faketime)."""
     found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
     if not found:
-        raise FileNotFoundError("libfaketime is not installed (apt-get install faketime)")
+        missing("libfaketime")
     return found[0]
 
 

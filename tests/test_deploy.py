@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import yaml
 
 from shared.protocol import WORKERS_KEY
 from shared.settings import Settings
+from tests.prereqs import require
 from tests.procs import RedisServer, Stack
 
 ROOT = Path(__file__).parents[1]
@@ -137,7 +137,6 @@ def test_worker_healthcheck_reads_the_workers_key_by_redis_clock(services: dict[
     assert "time.time" not in script
 
 
-@pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime is not installed")
 @pytest.mark.parametrize("offset", ["+0s", "+1h", "-1h"])
 def test_worker_healthcheck_passes_beside_a_live_worker_whatever_the_containers_clock(
     services: dict[str, Any], synthetic: Stack, redis_server: RedisServer, offset: str
@@ -147,7 +146,8 @@ def test_worker_healthcheck_passes_beside_a_live_worker_whatever_the_containers_
 
     def health(redis_url: str) -> int:
         env = {**os.environ, "SLUICE_REDIS_URL": redis_url, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-        command = ["faketime", "-f", offset, sys.executable, "-c", worker_healthcheck(services)]
+        script = worker_healthcheck(services)
+        command = [require("faketime"), "-f", offset, sys.executable, "-c", script]
         return subprocess.run(command, env=env, timeout=30, check=False).returncode
 
     assert health(synthetic.redis_url) == 0

@@ -26,6 +26,7 @@ from openai.types.responses import (
     ResponseTextDeltaEvent,
 )
 
+from tests.prereqs import require
 from tests.procs import RedisServer, Stack, start_stack
 from tests.test_openai_node import node_client  # noqa: F401 (the fixture, shared)
 
@@ -435,6 +436,7 @@ FENCE = re.compile(r"^```sh\n(.*?)^```$", re.S | re.M)
 def test_readme_curl_example_runs(synthetic: Stack, code: str | None, tmp_path: Path) -> None:
     if code is None:
         pytest.skip("README has no `sh` example of /v1/responses yet")
+    require("curl")
     code = code.replace("http://localhost:8080", synthetic.base_url)
 
     done = subprocess.run(
