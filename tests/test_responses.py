@@ -258,6 +258,23 @@ async def test_another_key_cannot_see_a_response(keyed: Stack) -> None:
         assert (await one.responses.retrieve(response.id)).status == "completed"
 
 
+async def test_another_key_cannot_continue_a_response(keyed: Stack) -> None:
+    one = openai.AsyncOpenAI(base_url=f"{keyed.base_url}/v1", api_key="key-one")
+    two = openai.AsyncOpenAI(base_url=f"{keyed.base_url}/v1", api_key="key-two")
+    async with one, two:
+        response = await one.responses.create(model="synthetic", input=QUESTION)
+        with pytest.raises(openai.NotFoundError) as refused:
+            await two.responses.create(
+                model="synthetic", input="go on", previous_response_id=response.id
+            )
+        continued = await one.responses.create(
+            model="synthetic", input="go on", previous_response_id=response.id
+        )
+
+    assert response.id in refused.value.message
+    assert continued.output_text.startswith("You asked: go on")
+
+
 async def test_async_sdk_background_stream_and_resume(synthetic: Stack) -> None:
     _, url = synthetic.add_replica()
     first = openai.AsyncOpenAI(base_url=f"{synthetic.base_url}/v1", api_key="unused")
@@ -288,14 +305,20 @@ async def test_async_sdk_background_stream_and_resume(synthetic: Stack) -> None:
 
 
 def test_previous_response_id_continues_the_conversation(sdk: openai.OpenAI) -> None:
+    """The synthetic worker repeats a chat's earlier messages last: the first turn, question and
+    answer, reached it with the second's question."""
     first = sdk.responses.create(model="synthetic", input="first question", max_output_tokens=5)
 
     second = sdk.responses.create(
         model="synthetic", input="second question", previous_response_id=first.id
     )
 
+    assert first.output_text == "You asked: first question\n\nStreaming"
     assert second.previous_response_id == first.id
     assert second.output_text.startswith("You asked: second question")
+    assert second.output_text.endswith(
+        "Earlier: user: first question | assistant: You asked: first question Streaming"
+    )
 
 
 @pytest.mark.parametrize(
