@@ -14,6 +14,7 @@ import yaml
 
 from shared.protocol import WORKERS_KEY
 from shared.settings import Settings
+from tests.heartbeats import CASE_IDS, CASES, Beats
 from tests.prereqs import require
 from tests.procs import RedisServer, Stack
 
@@ -152,6 +153,21 @@ def test_worker_healthcheck_passes_beside_a_live_worker_whatever_the_containers_
 
     assert health(synthetic.redis_url) == 0
     assert health(redis_server.url(6)) == 1  # a database no worker beats in
+
+
+@pytest.mark.parametrize("beats", CASES, ids=CASE_IDS)
+def test_worker_healthcheck_passes_only_while_this_containers_own_worker_beats(
+    services: dict[str, Any], redis_server: RedisServer, beats: Beats
+) -> None:
+    script = worker_healthcheck(services)
+    window = re.search(r"zrangebyscore\(\"sluice:workers\", now_ms - (\d+),", script)
+    assert window is not None
+    url = beats.write(redis_server, int(window[1]))
+
+    env = {**os.environ, "SLUICE_REDIS_URL": url}
+    done = subprocess.run([sys.executable, "-c", script], env=env, timeout=30, check=False)
+
+    assert done.returncode == (0 if beats.alive else 1)
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)

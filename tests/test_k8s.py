@@ -22,8 +22,9 @@ from prometheus_client.metrics import MetricWrapperBase
 
 import api.metrics
 import worker.metrics
-from shared.protocol import WORKERS_KEY, queue_name
+from shared.protocol import WORKERS_KEY, queue_name, worker_ttl_ms
 from shared.settings import Settings, bundled_model_path
+from tests.heartbeats import CASE_IDS, CASES, Beats
 from tests.prereqs import require
 from tests.procs import RedisServer, Stack, free_port
 
@@ -573,11 +574,14 @@ def test_probe_passes_beside_a_live_worker_whatever_the_containers_clock(
     assert run_probe(synthetic.redis_url, "--redis-down-ok", offset=offset) == 0
 
 
-@pytest.mark.parametrize("args", [(), ("--redis-down-ok",)])
-def test_probe_fails_where_no_worker_of_this_host_beats(
-    redis_server: RedisServer, args: tuple[str, ...]
+@pytest.mark.parametrize("beats", CASES, ids=CASE_IDS)
+def test_liveness_probe_passes_only_while_this_pods_own_worker_beats(
+    redis_server: RedisServer, beats: Beats
 ) -> None:
-    assert run_probe(redis_server.url(6), *args) == 1  # a database no worker beats in
+    window_ms = worker_ttl_ms(Settings.model_fields["heartbeat_s"].default)  # none set here
+    url = beats.write(redis_server, window_ms)
+
+    assert run_probe(url, "--redis-down-ok") == (0 if beats.alive else 1)
 
 
 def test_probe_passes_liveness_but_not_startup_while_redis_is_down() -> None:
