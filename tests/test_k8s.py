@@ -22,7 +22,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 import api.metrics
 import worker.metrics
-from shared.protocol import WORKERS_KEY, queue_name, worker_ttl_ms
+from shared.protocol import WORKERS_KEY, queue_name
 from shared.settings import Settings, bundled_model_path
 from tests.heartbeats import CASE_IDS, CASES, Beats
 from tests.prereqs import require
@@ -578,8 +578,7 @@ def test_probe_passes_beside_a_live_worker_whatever_the_containers_clock(
 def test_liveness_probe_passes_only_while_this_pods_own_worker_beats(
     redis_server: RedisServer, beats: Beats
 ) -> None:
-    window_ms = worker_ttl_ms(Settings.model_fields["heartbeat_s"].default)  # none set here
-    url = beats.write(redis_server, window_ms)
+    url = beats.write(redis_server)
 
     assert run_probe(url, "--redis-down-ok") == (0 if beats.alive else 1)
 
