@@ -54,4 +54,5 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     skipped = len(reporter.stats.get("skipped", []))
     if skipped and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter.write_line("")  # ends the progress line, which is still open here
         reporter.write_line(f"CI: {skipped} test(s) skipped; in CI a skip fails the run", red=True)
