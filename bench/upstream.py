@@ -53,7 +53,7 @@ from typing import Any
 import psutil
 
 from bench import common
-from tests.procs import LOGS, Proc, wait_until
+from tests.procs import Proc, wait_until
 from tests.upstreams import LlamaServer, llama_server_binary
 
 MAX_TOKENS = 128
@@ -106,7 +106,7 @@ def request(topic: str) -> dict[str, Any]:
 def engine_first_token_ms(system: str, logger: Proc) -> dict[str, float]:
     """Per stream id, the engine's time to first token as `system`'s `logger` process logged
     it (sluice's worker, the proxy)."""
-    log = (LOGS / f"{logger.name}.log").read_text(errors="replace")
+    log = logger.log_text()
     return {m[2]: float(m[1]) for m in FIRST_TOKEN_LOGS[system].finditer(log)}
 
 

@@ -7,7 +7,10 @@ terminal entry, `Finished` or `Failed`. The API relays entries; the worker appen
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -132,6 +135,18 @@ class Attempt:
 def hub_wake_key(instance_id: str) -> str:
     """A small stream per API process, written to interrupt that process's blocking XREAD."""
     return f"{PREFIX}hub:{instance_id}"
+
+
+def new_worker_id() -> str:
+    """`<host>-<pid>-<nonce>`: a probe on the worker's host (its pod, its container) finds it
+    by `worker_host`."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def worker_host(worker_id: str) -> str:
+    """The host a worker id names, whole (a host name may hold dashes: `worker-1` is not
+    `worker-1-0`)."""
+    return worker_id.rsplit("-", 2)[0]
 
 
 def worker_ttl_ms(heartbeat_s: float) -> int:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from arq.connections import ArqRedis
 
+from tests.prereqs import pytest_sessionfinish  # noqa: F401 (the hook: in CI a skip fails)
 from tests.procs import RedisServer, Stack, start_stack
 from tests.upstreams import SKIP_ENV, LlamaServer
 from tests.upstreams import llama_server_binary as build_llama_server

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +17,8 @@ from typing import TypeVar
 
 import httpx
 import redis
+
+from tests.prereqs import missing, require
 
 T = TypeVar("T")
 LOGS = Path(__file__).parent / ".logs"
@@ -51,18 +53,36 @@ async def eventually(check: Callable[[], T], what: str) -> T:
     raise TimeoutError(what)
 
 
+_starts: Counter[str] = Counter()
+"""Processes started by this test run, by name."""
+
+
+def new_log(name: str) -> Path:
+    """An empty log file that no other process of this run writes: `<name>.log` for the first
+    process of that name, `<name>.<n>.log` for the n-th (stacks reuse names, replicas share
+    them). A line left by an earlier run or process can never satisfy a test reading it."""
+    _starts[name] += 1
+    n = _starts[name]
+    path = LOGS / (f"{name}.log" if n == 1 else f"{name}.{n}.log")
+    LOGS.mkdir(exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
 @dataclass
 class Proc:
-    """A child process whose output goes to tests/.logs/<name>.log."""
+    """A child process whose output goes to a log file of its own under tests/.logs/."""
 
     name: str
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)
     popen: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    """Set by `start`: this start's log alone."""
 
     def start(self) -> Proc:
-        LOGS.mkdir(exist_ok=True)
-        with (LOGS / f"{self.name}.log").open("ab") as log:
+        self.log_path = new_log(self.name)
+        with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
                 self.args, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT
             )
@@ -92,15 +112,19 @@ class Proc:
             self.popen.kill()
             return self.popen.wait()
 
+    def log_text(self) -> str:
+        """Everything this process has written."""
+        assert self.log_path is not None, f"{self.name} was never started"
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self, lines: int = 40) -> str:
-        path = LOGS / f"{self.name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
 class RedisServer(Proc):
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        server = shutil.which("redis-server") or "redis-server"
+        server = require("redis-server")
         super().__init__(
             f"redis-{self.port}",
             [
@@ -149,10 +173,10 @@ def sluice(command: str, name: str, env: dict[str, str], clock_offset: str | Non
 
 
 def faketime_library() -> Path:
-    """Debian's libfaketime (package faketime, which .ci/run installs)."""
+    """Debian's libfaketime (package faketime)."""
     found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
     if not found:
-        raise FileNotFoundError("libfaketime is not installed (apt-get install faketime)")
+        missing("libfaketime")
     return found[0]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import yaml
 
 from shared.protocol import WORKERS_KEY
 from shared.settings import Settings
+from tests.heartbeats import CASE_IDS, CASES, Beats
+from tests.prereqs import require
 from tests.procs import RedisServer, Stack
 
 ROOT = Path(__file__).parents[1]
@@ -137,7 +138,6 @@ def test_worker_healthcheck_reads_the_workers_key_by_redis_clock(services: dict[
     assert "time.time" not in script
 
 
-@pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime is not installed")
 @pytest.mark.parametrize("offset", ["+0s", "+1h", "-1h"])
 def test_worker_healthcheck_passes_beside_a_live_worker_whatever_the_containers_clock(
     services: dict[str, Any], synthetic: Stack, redis_server: RedisServer, offset: str
@@ -147,11 +147,25 @@ def test_worker_healthcheck_passes_beside_a_live_worker_whatever_the_containers_
 
     def health(redis_url: str) -> int:
         env = {**os.environ, "SLUICE_REDIS_URL": redis_url, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-        command = ["faketime", "-f", offset, sys.executable, "-c", worker_healthcheck(services)]
+        script = worker_healthcheck(services)
+        command = [require("faketime"), "-f", offset, sys.executable, "-c", script]
         return subprocess.run(command, env=env, timeout=30, check=False).returncode
 
     assert health(synthetic.redis_url) == 0
     assert health(redis_server.url(6)) == 1  # a database no worker beats in
+
+
+@pytest.mark.parametrize("beats", CASES, ids=CASE_IDS)
+def test_worker_healthcheck_passes_only_while_this_containers_own_worker_beats(
+    services: dict[str, Any], redis_server: RedisServer, beats: Beats
+) -> None:
+    url = beats.write(redis_server)
+
+    env = {**os.environ, "SLUICE_REDIS_URL": url}
+    script = worker_healthcheck(services)
+    done = subprocess.run([sys.executable, "-c", script], env=env, timeout=30, check=False)
+
+    assert done.returncode == (0 if beats.alive else 1)
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)

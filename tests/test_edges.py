@@ -11,7 +11,6 @@ import redis
 
 from shared.protocol import queue_name
 from tests.procs import (
-    LOGS,
     Proc,
     RedisServer,
     Stack,
@@ -35,10 +34,10 @@ def api_without_redis() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def api_without_workers(redis_server: RedisServer) -> Iterator[str]:
+def api_without_workers(redis_server: RedisServer) -> Iterator[tuple[Proc, str]]:
     env = sluice_env(redis_server.url(4), free_port(), backend="synthetic")
     api, url = start_api("no-workers", env)
-    yield url
+    yield api, url
     api.stop()
 
 
@@ -69,8 +68,11 @@ async def test_redis_unreachable_gets_503_at_once(api_without_redis: str) -> Non
     assert response.elapsed.total_seconds() < 3
 
 
-async def test_no_live_worker_gets_503_no_workers(api_without_workers: str) -> None:
-    async with httpx.AsyncClient(base_url=api_without_workers, timeout=10) as client:
+async def test_no_live_worker_gets_503_no_workers(
+    api_without_workers: tuple[Proc, str],
+) -> None:
+    _, url = api_without_workers
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         response = await client.post("/v1/chat/completions", json=SEED)
 
     assert response.status_code == 503
@@ -142,13 +144,13 @@ def api_without_access_log(redis_server: RedisServer) -> Iterator[tuple[Proc, st
 
 
 async def test_access_log_can_be_turned_off(
-    api_without_workers: str, api_without_access_log: tuple[Proc, str]
+    api_without_workers: tuple[Proc, str], api_without_access_log: tuple[Proc, str]
 ) -> None:
+    logged, logged_url = api_without_workers
     quiet, quiet_url = api_without_access_log
     async with httpx.AsyncClient(timeout=10) as client:
-        for url in (api_without_workers, quiet_url):
+        for url in (logged_url, quiet_url):
             await client.post(f"{url}/v1/chat/completions", json=SEED)
 
-    logged = LOGS / "no-workers.log"
-    await eventually(lambda: "POST /v1/chat/completions" in logged.read_text(), "an access log")
+    await eventually(lambda: "POST /v1/chat/completions" in logged.log_text(), "an access log")
     assert "POST /v1/chat/completions" not in quiet.log_tail(200)

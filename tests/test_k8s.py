@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ import api.metrics
 import worker.metrics
 from shared.protocol import WORKERS_KEY, queue_name
 from shared.settings import Settings, bundled_model_path
+from tests.heartbeats import CASE_IDS, CASES, Beats
+from tests.prereqs import require
 from tests.procs import RedisServer, Stack, free_port
 
 ROOT = Path(__file__).parents[1]
@@ -81,9 +82,8 @@ def kustomization(directory: Path, files: set[Path] | None = None) -> list[dict[
 
 
 def kubectl_kustomize(directory: Path) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, check=True
-    ).stdout
+    kustomize = [require("kubectl"), "kustomize", str(directory)]
+    out = subprocess.run(kustomize, capture_output=True, text=True, check=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
@@ -183,7 +183,6 @@ def test_no_kustomization_applies_a_secret() -> None:
     assert [o for o in kustomization(TRY_OUT) if o["kind"] == "Secret"] == []
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 @pytest.mark.parametrize("directory", [BASE, TRY_OUT], ids=["base", "try-out"])
 def test_kustomize_renders_what_the_checks_read(directory: Path) -> None:
     rendered = kubectl_kustomize(directory)
@@ -554,7 +553,7 @@ def run_probe(redis_url: str, *args: str, offset: str | None = None) -> int:
     }
     command = [sys.executable, str(PROBE_SCRIPT), *args]
     if offset is not None:
-        command = ["faketime", "-f", offset, *command]
+        command = [require("faketime"), "-f", offset, *command]
     return subprocess.run(command, env=environment, timeout=30, check=False).returncode
 
 
@@ -565,7 +564,6 @@ def test_probe_reads_the_workers_key_by_redis_clock() -> None:
     assert "time.time" not in source
 
 
-@pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime is not installed")
 @pytest.mark.parametrize("offset", ["+0s", "+1h", "-1h"])
 def test_probe_passes_beside_a_live_worker_whatever_the_containers_clock(
     synthetic: Stack, offset: str
@@ -576,11 +574,13 @@ def test_probe_passes_beside_a_live_worker_whatever_the_containers_clock(
     assert run_probe(synthetic.redis_url, "--redis-down-ok", offset=offset) == 0
 
 
-@pytest.mark.parametrize("args", [(), ("--redis-down-ok",)])
-def test_probe_fails_where_no_worker_of_this_host_beats(
-    redis_server: RedisServer, args: tuple[str, ...]
+@pytest.mark.parametrize("beats", CASES, ids=CASE_IDS)
+def test_liveness_probe_passes_only_while_this_pods_own_worker_beats(
+    redis_server: RedisServer, beats: Beats
 ) -> None:
-    assert run_probe(redis_server.url(6), *args) == 1  # a database no worker beats in
+    url = beats.write(redis_server)
+
+    assert run_probe(url, "--redis-down-ok") == (0 if beats.alive else 1)
 
 
 def test_probe_passes_liveness_but_not_startup_while_redis_is_down() -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.prereqs import require
 from tests.procs import Stack
 
 JS = Path(__file__).parent / "js"
@@ -17,11 +17,10 @@ JS = Path(__file__).parent / "js"
 
 @pytest.fixture(scope="module")
 def node_client() -> Path:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("Node.js is not installed")
+    require("node")
     if not (JS / "node_modules" / "openai").is_dir():
         subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            [require("npm"), "install", "--no-audit", "--no-fund", "--loglevel=error"],
             cwd=JS,
             check=True,
             timeout=300,

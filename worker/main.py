@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import sys
-import uuid
 from typing import Any
 
 import uvloop
@@ -29,6 +26,7 @@ from shared.protocol import (
     WORKER_MODELS_KEY,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
+    new_worker_id,
     queue_name,
     serving_key,
     wake_channel,
@@ -100,7 +98,7 @@ class SluiceWorker(ClaimingWorker):
     def __init__(self, settings: Settings, backend: Backend, **overrides: Any) -> None:
         self.settings = settings
         self.backend = backend
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.worker_id = new_worker_id()
         self._wake = asyncio.Event()
         self._loops = LoopGroup(log)
         self._control = JobControl()

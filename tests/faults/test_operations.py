@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faults.conftest import StackFactory
-from tests.procs import LOGS, RedisServer, Stack, eventually, free_port
+from tests.procs import RedisServer, Stack, eventually, free_port
 from tests.sse import stream
 
 MODEL = "synthetic"
@@ -150,7 +150,9 @@ async def test_json_logs_parse_and_carry_the_stream_id_on_both_sides(
             headers={"Authorization": "Bearer sk-logged"},
         )
     stream_id = result.headers["x-sluice-stream-id"]
-    api_log, worker_log = LOGS / f"{stack.api.name}.log", LOGS / f"{stack.workers[0].name}.log"
+    api_log, worker_log = stack.api.log_path, stack.workers[0].log_path
+    assert api_log is not None
+    assert worker_log is not None
     await eventually(
         lambda: any(line.get("stream_id") == stream_id for line in json_lines(worker_log)),
         "the worker's line",

@@ -1,9 +1,12 @@
 """Deterministic text at a set rate, for pipeline tests and load benchmarks. Never the default.
 
-The text echoes the prompt, then a fixed passage, so each stream's content is its own. Like a
-real model, the first token comes one token-time after the start. Two directives in the prompt
-stand in for faults: `[[fail after N]]` raises a BackendError after N tokens (a mid-stream
-error), and `[[crash after N]]` kills the worker process outright after N tokens (a segfault).
+The text echoes the prompt (a chat's last message), then a fixed passage, so each stream's
+content is its own; a chat's earlier turns (its user and assistant messages, not system prompts)
+follow, each by its role and first words, so a test can see the whole conversation reached the
+worker. Like a real model, the first token comes one token-time after the start. Two directives
+in the prompt stand in for faults: `[[fail after N]]` raises a BackendError after N tokens (a
+mid-stream error), and `[[crash after N]]` kills the worker process outright after N tokens (a
+segfault).
 """
 
 from __future__ import annotations
@@ -27,10 +30,19 @@ PASSAGE = (
 DEFAULT_MAX_JOBS = 512
 """Jobs one worker runs at once unless SLUICE_WORKER_MAX_JOBS says otherwise."""
 FAULT = re.compile(r"\[\[(fail|crash) after (\d+)\]\]")
+RECAP_WORDS = 5
+"""Words of each earlier message that the text repeats."""
+CONVERSATION_ROLES = {"user", "assistant"}
 
 
 def words(text: str) -> list[bytes]:
     return [m.encode() for m in re.findall(r"\s*\S+", text)]
+
+
+def recap(messages: list[dict[str, str]]) -> str:
+    """`Earlier: user: first words | assistant: first words`."""
+    said = (f"{m['role']}: {' '.join(m['content'].split()[:RECAP_WORDS])}" for m in messages)
+    return "Earlier: " + " | ".join(said)
 
 
 class SyntheticBackend:
@@ -50,12 +62,18 @@ class SyntheticBackend:
         self.n_ctx = n_ctx
 
     async def start(self, job: GenerationJob) -> Generation:
+        earlier: list[dict[str, str]] = []
         if job.prompt is not None:
             prompt = job.prompt
         else:
-            prompt = (job.messages or [{}])[-1].get("content", "")
+            *before, last = job.messages or [{}]
+            prompt = last.get("content", "")
+            earlier = [m for m in before if m["role"] in CONVERSATION_ROLES]
         fault = FAULT.search(prompt)
-        pieces = words(f"You asked: {prompt.strip()}\n\n{PASSAGE}")
+        text = f"You asked: {prompt.strip()}\n\n{PASSAGE}"
+        if earlier:
+            text += "\n\n" + recap(earlier)
+        pieces = words(text)
         return Generation(
             len(words(prompt)),
             self._pace(pieces, (fault[1], int(fault[2])) if fault else None),

@@ -2,7 +2,8 @@
 
 The worker's startup and liveness probes (deploy/k8s/base/worker.yaml) run it from a ConfigMap, with
 the worker container's environment, so it reads `SLUICE_REDIS_URL` and `SLUICE_HEARTBEAT_S` as
-the worker does. A worker's id starts with its host name, which in a pod is the pod's name.
+the worker does. A worker's id names its host, which in a pod is the pod's name: another pod's
+worker, however fresh, does not keep this one alive.
 Heartbeats are scored by Redis's clock, so "now" is Redis's too, never this container's.
 
 `--redis-down-ok` (liveness): exit 0 when Redis does not answer. A restart cannot bring Redis
@@ -17,7 +18,7 @@ import sys
 
 import redis
 
-from shared.protocol import WORKERS_KEY, worker_ttl_ms
+from shared.protocol import WORKERS_KEY, worker_host, worker_ttl_ms
 from shared.settings import Settings
 
 
@@ -34,8 +35,8 @@ def main(argv: list[str]) -> int:
     except (redis.RedisError, OSError) as exc:
         print(f"Redis does not answer: {type(exc).__name__}", file=sys.stderr)
         return 0 if redis_down_ok else 1
-    prefix = socket.gethostname() + "-"
-    if any(member.decode().startswith(prefix) for member in live):
+    host = socket.gethostname()
+    if any(worker_host(member.decode()) == host for member in live):
         return 0
     print(f"no fresh heartbeat from a worker on {socket.gethostname()}", file=sys.stderr)
     return 1
