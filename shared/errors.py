@@ -174,6 +174,14 @@ class UpstreamUnavailable(ServiceUnavailable):
         return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
 
+class UpstreamTimeout(SluiceError):
+    """The `openai` backend's engine said nothing for `SLUICE_UPSTREAM_TIMEOUT_S`: before its first
+    byte, or between two chunks of its answer."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
 class UpstreamError(GenerationFailed):
     """The `openai` backend's engine failed after it had started answering (its stream was cut)."""
 

@@ -10,12 +10,16 @@ Failures:
 - it does not answer, or answers 5xx, 408 or 429, before the first token: the request is sent
   again, with backoff (honouring `Retry-After`), for up to `SLUICE_QUEUE_TIMEOUT_S`, then the job
   fails with `upstream_unavailable`;
+- it accepts the request, then says nothing for `SLUICE_UPSTREAM_TIMEOUT_S` (before its first
+  byte, or between two chunks): the job fails with `upstream_timeout`, not sent again (the
+  worker gives a job with no token yet to another worker first, if one serves the model);
 - its stream is cut after the first token: the job fails with `upstream_error`.
 Network errors name hosts and ports: they go to the log, never to clients.
 
-`available` is False from a failure to reach the engine (or a 5xx) until it answers again. While
-it is False, reading it starts a probe (`GET /models`, at most one a second): the worker, which
-reads it before claiming jobs and in every heartbeat, sees the engine come back with no loop here.
+`available` is False from a failure to reach the engine (a 5xx, a silence past the timeout) until
+it answers again. While it is False, reading it starts a probe (`GET /models`, at most one a
+second): the worker, which reads it before claiming jobs and in every heartbeat, sees the engine
+come back with no loop here.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ from typing import Any
 
 import httpx
 
-from shared.errors import ErrorBody, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from shared.errors import (
+    ErrorBody,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from shared.protocol import Finished
 from shared.schema import GenerationJob
 from shared.settings import Settings
@@ -61,6 +71,7 @@ class OpenAIBackend:
         key = settings.upstream_api_key
         self._headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
         self._wait_s = settings.queue_timeout_s
+        self._silence_s = settings.upstream_timeout_s
         # Names are needed before the worker can serve: without SLUICE_UPSTREAM_MODEL, wait for
         # the engine to list its models; with it, one look (for its context length) will do.
         listed = self._list_models(until_answered=settings.upstream_model is None)
@@ -168,9 +179,9 @@ class OpenAIBackend:
             self._http = httpx.AsyncClient(
                 base_url=self._url,
                 headers=self._headers,
-                # No read timeout: an engine may be silent for long (a long prompt, a queue of
-                # its own); the job's timeout bounds it.
-                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
+                # The read timeout bounds each wait for the engine's next bytes (its first, and
+                # between chunks): above its longest prefill, so only a hung engine trips it.
+                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, read=self._silence_s),
                 limits=httpx.Limits(
                     max_connections=connections, max_keepalive_connections=connections
                 ),
@@ -228,6 +239,18 @@ class OpenAIBackend:
                                 break
                         report(reader.finished or reader.ended())
                         return
+            except httpx.ReadTimeout:
+                # Hung, not down: sending again would wait as long, and load it more.
+                self.available = False  # until it answers a probe
+                log.warning(
+                    "upstream %s said nothing for %g s (%s)",
+                    self._url,
+                    self._silence_s,
+                    f"after {reader.pieces} pieces" if reader.pieces else "before its first token",
+                )
+                raise UpstreamTimeout(
+                    f"the model's engine said nothing for {self._silence_s:g} s"
+                ) from None
             except (httpx.HTTPError, _Cut) as exc:
                 self.available = False  # most likely down; if not, the probe says so at once
                 if reader.pieces:
