@@ -197,3 +197,57 @@ async def test_a_model_whose_engines_are_all_down_is_refused_at_once_with_retry_
 
 
 # --- what is sent ---
+
+
+async def test_only_the_sampling_the_client_gave_reaches_the_engine(
+    engine: ScriptedEngine, make_stack: Make
+) -> None:
+    stack = make_stack(engine.v1)
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
+        for body in (chat(), chat(temperature=0.3, presence_penalty=0.5)):
+            assert not (await timed_stream(client, body))[0].errors
+
+    bare, given = engine.bodies
+    assert not {name: bare[name] for name in SAMPLING if name in bare}
+    assert {name: given[name] for name in SAMPLING if name in given} == {
+        "temperature": 0.3,
+        "presence_penalty": 0.5,
+    }
+
+
+async def test_the_seed_formats_min_tokens_is_never_above_max_tokens(
+    engine: ScriptedEngine, make_stack: Make
+) -> None:
+    stack = make_stack(engine.v1)
+    seed = {"prompt": "Explain streaming APIs", "stream": True}
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
+        for body in (seed, {**seed, "max_tokens": 100}):
+            assert not (await timed_stream(client, body))[0].errors
+
+    assert [(b["min_tokens"], b["max_tokens"]) for b in engine.bodies] == [(450, 768), (100, 100)]
+
+
+async def test_an_engine_that_refuses_min_tokens_gets_the_seed_format_without_it(
+    engine: ScriptedEngine, make_stack: Make
+) -> None:
+    """As OpenAI's own API does: 400 for an argument it does not know."""
+    engine.refuses = {"min_tokens"}
+    stack = make_stack(engine.v1)
+    seed = {"prompt": "Explain streaming APIs", "stream": True}
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
+        first, _ = await timed_stream(client, seed)
+        sent_for_first = len(engine.bodies)
+        second, _ = await timed_stream(client, seed)
+        # The client's own min_tokens is the client's: the engine's refusal is its answer.
+        own = await client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": USER, "min_tokens": 5}
+        )
+
+    assert not first.errors
+    assert not second.errors
+    assert "word4" in first.text
+    assert sent_for_first == 2
+    assert ["min_tokens" in b for b in engine.bodies] == [True, False, False, True]
+    assert own.status_code == 400
+    assert own.json()["error"]["message"] == "Unrecognized request argument supplied: min_tokens"
+    assert stack.workers[0].log_tail(100).count("refuses min_tokens") == 1
