@@ -18,10 +18,11 @@ import pytest
 import redis
 
 from shared.protocol import meta_key, serving_key
-from tests.procs import RedisServer, Stack, eventually, free_port, start_stack
+from tests.procs import LOGS, RedisServer, Stack, eventually, free_port, start_stack
 from tests.sse import SSEResult, stream
 from tests.upstreams import ScriptedEngine
 
+NAME = "upstream-scripted"
 MODEL = ScriptedEngine.MODEL
 USER = [{"role": "user", "content": "Name three rivers."}]
 SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
@@ -38,13 +39,16 @@ def engine() -> Iterator[ScriptedEngine]:
 
 @pytest.fixture
 def make_stack(redis_server: RedisServer) -> Iterator[Make]:
-    """API + one `openai` worker in front of `url`, serving it as `scripted`."""
+    """API + one `openai` worker in front of `url`, serving it as `scripted`; its processes' logs
+    start empty, for the test to read."""
     stacks: list[Stack] = []
 
     def make(url: str, **settings: str) -> Stack:
         assert not stacks, "one stack per test: they share database 45"
+        for log in LOGS.glob(f"{NAME}*.log"):
+            log.unlink()
         stack = start_stack(
-            "upstream-scripted",
+            NAME,
             redis_server.fresh_url(45),
             1,
             backend="openai",
@@ -148,13 +152,14 @@ async def test_a_job_whose_engine_hangs_before_its_first_token_goes_to_another_w
 ) -> None:
     """The first worker takes the job (the second is frozen meanwhile) and its engine hangs:
     the job, with no token yet, is given back and the second worker's engine answers it."""
-    engine.mode = "headers"
     answering = ScriptedEngine().start()
     try:
         stack = make_stack(engine.v1, upstream_timeout_s="1")
         second = stack.add_worker(SLUICE_UPSTREAM_URL=answering.v1)
         with redis.Redis.from_url(stack.redis_url) as r:
             await eventually(lambda: r.zcard(serving_key(MODEL)) == 2, "both workers serving")
+            # `/models` too: an engine whose probe answers may take the job's retry back.
+            engine.hung = True
             second.signal(signal.SIGSTOP)
             try:
                 async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
