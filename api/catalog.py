@@ -89,7 +89,8 @@ class ModelCatalog:
 
     async def route(self, requested: str | None) -> ServedModel:
         """The model a request is for: the one it names (404 if none was ever announced), else
-        `SLUICE_DEFAULT_MODEL`, else the only model served (400 with several, 503 with none)."""
+        `SLUICE_DEFAULT_MODEL`, else the only model served (400 with several, 503 with none),
+        or with none served, the only model ever announced."""
         try:
             return self._route(requested, await self.models())
         except (ModelNotFound, NoWorkers, InvalidRequest):
@@ -105,6 +106,9 @@ class ModelCatalog:
                 raise NoWorkers(f"no worker has served the default model `{self._default}` yet")
             return models[self._default]
         served = sorted(name for name, m in models.items() if m.workers)
+        if not served and len(models) == 1:
+            # The only model there is: the submit script tells no worker from engines down.
+            return next(iter(models.values()))
         if not served:
             raise NoWorkers("no workers are available to serve this request")
         if len(served) > 1:

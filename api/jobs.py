@@ -17,6 +17,7 @@ from shared.errors import (
     SluiceError,
     StreamFinished,
     StreamNotFound,
+    UpstreamUnavailable,
 )
 from shared.protocol import (
     ACTIVE_KEY,
@@ -31,6 +32,7 @@ from shared.protocol import (
     REDIS_NOW_LUA,
     TERMINAL,
     WINDOW_LUA,
+    WORKER_MODELS_KEY,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
     Failed,
@@ -123,14 +125,15 @@ redis.call('PUBLISH', ARGV[1], ARGV[2])
 # backend is unavailable), their slots, and its queue.
 # KEYS: the model's serving set, worker slots, the model's queue, arq job key, stream metadata,
 # readers, active streams, the owner's requests, tokens and open streams (see `KEY_*_PREFIX`),
-# models.
+# models, workers, workers' models.
 # ARGV: max_queue, worker TTL (ms), job id, arq payload, job TTL (ms), wake channel, stream id,
 # metadata TTL (s), the owner's requests per minute, tokens per minute and open streams (0: no
 # limit), the model, then metadata fields and values.
 # Returns {0, requests, tokens, ms to the window's next minute} when enqueued (the owner's use
 # of its windows, this request included), {1} with no live worker for the model, {2, waiting}
 # when its queue is full, {3, limit, retry after (ms)} when the owner is at `limit`, {4} for a
-# model no worker ever announced.
+# model no worker ever announced, {5} when the model's live workers all report their backend
+# unavailable (an engine down or hung: they beat, but not in its serving set).
 _SUBMIT = (
     REDIS_NOW_LUA
     + WINDOW_LUA
@@ -145,8 +148,15 @@ local function wait_ms(used, previous, current, limit)
   return to_next_minute
 end
 if redis.call('HEXISTS', KEYS[11], ARGV[12]) == 0 then return {4} end
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
-if #live == 0 then return {1} end
+local since = now - tonumber(ARGV[2])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf')
+if #live == 0 then
+  -- No worker can serve it; one that is alive for its model has an engine that does not answer.
+  for _, worker in ipairs(redis.call('ZRANGEBYSCORE', KEYS[12], since, '+inf')) do
+    if redis.call('HGET', KEYS[13], worker) == ARGV[12] then return {5} end
+  end
+  return {1}
+end
 local rpm, tpm, max_streams = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 if rpm > 0 then
   local used, previous, current = window_used(KEYS[8], now)
@@ -179,6 +189,8 @@ local tokens = window_used(KEYS[9], now)
 return {0, math.ceil(requests), math.ceil(tokens), to_next_minute, now}
 """
 )
+
+UPSTREAM_DOWN = "the model's engine is not available; try again later"
 
 # The workers whose heartbeat is fresh by Redis's clock. KEYS: workers. ARGV: TTL (ms).
 _LIVE_WORKERS = (
@@ -252,6 +264,8 @@ class JobQueue:
                 KEY_TOKENS_PREFIX + owner.name,
                 KEY_STREAMS_PREFIX + owner.name,
                 MODELS_KEY,
+                WORKERS_KEY,
+                WORKER_MODELS_KEY,
             ],
             args=[
                 settings.max_queue,
@@ -272,6 +286,8 @@ class JobQueue:
         match result:
             case [1]:
                 raise NoWorkers("no workers are available to serve this request")
+            case [5]:
+                raise UpstreamUnavailable(UPSTREAM_DOWN, retry_after_s=settings.retry_after_s)
             case [4]:
                 raise no_such_model(model)
             case [2, int(waiting)]:

@@ -123,20 +123,23 @@ def build_job(
     messages: list[dict[str, str]] | None = None,
     prompt: str | None = None,
 ) -> GenerationJob:
+    """The job for `request`: what the client gave, and nothing it did not (sampling it left out
+    is the backend's to choose), but for the cap on tokens (`default_max_tokens`) and, when
+    given, sluice's own `min_tokens` (the seed format's), never above the cap."""
     request.refuse_unsupported()
-    max_tokens = check_token_limits(request, n_ctx)
+    max_tokens = check_token_limits(request, n_ctx) or default_max_tokens
+    given = request.model_fields_set
     return GenerationJob(
         stream_id=new_stream_id(),
         messages=messages,
         prompt=prompt,
-        max_tokens=max_tokens or default_max_tokens,
-        min_tokens=request.min_tokens if min_tokens is None else min_tokens,
-        temperature=settings.default_temperature
-        if request.temperature is None
-        else request.temperature,
-        top_p=settings.default_top_p if request.top_p is None else request.top_p,
+        max_tokens=max_tokens,
+        min_tokens=min(request.min_tokens if min_tokens is None else min_tokens, max_tokens),
+        min_tokens_default=min_tokens is not None,
+        temperature=request.temperature,
+        top_p=request.top_p,
         stop=request.stop_list,
         seed=request.seed,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
+        presence_penalty=request.presence_penalty if "presence_penalty" in given else None,
+        frequency_penalty=request.frequency_penalty if "frequency_penalty" in given else None,
     )

@@ -170,9 +170,25 @@ class ShuttingDown(ServiceUnavailable):
 
 class UpstreamUnavailable(ServiceUnavailable):
     """The `openai` backend's engine did not answer, or answered 5xx or 429, until the job's time
-    to wait was up."""
+    to wait was up; or, refused at once with `Retry-After`, every live worker of the model
+    reports its engine down."""
 
     code = "upstream_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+
+
+class UpstreamTimeout(SluiceError):
+    """The `openai` backend's engine said nothing for `SLUICE_UPSTREAM_TIMEOUT_S`: before its first
+    byte, or between two chunks of its answer."""
+
+    status = 504
+    code = "upstream_timeout"
 
 
 class UpstreamError(GenerationFailed):

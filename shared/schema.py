@@ -235,12 +235,17 @@ class GenerationJob(BaseModel):
     prompt: str | None = None
     max_tokens: int
     min_tokens: int = 0
-    temperature: float
-    top_p: float
+    min_tokens_default: bool = False
+    """`min_tokens` is sluice's own (the seed format's), not the client's: an engine that refuses
+    the parameter is asked again without it."""
+    # None: the client did not say, and the backend's model decides (the llama backend's
+    # defaults are SLUICE_DEFAULT_TEMPERATURE and SLUICE_DEFAULT_TOP_P; an engine's are its own).
+    temperature: float | None = None
+    top_p: float | None = None
     stop: list[str] = []
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 ChunkObject = StreamKind

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     upstream_api_key: SecretStr | None = None
     upstream_model: str | None = None
     """The model sent upstream (default: the first the upstream lists)."""
+    upstream_timeout_s: float = Field(60.0, gt=0)
+    """How long the `openai` backend waits for its engine to say something: the first byte of an
+    answer, and each next chunk. Above an engine's longest prefill (a long prompt, its own
+    queue): past it the engine counts as hung, the stream ends `upstream_timeout` (a job with no
+    token yet is first given to another worker, if one serves the model), and the worker claims
+    nothing until the engine answers `GET /models` again."""
 
     max_queue: int = Field(64, ge=0)
     retry_after_s: int = Field(5, ge=1)

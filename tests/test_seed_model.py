@@ -67,3 +67,19 @@ async def test_same_seed_and_prompt_give_the_same_text(model_client: httpx.Async
 
     assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
     assert first["usage"] == second["usage"]
+
+
+async def test_sampling_left_out_is_the_models_default(model_client: httpx.AsyncClient) -> None:
+    """The API passes on only what the client gave; the llama backend fills in its defaults
+    (`SLUICE_DEFAULT_TEMPERATURE` 0.6, `SLUICE_DEFAULT_TOP_P` 0.9), as the API once did."""
+    body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 40}
+
+    async def text(**sampling: float) -> str:
+        answer = await model_client.post("/v1/chat/completions", json=body | {"seed": 5} | sampling)
+        content: str = answer.json()["choices"][0]["message"]["content"]
+        return content
+
+    left_out = await text()
+
+    assert left_out == await text(temperature=0.6, top_p=0.9)
+    assert left_out != await text(temperature=1.0, top_p=1.0)  # sampling shows in the text

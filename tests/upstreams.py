@@ -3,10 +3,13 @@ backend's tests and its benchmark."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +121,120 @@ class LlamaServer(Proc):
 
     def busy_slots(self) -> int:
         return sum(bool(slot["is_processing"]) for slot in self.slots())
+
+
+class ScriptedEngine:
+    """A small OpenAI-compatible engine on threads of the test process, on a real socket, that
+    answers as a test scripts it: `/models` lists `MODEL`, and a completion request (chat or
+    legacy) gets what `mode` says when it arrives:
+
+    - `answer`: a stream of `words` words, a finish reason, usage, `[DONE]`;
+    - `headers`: the response's headers, then nothing (an engine that hangs once it has begun);
+    - `chunks`: headers and 3 content chunks, then nothing;
+    - `silent`: nothing at all, not even headers.
+
+    `hung` makes `/models` silent too (an engine that accepts and never answers anything), and
+    a request naming a field in `refuses` gets OpenAI's own 400 for an argument it does not know.
+    Every request body is kept, in order, in `bodies`. Silent answers hold their connection
+    until the engine stops."""
+
+    MODEL = "scripted"
+
+    def __init__(self, mode: str = "answer", *, words: int = 5) -> None:
+        self.mode = mode
+        self.words = words
+        self.hung = False
+        self.refuses: set[str] = set()
+        self.bodies: list[dict[str, Any]] = []
+        self._release = threading.Event()
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        port: int = self._server.server_address[1]
+        return port
+
+    @property
+    def v1(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> ScriptedEngine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Closes its port: from now on, connections are refused."""
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        engine = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if engine.hung:
+                    engine._release.wait()
+                    return
+                if self.path != "/v1/models":
+                    self._json(404, {"error": {"message": "not found"}})
+                    return
+                self._json(200, {"object": "list", "data": [{"id": engine.MODEL}]})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                engine.bodies.append(body)
+                if refused := sorted(engine.refuses & body.keys()):
+                    message = f"Unrecognized request argument supplied: {refused[0]}"
+                    error = {"message": message, "type": "invalid_request_error"}
+                    self._json(400, {"error": error | {"param": None, "code": None}})
+                    return
+                mode = engine.mode
+                if mode == "silent" or engine.hung:
+                    engine._release.wait()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                self.wfile.flush()
+                chat = self.path.endswith("/chat/completions")
+                if mode == "headers":
+                    engine._release.wait()
+                    return
+                count = 3 if mode == "chunks" else engine.words
+                for n in range(count):
+                    self._event(self._chunk(chat, f"word{n} "))
+                if mode == "chunks":
+                    engine._release.wait()
+                    return
+                self._event(self._chunk(chat, "", "stop"))
+                usage = {"prompt_tokens": 3, "completion_tokens": count, "total_tokens": count + 3}
+                self._event({"choices": [], "usage": usage})
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def _chunk(self, chat: bool, text: str, reason: str | None = None) -> dict[str, Any]:
+                if chat:
+                    choice = {"index": 0, "delta": {"content": text}, "finish_reason": reason}
+                else:
+                    choice = {"index": 0, "text": text, "finish_reason": reason}
+                return {"model": engine.MODEL, "choices": [choice]}
+
+            def _event(self, data: dict[str, Any]) -> None:
+                self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+                self.wfile.flush()
+
+            def _json(self, status: int, data: dict[str, Any]) -> None:
+                content = json.dumps(data).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+        return Handler

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -185,7 +185,11 @@ async def _generate(
         first_piece_ms: float | None = None
         reason: FinishReason = "stop"
         # Closing the pieces ends the backend's work (an engine's request, a sequence) at once.
-        async with signal.interrupting(), aclosing(generation.pieces) as pieces:
+        async with (
+            giving_back.failing(),
+            signal.interrupting(),
+            aclosing(generation.pieces) as pieces,
+        ):
             async for piece in pieces:
                 if first_piece_ms is None:
                     first_piece_ms = (asyncio.get_running_loop().time() - asked) * 1000
@@ -250,7 +254,8 @@ async def _generate(
 class _GiveBack:
     """While a job waits for its first piece: once its backend cannot reach its engine, looks
     every `HAND_BACK_CHECK_S` whether to give the job back (`HAND_BACK_SCRIPT`), and if it did,
-    stops the job (`HandedBack`)."""
+    stops the job (`HandedBack`). A backend that fails before the first piece, its engine
+    unavailable (silent past `SLUICE_UPSTREAM_TIMEOUT_S`), gets one more look (`failing`)."""
 
     def __init__(
         self, ctx: dict[str, Any], job: GenerationJob, attempt: Attempt, signal: StopSignal
@@ -258,6 +263,27 @@ class _GiveBack:
         self._signal = signal
         self._check: asyncio.Future[bool] | None = None
         self._task = asyncio.create_task(self._watch(ctx, job, attempt))
+        self._args = ctx, job, attempt
+        self._first_piece = False
+
+    @asynccontextmanager
+    async def failing(self) -> AsyncIterator[None]:
+        """Around the job's pieces: the backend's error before the first piece, with its engine
+        unavailable, becomes `HandedBack` if the job could be given back."""
+        try:
+            yield
+        except SluiceError:
+            if self._first_piece:
+                raise
+            self._task.cancel()
+            if self._check is not None and await self._check:  # a look under way gave it back
+                raise HandedBack() from None
+            ctx, job, attempt = self._args
+            if self._signal.stopped or ctx["backend"].available:
+                raise
+            if not await self._give_back(ctx, job, attempt):
+                raise
+            raise HandedBack() from None
 
     async def _watch(self, ctx: dict[str, Any], job: GenerationJob, attempt: Attempt) -> None:
         backend: Backend = ctx["backend"]
@@ -294,6 +320,7 @@ class _GiveBack:
     async def stop(self) -> bool:
         """The first piece came: no giving back from now on. True if the job was given back
         all the same (a check that was under way decided so): it must stop."""
+        self._first_piece = True
         self._task.cancel()
         return self._check is not None and bool(await self._check)
 

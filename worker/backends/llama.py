@@ -44,6 +44,8 @@ class LlamaBackend:
         self.n_ctx: int | None = settings.n_ctx
         self.available = True
         self._repeat_penalty = settings.repeat_penalty
+        self._temperature = settings.default_temperature  # where a request does not say
+        self._top_p = settings.default_top_p
         model = llama_cpp.llama_model_load_from_file(
             str(settings.gguf_path).encode(), llama_cpp.llama_model_default_params()
         )
@@ -130,12 +132,12 @@ class LlamaBackend:
                 param="messages" if job.messages is not None else "prompt",
             )
         sampling = Sampling(
-            temperature=job.temperature,
-            top_p=job.top_p,
+            temperature=self._temperature if job.temperature is None else job.temperature,
+            top_p=self._top_p if job.top_p is None else job.top_p,
             seed=job.seed,
             repeat_penalty=self._repeat_penalty,
-            presence_penalty=job.presence_penalty,
-            frequency_penalty=job.frequency_penalty,
+            presence_penalty=job.presence_penalty or 0.0,
+            frequency_penalty=job.frequency_penalty or 0.0,
             min_tokens=job.min_tokens,
         )
         return Generation(len(tokens), self._pieces(tokens, min(room, job.max_tokens), sampling))

@@ -5,17 +5,26 @@ One pooled HTTP client carries every job of the worker. A job's request is sent 
 of its pieces, so a job that never reads them never occupies the engine, and it is closed when
 they are closed: finished, cancelled, unread, or timed out (the engine then frees its slot).
 
+What is sent: what the client asked for, and nothing it did not. Sampling parameters the client
+left out (`temperature`, `top_p`, the penalties) are left out, so the engine's own defaults apply.
+`min_tokens` that sluice adds itself (the seed format's) is dropped, for the life of the backend,
+by an engine that refuses it (a strict hosted API): the request is sent again without it.
+
 Failures:
 - the engine refuses the request (a 4xx): the job fails with the engine's own status and error;
 - it does not answer, or answers 5xx, 408 or 429, before the first token: the request is sent
   again, with backoff (honouring `Retry-After`), for up to `SLUICE_QUEUE_TIMEOUT_S`, then the job
   fails with `upstream_unavailable`;
+- it accepts the request, then says nothing for `SLUICE_UPSTREAM_TIMEOUT_S` (before its first
+  byte, or between two chunks): the job fails with `upstream_timeout`, not sent again (the
+  worker gives a job with no token yet to another worker first, if one serves the model);
 - its stream is cut after the first token: the job fails with `upstream_error`.
 Network errors name hosts and ports: they go to the log, never to clients.
 
-`available` is False from a failure to reach the engine (or a 5xx) until it answers again. While
-it is False, reading it starts a probe (`GET /models`, at most one a second): the worker, which
-reads it before claiming jobs and in every heartbeat, sees the engine come back with no loop here.
+`available` is False from a failure to reach the engine (a 5xx, a silence past the timeout) until
+it answers again. While it is False, reading it starts a probe (`GET /models`, at most one a
+second): the worker, which reads it before claiming jobs and in every heartbeat, sees the engine
+come back with no loop here.
 """
 
 from __future__ import annotations
@@ -31,7 +40,13 @@ from typing import Any
 
 import httpx
 
-from shared.errors import ErrorBody, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from shared.errors import (
+    ErrorBody,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from shared.protocol import Finished
 from shared.schema import GenerationJob
 from shared.settings import Settings
@@ -61,6 +76,9 @@ class OpenAIBackend:
         key = settings.upstream_api_key
         self._headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
         self._wait_s = settings.queue_timeout_s
+        self._silence_s = settings.upstream_timeout_s
+        self._refuses_min_tokens = False
+        """Learned from the engine's first refusal of a `min_tokens` sluice added."""
         # Names are needed before the worker can serve: without SLUICE_UPSTREAM_MODEL, wait for
         # the engine to list its models; with it, one look (for its context length) will do.
         listed = self._list_models(until_answered=settings.upstream_model is None)
@@ -168,9 +186,9 @@ class OpenAIBackend:
             self._http = httpx.AsyncClient(
                 base_url=self._url,
                 headers=self._headers,
-                # No read timeout: an engine may be silent for long (a long prompt, a queue of
-                # its own); the job's timeout bounds it.
-                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
+                # The read timeout bounds each wait for the engine's next bytes (its first, and
+                # between chunks): above its longest prefill, so only a hung engine trips it.
+                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, read=self._silence_s),
                 limits=httpx.Limits(
                     max_connections=connections, max_keepalive_connections=connections
                 ),
@@ -190,17 +208,18 @@ class OpenAIBackend:
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": job.max_tokens,
-            "temperature": job.temperature,
-            "top_p": job.top_p,
-            "presence_penalty": job.presence_penalty,
-            "frequency_penalty": job.frequency_penalty,
         }
+        # Only what the client gave: the engine's own defaults suit its model.
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+            if (value := getattr(job, name)) is not None:
+                body[name] = value
         if job.stop:
             body["stop"] = job.stop
         if job.seed is not None:
             body["seed"] = job.seed
-        if job.min_tokens:
-            body["min_tokens"] = job.min_tokens  # vLLM's extension; llama-server ignores it
+        # vLLM's extension (llama-server ignores it, a strict hosted API refuses it).
+        if job.min_tokens and not (job.min_tokens_default and self._refuses_min_tokens):
+            body["min_tokens"] = job.min_tokens
         if job.messages is not None:
             return "/chat/completions", body | {"messages": job.messages}
         return "/completions", body | {"prompt": job.prompt}
@@ -218,7 +237,7 @@ class OpenAIBackend:
             try:
                 async with self._client().stream("POST", path, json=body) as response:
                     if not response.is_success:
-                        retry_after = await self._refused(response)
+                        retry_after = await self._refused(response, job, body)
                     else:
                         self.available = True
                         async for line in response.aiter_lines():
@@ -228,6 +247,21 @@ class OpenAIBackend:
                                 break
                         report(reader.finished or reader.ended())
                         return
+            except _WithoutMinTokens:
+                body = {k: v for k, v in body.items() if k != "min_tokens"}
+                continue
+            except httpx.ReadTimeout:
+                # Hung, not down: sending again would wait as long, and load it more.
+                self.available = False  # until it answers a probe
+                log.warning(
+                    "upstream %s said nothing for %g s (%s)",
+                    self._url,
+                    self._silence_s,
+                    f"after {reader.pieces} pieces" if reader.pieces else "before its first token",
+                )
+                raise UpstreamTimeout(
+                    f"the model's engine said nothing for {self._silence_s:g} s"
+                ) from None
             except (httpx.HTTPError, _Cut) as exc:
                 self.available = False  # most likely down; if not, the probe says so at once
                 if reader.pieces:
@@ -245,7 +279,9 @@ class OpenAIBackend:
             await asyncio.sleep(delay)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    async def _refused(self, response: httpx.Response) -> float | None:
+    async def _refused(
+        self, response: httpx.Response, job: GenerationJob, body: dict[str, Any]
+    ) -> float | None:
         """Raises for a refusal that trying again will not change; else how long to wait before
         trying again, if the engine said (`Retry-After`)."""
         status = response.status_code
@@ -256,7 +292,17 @@ class OpenAIBackend:
             log.error("upstream %s refused sluice's credentials: %s", self._url, content[:500])
             raise UpstreamUnavailable(UNAVAILABLE)
         elif status not in RETRIED:
-            raise UpstreamRejected(status, _engine_error(status, content))
+            error = _engine_error(status, content)
+            if job.min_tokens_default and "min_tokens" in body and _names_min_tokens(error):
+                if not self._refuses_min_tokens:
+                    log.warning(
+                        "upstream %s refuses min_tokens (%s): seed-format requests go without it",
+                        self._url,
+                        error["message"][:200],
+                    )
+                self._refuses_min_tokens = True
+                raise _WithoutMinTokens()
+            raise UpstreamRejected(status, error)
         return _retry_after(response.headers.get("retry-after"))
 
     def close(self) -> None:
@@ -266,6 +312,14 @@ class OpenAIBackend:
             # Best effort: close() is synchronous, and the process is ending anyway.
             with contextlib.suppress(RuntimeError):  # no event loop runs any more
                 self._closing = asyncio.get_running_loop().create_task(self._http.aclose())
+
+
+class _WithoutMinTokens(Exception):
+    """The engine refused the `min_tokens` sluice added: send the request again without it."""
+
+
+def _names_min_tokens(error: ErrorBody) -> bool:
+    return error["param"] == "min_tokens" or "min_tokens" in error["message"]
 
 
 class _Cut(Exception):
