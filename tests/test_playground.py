@@ -9,6 +9,7 @@ opens the page in a fresh context, so storage never leaks from one to the next.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,6 +301,17 @@ def test_the_page_references_nothing_but_its_own_files() -> None:
     html = (PAGE_JS / "index.html").read_text()
     referenced = set(re.findall(r'(?:src|href)="([^"]+)"', html))
     assert referenced == {f"playground/{name}" for name in ASSETS}
+
+
+def test_the_page_ships_in_the_package_and_the_api_image() -> None:
+    """`pip install .` (the Dockerfile's) carries every file the page serves."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "api.playground" in setuptools["packages"]
+    patterns = setuptools["package-data"]["api.playground"]
+    for name in ["index.html", *ASSETS]:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"^COPY api api$", dockerfile, re.M)
 
 
 def test_the_page_never_parses_text_as_html() -> None:
