@@ -535,6 +535,41 @@ def test_answers_render_as_markdown_with_html_shown_as_text(page: Browser) -> No
     )
 
 
+MARKDOWN_CASES = {
+    "# Title\n\ntext *em* **strong** ~~del~~": (
+        "<h3>Title</h3><p>text <em>em</em> <strong>strong</strong> <del>del</del></p>"
+    ),
+    "[x](javascript:alert(1)) and [y](https://example.com/a_b)": (
+        '<p>[x](javascript:alert(1)) and <a href="https://example.com/a_b" '
+        'rel="noopener noreferrer nofollow" target="_blank">y</a></p>'
+    ),
+    "1. a\n2. b\n   - c\n   - d\n3. e": (
+        "<ol><li>a</li><li>b<ul><li>c</li><li>d</li></ul></li><li>e</li></ol>"
+    ),
+    "3. three\n4. four": '<ol start="3"><li>three</li><li>four</li></ol>',
+    "- a\n\n- b": "<ul><li><p>a</p></li><li><p>b</p></li></ul>",
+    "> quote\n> more": "<blockquote><p>quote<br>more</p></blockquote>",
+    "```\nunclosed <b>": "<pre><code>unclosed &lt;b&gt;</code></pre>",
+    "a_b_c and 2 * 3 * 4": "<p>a_b_c and 2 * 3 * 4</p>",
+    "<b>x</b>\nnext": "<p>&lt;b&gt;x&lt;/b&gt;<br>next</p>",
+    "para\n- item\n\n---": "<p>para</p><ul><li>item</li></ul><hr>",
+    "`a <b> c` and ``x ` y`` and \\*not em\\*": (
+        "<p><code>a &lt;b&gt; c</code> and <code>x ` y</code> and *not em*</p>"
+    ),
+}
+
+
+def test_the_markdown_renderer_builds_elements_and_keeps_html_as_text(page: Browser) -> None:
+    rendered = page.eval(
+        f"""Object.fromEntries(Object.keys({json.dumps(MARKDOWN_CASES)}).map(source => {{
+              const box = document.createElement('div');
+              box.append(window.renderMarkdown(source));
+              return [source, box.innerHTML];
+            }}))"""
+    )
+    assert rendered == MARKDOWN_CASES
+
+
 def test_a_tool_call_delta_renders_as_a_collapsible_block(page: Browser) -> None:
     for delta in (
         {
