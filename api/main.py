@@ -21,7 +21,7 @@ from api.jobs import JobQueue
 from api.metrics import DeploymentState, StampArrival
 from api.openapi import SluiceAPI
 from api.readers import ReaderRegistry
-from api.routes import chat, completions, health, models, responses, streams
+from api.routes import chat, completions, health, models, playground, responses, streams
 from api.supervisor import Supervisor
 from shared.loops import LoopGroup
 from shared.settings import Settings
@@ -82,4 +82,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(StampArrival)  # the outermost: added last
     for module in (chat, completions, models, streams, responses, health):
         app.include_router(module.router)
+    if settings.playground:
+        app.include_router(playground.router)
     return app

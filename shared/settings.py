@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     0: no limit."""
     cors_origins: str = ""
     """Comma-separated origins browsers may call the API from (none by default)."""
+    playground: bool = True
+    """The API serves the playground, a chat page, at `/` and `/playground`; false: not at all
+    (`/` is then a JSON 404, as any unknown route)."""
 
     @property
     def static_api_keys(self) -> list[str]:
