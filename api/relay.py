@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from sse_starlette import ServerSentEvent
@@ -18,6 +19,7 @@ from api.hub import StreamHub
 from shared.errors import GenerationFailed, RemoteError, ShuttingDown, SluiceError
 from shared.protocol import (
     TERMINAL,
+    Delta,
     Entry,
     Failed,
     Finished,
@@ -31,6 +33,7 @@ from shared.protocol import (
 )
 from shared.schema import ChunkEncoder, completion_body, error_envelope
 from shared.settings import Settings
+from shared.tools import accumulate_calls
 
 log = logging.getLogger("sluice.api")
 
@@ -92,7 +95,7 @@ async def follow(
             from_start = False
         after = batch[-1][0]
         started = started or any(isinstance(e, Started) for _, e in batch)
-        tokens_sent = tokens_sent or any(isinstance(e, Token) for _, e in batch)
+        tokens_sent = tokens_sent or any(isinstance(e, Token | Delta) for _, e in batch)
         yield batch
         if isinstance(batch[-1][1], TERMINAL):
             return
@@ -142,6 +145,8 @@ class EventEncoder:
                 yield event(self.chunks.content("".join(text)), id=last_id)
                 text = []
             match entry:
+                case Delta():
+                    yield event(self.chunks.delta(entry), id=entry_id)
                 case Started():
                     if self.chunks.is_chat and not self.role_sent:
                         self.role_sent = True
@@ -225,6 +230,7 @@ async def collect(
 ) -> dict[str, object]:
     """The non-streaming response: the whole stream, gathered into one body."""
     text: list[str] = []
+    calls: list[dict[str, Any]] = []
     async for batch in entries:
         if isinstance(batch, Waiting):
             continue
@@ -232,9 +238,12 @@ async def collect(
             match entry:
                 case Token(piece):
                     text.append(piece)
+                case Delta(_, piece, _, tool_calls):
+                    text.append(piece)
+                    accumulate_calls(calls, tool_calls or [])
                 case Finished(reason, prompt_tokens, completion_tokens):
                     return completion_body(
-                        chunks, "".join(text), reason, prompt_tokens, completion_tokens
+                        chunks, "".join(text), reason, prompt_tokens, completion_tokens, calls
                     )
                 case Failed(error, status):
                     raise RemoteError(error, status)

@@ -10,7 +10,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from shared.errors import InvalidRequest
-from shared.schema import ChatMessage, GenerationJob, SamplingRequest
+from shared.schema import GenerationJob, SamplingRequest
 from shared.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -98,15 +98,21 @@ def check_token_limits(request: SamplingRequest, n_ctx: int | None) -> int | Non
     return limit
 
 
-def template_message(role: str, content: str) -> dict[str, str]:
+def template_message(role: str, content: str) -> dict[str, Any]:
     """A message as the chat template takes it; `developer` is the newer name for `system`."""
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def message_dicts(messages: list[ChatMessage], settings: Settings) -> list[dict[str, str]]:
-    out = [template_message(m.role, m.text(i)) for i, m in enumerate(messages)]
-    check_text("".join(m["content"] for m in out), "messages", settings)
-    return out
+def check_messages(messages: list[dict[str, Any]], param: str, settings: Settings) -> None:
+    """The conversation's text (an assistant's calls included) is not empty, nor too long."""
+    check_text("".join(conversation_text(m) for m in messages), param, settings)
+
+
+def conversation_text(message: dict[str, Any]) -> str:
+    calls = message.get("tool_calls") or []
+    return (message.get("content") or "") + "".join(
+        c["function"]["name"] + c["function"]["arguments"] for c in calls
+    )
 
 
 def new_stream_id() -> str:
@@ -120,8 +126,9 @@ def build_job(
     n_ctx: int | None,
     default_max_tokens: int,
     min_tokens: int | None = None,
-    messages: list[dict[str, str]] | None = None,
+    messages: list[dict[str, Any]] | None = None,
     prompt: str | None = None,
+    tool_fields: dict[str, Any] | None = None,
 ) -> GenerationJob:
     """The job for `request`: what the client gave, and nothing it did not (sampling it left out
     is the backend's to choose), but for the cap on tokens (`default_max_tokens`) and, when
@@ -142,4 +149,5 @@ def build_job(
         seed=request.seed,
         presence_penalty=request.presence_penalty if "presence_penalty" in given else None,
         frequency_penalty=request.frequency_penalty if "frequency_penalty" in given else None,
+        **(tool_fields or {}),
     )

@@ -1,9 +1,10 @@
 """OpenAI's Responses API over sluice's streams (issue 17).
 
 A response IS a stream: `resp_<stream id>`. Its events are a pure function of the stream's
-entries (`ResponseEvents`): one `response.output_text.delta` per token entry, and a fixed set
-of events per `Started` and terminal entry. Replaying from the first entry therefore produces
-the same events with the same `sequence_number`s on every API process, and
+entries (`ResponseEvents`): one `response.output_text.delta` per token entry, a function call's
+`response.function_call_arguments.delta` per fragment of its arguments, and a fixed set of
+events per `Started`, output item and terminal entry. Replaying from the first entry therefore
+produces the same events with the same `sequence_number`s on every API process, and
 `starting_after=N` only skips the first N + 1. A small hash (`response_key`) holds what the
 stream does not: the owner, the request and the conversation (for `previous_response_id`). A
 stored response's stream is kept `SLUICE_RESPONSE_TTL_S` after its end, not
@@ -30,6 +31,7 @@ from api.metrics import RequestClock
 from api.relay import Waiting, follow
 from shared.errors import ErrorBody, SluiceError, StreamNotFound
 from shared.protocol import (
+    Delta,
     Entry,
     Failed,
     Finished,
@@ -44,6 +46,7 @@ from shared.protocol import (
 
 RESPONSE_PREFIX = "resp_"
 MESSAGE_PREFIX = "msg_"
+CALL_ITEM_PREFIX = "fc_"
 CANCEL_WAIT_S = 5.0
 """How long `cancel` waits for the worker's terminal entry before answering."""
 
@@ -79,8 +82,13 @@ class ResponseRecord:
     top_p: float | None
     metadata: dict[str, str]
     previous_response_id: str | None
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     """The conversation without the instructions: what `previous_response_id` continues."""
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """As the request gave them (flat function tools)."""
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+    text_format: dict[str, Any] = field(default_factory=lambda: {"type": "text"})
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -91,28 +99,69 @@ class ResponseRecord:
 
 
 @dataclass
+class _Message:
+    """An output item of text."""
+
+    text: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class _Call:
+    """An output item that calls a function."""
+
+    call_id: str
+    name: str
+    arguments: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
 class ResponseEvents:
-    """Folds a stream's entries into OpenAI's events and the response object they describe."""
+    """Folds a stream's entries into OpenAI's events and the response object they describe.
+
+    Output items open as the stream gets to them: a message at its first text, a function call
+    at its first delta (`id` and `name`), and each closes when the next opens or the stream
+    ends; a stream with no output at all still answers one (empty) message."""
 
     record: ResponseRecord
     sequence: int = 0
     status: Status = "queued"
     started: bool = False
-    text: list[str] = field(default_factory=list)
+    items: list[_Message | _Call] = field(default_factory=list)
     usage: tuple[int, int] | None = None
     error: ErrorBody | None = None
 
     @property
-    def item_id(self) -> str:
-        return MESSAGE_PREFIX + stream_id_of(self.record.id)
+    def output_text(self) -> str:
+        return "".join("".join(i.text) for i in self.items if isinstance(i, _Message))
 
     @property
-    def output_text(self) -> str:
-        return "".join(self.text)
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The calls made, in Chat Completions' shape (for the conversation's next turn)."""
+        return [
+            {
+                "id": i.call_id,
+                "type": "function",
+                "function": {"name": i.name, "arguments": "".join(i.arguments)},
+            }
+            for i in self.items
+            if isinstance(i, _Call)
+        ]
 
     @property
     def ended(self) -> bool:
         return self.status not in ("queued", "in_progress")
+
+    def answer(self) -> dict[str, Any]:
+        """The answer as the conversation's next turn carries it: an assistant message."""
+        calls = self.tool_calls
+        message: dict[str, Any] = {"role": "assistant", "content": self.output_text or None}
+        if calls:
+            message["tool_calls"] = calls
+        else:
+            message["content"] = self.output_text
+        return message
 
     def opening(self) -> list[Event]:
         """The events before any entry: `response.created` (and `response.queued`)."""
@@ -128,29 +177,23 @@ class ResponseEvents:
         match entry:
             case Started() if not self.started:
                 self.started = True
-                events = []
                 if self.status == "queued":
                     self.status = "in_progress"
-                    events.append(self._with_response("response.in_progress"))
-                item = self._message("in_progress", [])
-                events.append(self._event("response.output_item.added", output_index=0, item=item))
-                events.append(self._part_event("response.content_part.added", ""))
-                return events
+                    return [self._with_response("response.in_progress")]
             case Token(text):
-                self.text.append(text)
-                return [self._content_event("response.output_text.delta", delta=text, logprobs=[])]
+                return self._text(text)
+            case Delta(0, text, _, tool_calls):
+                events = self._text(text) if text else []
+                for delta in tool_calls or []:
+                    events += self._call_delta(delta)
+                return events
             case Finished(reason, prompt_tokens, completion_tokens):
                 self.usage = (prompt_tokens, completion_tokens)
-                self.status = "completed" if reason == "stop" else "incomplete"
-                text = self.output_text
-                return [
-                    self._content_event("response.output_text.done", text=text, logprobs=[]),
-                    self._part_event("response.content_part.done", text),
-                    self._event(
-                        "response.output_item.done", output_index=0, item=self._output()[0]
-                    ),
-                    self._with_response(f"response.{self.status}"),
-                ]
+                self.status = "incomplete" if reason == "length" else "completed"
+                events = self._close() if self.items else self._open_message()
+                if not self.items[-1].done:
+                    events += self._close()
+                return [*events, self._with_response(f"response.{self.status}")]
             case Failed(error):
                 self.error = error
                 self.status = "cancelled" if error.get("code") == "cancelled" else "failed"
@@ -158,6 +201,64 @@ class ResponseEvents:
                 # failed one, with `response.failed`, whose response says `cancelled`.
                 return [self._with_response("response.failed")]
         return []
+
+    def _text(self, text: str) -> list[Event]:
+        events = []
+        if not self.items or not isinstance(self.items[-1], _Message) or self.items[-1].done:
+            events = self._close() + self._open_message()
+        message = self.items[-1]
+        assert isinstance(message, _Message)
+        message.text.append(text)
+        return [*events, self._content_event("response.output_text.delta", delta=text, logprobs=[])]
+
+    def _call_delta(self, delta: dict[str, Any]) -> list[Event]:
+        function = delta.get("function") or {}
+        if "id" in delta:  # a call's first delta
+            events = self._close()
+            self.items.append(_Call(delta["id"], function.get("name") or ""))
+            item = self._item(len(self.items) - 1)
+            return [
+                *events,
+                self._event(
+                    "response.output_item.added", output_index=len(self.items) - 1, item=item
+                ),
+            ]
+        call = self.items[-1]
+        assert isinstance(call, _Call)
+        fragment = function.get("arguments") or ""
+        call.arguments.append(fragment)
+        return [self._item_event("response.function_call_arguments.delta", delta=fragment)]
+
+    def _open_message(self) -> list[Event]:
+        self.items.append(_Message())
+        index = len(self.items) - 1
+        return [
+            self._event("response.output_item.added", output_index=index, item=self._item(index)),
+            self._part_event("response.content_part.added", ""),
+        ]
+
+    def _close(self) -> list[Event]:
+        """The events that close the last output item, if it is open."""
+        if not self.items or self.items[-1].done:
+            return []
+        last = self.items[-1]
+        last.done = True
+        if isinstance(last, _Call):
+            arguments = "".join(last.arguments)
+            events = [
+                self._item_event(
+                    "response.function_call_arguments.done", name=last.name, arguments=arguments
+                )
+            ]
+        else:
+            text = "".join(last.text)
+            events = [
+                self._content_event("response.output_text.done", text=text, logprobs=[]),
+                self._part_event("response.content_part.done", text),
+            ]
+        index = len(self.items) - 1
+        item = self._item(index)
+        return [*events, self._event("response.output_item.done", output_index=index, item=item)]
 
     def replay(self, entries: Iterable[Entry]) -> list[Event]:
         events = self.opening()
@@ -198,31 +299,46 @@ class ResponseEvents:
             "max_output_tokens": r.max_output_tokens,
             "metadata": r.metadata,
             "model": r.model,
-            "output": self._output(),
+            "output": [self._item(n) for n in range(len(self.items))],
             "output_text": self.output_text,
-            "parallel_tool_calls": False,
+            "parallel_tool_calls": r.parallel_tool_calls,
             "previous_response_id": r.previous_response_id,
             "store": r.store,
             "temperature": r.temperature,
-            "text": {"format": {"type": "text"}},
-            "tool_choice": "auto",
-            "tools": [],
+            "text": {"format": r.text_format},
+            "tool_choice": r.tool_choice,
+            "tools": r.tools,
             "top_p": r.top_p,
             "truncation": "disabled",
             "usage": usage,
         }
 
-    def _output(self) -> list[dict[str, Any]]:
-        if not self.started:
-            return []
-        status = {"completed": "completed", "in_progress": "in_progress"}.get(
-            self.status, "incomplete"
-        )
-        return [self._message(status, [self._part(self.output_text)])]
+    def _item_id(self, index: int) -> str:
+        stream_id = stream_id_of(self.record.id)
+        if isinstance(self.items[index], _Call):
+            return f"{CALL_ITEM_PREFIX}{stream_id}_{index}"
+        # The first item keeps the id every text answer's one message had before tools.
+        return MESSAGE_PREFIX + stream_id + (f"_{index}" if index else "")
 
-    def _message(self, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:
+    def _item(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        status = "in_progress"
+        if item.done:
+            status = "completed" if self.status in ("in_progress", "completed") else "incomplete"
+        elif self.ended:
+            status = "incomplete"
+        if isinstance(item, _Call):
+            return {
+                "id": self._item_id(index),
+                "type": "function_call",
+                "status": status,
+                "call_id": item.call_id,
+                "name": item.name,
+                "arguments": "".join(item.arguments),
+            }
+        content = [self._part("".join(item.text))] if item.done or item.text else []
         return {
-            "id": self.item_id,
+            "id": self._item_id(index),
             "type": "message",
             "role": "assistant",
             "status": status,
@@ -236,9 +352,14 @@ class ResponseEvents:
     def _part_event(self, kind: str, text: str) -> Event:
         return self._content_event(kind, part=self._part(text))
 
+    def _item_event(self, kind: str, **fields: Any) -> Event:
+        """An event about the last output item."""
+        index = len(self.items) - 1
+        return self._event(kind, item_id=self._item_id(index), output_index=index, **fields)
+
     def _content_event(self, kind: str, **fields: Any) -> Event:
-        """An event about the one content part of the one output item."""
-        return self._event(kind, item_id=self.item_id, output_index=0, content_index=0, **fields)
+        """An event about the one content part of the last output item, a message."""
+        return self._item_event(kind, content_index=0, **fields)
 
     def _with_response(self, kind: str) -> Event:
         return self._event(kind, response=self.response())

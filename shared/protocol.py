@@ -1,7 +1,7 @@
 """The stream protocol: every Redis key sluice writes, the entries of a job's stream, their TTLs.
 
-A job's stream holds, in order: one `Started`, any number of `Token`s, then exactly one
-terminal entry, `Finished` or `Failed`. The API relays entries; the worker appends them.
+A job's stream holds, in order: one `Started`, any number of `Token`s and `Delta`s, then exactly
+one terminal entry, `Finished` or `Failed`. The API relays entries; the worker appends them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from redis.typing import EncodableT, FieldT
 
@@ -179,7 +179,8 @@ the attempt is not the stream's current one or the stream has ended; a token of 
 stream."""
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "tool_calls")
 StreamKind = Literal["chat.completion.chunk", "text_completion"]
 
 
@@ -244,6 +245,19 @@ class Token:
 
 
 @dataclass(frozen=True, slots=True)
+class Delta:
+    """A rich delta of one choice: text with what plain `Token`s cannot carry (tool-call deltas
+    in OpenAI's canonical shape, logprobs, a choice's own finish reason). Computed by the worker
+    and stored, so that a resume or a replay re-encodes exactly the same events."""
+
+    index: int = 0
+    text: str = ""
+    logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     reason: FinishReason
     prompt_tokens: int
@@ -258,7 +272,7 @@ class Failed:
     (an upstream engine's 4xx)."""
 
 
-Entry = Started | Token | Finished | Failed
+Entry = Started | Token | Delta | Finished | Failed
 TERMINAL = (Finished, Failed)
 
 # An entry is one field: its name is the entry's kind, its value the payload (a token's text as
@@ -271,6 +285,8 @@ def encode(entry: Entry) -> EntryFields:
     match entry:
         case Token(text):
             return "t", text
+        case Delta():
+            return "d", _delta_json(entry)
         case Started(worker, prompt_tokens, claimed_ms):
             return "s", json.dumps({"w": worker, "p": prompt_tokens, "c": claimed_ms})
         case Finished(reason, prompt_tokens, completion_tokens):
@@ -281,15 +297,43 @@ def encode(entry: Entry) -> EntryFields:
             return "e", json.dumps({"error": error, "status": status})
 
 
+def _delta_json(delta: Delta) -> str:
+    fields: dict[str, Any] = {}
+    if delta.index:
+        fields["i"] = delta.index
+    if delta.text:
+        fields["c"] = delta.text
+    if delta.logprobs:
+        fields["lp"] = delta.logprobs
+    if delta.tool_calls:
+        fields["tc"] = delta.tool_calls
+    if delta.finish_reason is not None:
+        fields["r"] = delta.finish_reason
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+def finish_reason(value: str | None) -> FinishReason:
+    """A finish reason as sluice names it; an unknown one is an ordinary stop."""
+    return next((r for r in FINISH_REASONS if r == value), "stop")
+
+
 def decode(kind: bytes, payload: bytes) -> Entry:
     if kind == b"t":
         return Token(payload.decode())
     data = json.loads(payload)
+    if kind == b"d":
+        reason = data.get("r")
+        return Delta(
+            data.get("i", 0),
+            data.get("c", ""),
+            data.get("lp"),
+            data.get("tc"),
+            None if reason is None else finish_reason(reason),
+        )
     if kind == b"s":
         return Started(data["w"], data["p"], data.get("c"))
     if kind == b"f":
-        reason: FinishReason = "length" if data["r"] == "length" else "stop"
-        return Finished(reason, data["p"], data["c"])
+        return Finished(finish_reason(data["r"]), data["p"], data["c"])
     if kind == b"e":
         return Failed(data["error"], data["status"]) if "status" in data else Failed(data)
     raise ValueError(f"unknown stream entry kind {kind!r}")

@@ -19,8 +19,27 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from shared.errors import ErrorBody, UnsupportedParameter
-from shared.protocol import FinishReason, StreamKind
+from shared.errors import ErrorBody, InvalidRequest, UnsupportedParameter
+from shared.protocol import Delta, FinishReason, StreamKind
+from shared.tools import (
+    MAX_TOOLS,
+    ChatTool,
+    ChatToolChoice,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    MessageToolCall,
+    ResponseFormat,
+    ResponseText,
+    ResponseTool,
+    ResponseToolChoice,
+    chat_tools,
+    check_tool_replies,
+    response_format,
+    responses_format,
+    responses_tool_choice,
+    responses_tools,
+    tool_choice,
+)
 
 
 def _encodable(text: str) -> str:
@@ -96,13 +115,41 @@ class ContentPart(OpenAIModel):
         return text
 
 
+def template_message(role: str, content: str | None) -> dict[str, Any]:
+    """A message as the chat template takes it; `developer` is the newer name for `system`."""
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[
         Text | Annotated[list[ContentPart], _max_items(MAX_CONTENT_PARTS)] | None,
         _at_most(MAX_CONTENT_PARTS, "content parts"),
     ] = None
     name: Text | None = None
+    tool_calls: Annotated[list[MessageToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    """An assistant's calls (its `content` then null), carried back in an agent loop's next turn."""
+    tool_call_id: Text | None = None
+    """A `tool` message's answer is to this call."""
+
+    def template_fields(self, index: int) -> dict[str, Any]:
+        """The message as a chat template and an engine take it; an assistant's calls and a
+        tool's answer keep what names them."""
+        out = template_message(self.role, self.text(index))
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise InvalidRequest(
+                    "only assistant messages make tool calls", param=f"messages[{index}].tool_calls"
+                )
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            out["content"] = self.content and out["content"]
+        if self.role == "tool":
+            if self.tool_call_id is None:
+                raise InvalidRequest(
+                    "a tool message needs 'tool_call_id'", param=f"messages[{index}].tool_call_id"
+                )
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -155,7 +202,7 @@ class SamplingRequest(OpenAIModel):
     logit_bias: dict[str, Any] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: Any = None
     best_of: StrictInt | None = None
     echo: StrictBool = False
     suffix: Text | None = None
@@ -167,10 +214,7 @@ class SamplingRequest(OpenAIModel):
             "logprobs": bool(self.logprobs),
             "top_logprobs": bool(self.top_logprobs),
             "logit_bias": bool(self.logit_bias),
-            "tools": bool(self.tools),
             "functions": bool(self.functions),
-            "response_format": self.response_format is not None
-            and self.response_format.get("type", "text") != "text",
             "best_of": self.best_of is not None and self.best_of != 1,
             "echo": self.echo,
             "suffix": bool(self.suffix),
@@ -207,6 +251,22 @@ class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     stream: StrictBool = False
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ChatToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormat | None = None
+
+    def message_fields(self) -> list[dict[str, Any]]:
+        """The messages as a job carries them; every tool answer answers a call."""
+        out = [m.template_fields(i) for i, m in enumerate(self.messages)]
+        check_tool_replies(out)
+        return out
+
+    def tool_fields(self) -> dict[str, Any]:
+        """`GenerationJob`'s tool and format fields, checked as OpenAI checks them."""
+        return tool_fields(
+            self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format
+        )
 
     def token_limits(self) -> dict[str, int]:
         # OpenAI's newer name for `max_tokens`: it wins when both are given.
@@ -216,9 +276,37 @@ class ChatCompletionRequest(SamplingRequest):
         return limits
 
 
+def tool_fields(
+    tools: list[ChatTool] | None,
+    choice: ChatToolChoice | None,
+    parallel: bool | None,
+    format: ResponseFormat | None,
+    *,
+    flat: bool = False,
+) -> dict[str, Any]:
+    """`GenerationJob`'s tool and format fields, checked as OpenAI checks them (`flat`: the
+    Responses API's names for them in errors)."""
+    given = chat_tools(tools, flat=flat) if tools else None
+    return {
+        "tools": given,
+        "tool_choice": tool_choice(choice, given),
+        "parallel_tool_calls": parallel,
+        "response_format": response_format(format, "text.format" if flat else "response_format"),
+    }
+
+
 class CompletionRequest(SamplingRequest):
     prompt: Text
     stream: StrictBool = False
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        # Chat's: a legacy completion has no messages to call tools from or answer in JSON.
+        for param in ("tools", "response_format"):
+            if getattr(self, param):
+                raise UnsupportedParameter(
+                    f"'{param}' is for /v1/chat/completions and /v1/responses", param=param
+                )
 
 
 class GenerationJob(BaseModel):
@@ -231,8 +319,16 @@ class GenerationJob(BaseModel):
     """The API key's name when authentication is on, for the worker's log lines."""
     trace: dict[str, str] | None = None
     """The request's trace context (W3C `traceparent`), when tracing is on."""
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    """Chat messages: `role` and `content`, an assistant's `tool_calls` (content then None), a
+    tool's `tool_call_id`."""
     prompt: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    """Function tools in Chat Completions' shape (shared/tools.py)."""
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    """`json_object` or `json_schema`; None for text."""
     max_tokens: int
     min_tokens: int = 0
     min_tokens_default: bool = False
@@ -285,8 +381,27 @@ class ChunkEncoder:
 
     def finish(self, reason: FinishReason) -> str:
         if self.is_chat:
-            return f'{self._head}"delta":{{"content":""}},"finish_reason":"{reason}"}}]}}'
+            # After tool calls, OpenAI's last chunk has an empty delta: no content to add.
+            delta = "{}" if reason == "tool_calls" else '{"content":""}'
+            return f'{self._head}"delta":{delta},"finish_reason":"{reason}"}}]}}'
         return f'{self._head}"text":"","logprobs":null,"finish_reason":"{reason}"}}]}}'
+
+    def delta(self, delta: Delta) -> str:
+        """A rich delta's chunk: its choice, text, tool calls, logprobs and finish reason."""
+        choice: dict[str, Any] = {"index": delta.index}
+        if self.is_chat:
+            fields: dict[str, Any] = {}
+            if delta.text or not delta.tool_calls:
+                fields["content"] = delta.text
+            if delta.tool_calls:
+                fields["tool_calls"] = delta.tool_calls
+            choice["delta"] = fields
+        else:
+            choice["text"] = delta.text
+        choice["logprobs"] = {"content": delta.logprobs} if delta.logprobs else None
+        choice["finish_reason"] = delta.finish_reason
+        body = json.dumps({"choices": [choice]}, ensure_ascii=False, separators=(",", ":"))
+        return f"{self._base},{body[1:]}"
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
         counts = Usage.of(prompt_tokens, completion_tokens).model_dump_json()
@@ -315,7 +430,8 @@ class Choice(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(Choice):
@@ -355,16 +471,23 @@ def completion_body(
     reason: FinishReason,
     prompt_tokens: int,
     completion_tokens: int,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     head = {"id": encoder.id, "created": encoder.created, "model": encoder.model}
     usage = Usage.of(prompt_tokens, completion_tokens)
     if encoder.is_chat:
-        return ChatCompletion(
+        # A message that only calls tools has no content (null), as OpenAI answers it.
+        message = AssistantMessage(content=text or None if tool_calls else text)
+        message.tool_calls = tool_calls
+        body = ChatCompletion(
             **head,
             object="chat.completion",
-            choices=[ChatChoice(finish_reason=reason, message=AssistantMessage(content=text))],
+            choices=[ChatChoice(finish_reason=reason, message=message)],
             usage=usage,
         ).model_dump()
+        if not tool_calls:
+            del body["choices"][0]["message"]["tool_calls"]
+        return body
     return TextCompletion(
         **head,
         object="text_completion",
@@ -437,12 +560,15 @@ class ResponseInputMessage(OpenAIModel):
         return "".join(texts)
 
 
+ResponseInputItem = ResponseInputMessage | FunctionCallItem | FunctionCallOutputItem
+
+
 class ResponsesRequest(SamplingRequest):
-    """`POST /v1/responses`: a text answer to `input`, optionally in the background."""
+    """`POST /v1/responses`: an answer to `input` (text, function calls), optionally in the
+    background."""
 
     input: (
-        Text
-        | Annotated[list[ResponseInputMessage], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
+        Text | Annotated[list[ResponseInputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
     )
     instructions: Text | None = None
     max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
@@ -456,9 +582,10 @@ class ResponsesRequest(SamplingRequest):
     # Accepted only with the value that means "a plain text answer".
     reasoning: dict[str, Any] | None = None
     include: list[Any] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[ResponseTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ResponseToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
-    text: dict[str, Any] | None = None
+    text: ResponseText | None = None
     truncation: Text | None = None
     prompt: dict[str, Any] | None = None
     conversation: Any = None
@@ -466,12 +593,9 @@ class ResponsesRequest(SamplingRequest):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        text_format = (self.text or {}).get("format") or {"type": "text"}
         refusals = {
             "reasoning": bool(self.reasoning),
             "include": bool(self.include),
-            "tool_choice": self.tool_choice not in (None, "none", "auto"),
-            "text": not isinstance(text_format, dict) or text_format.get("type") != "text",
             "truncation": self.truncation not in (None, "disabled"),
             "prompt": self.prompt is not None,
             "conversation": self.conversation is not None,
@@ -488,7 +612,32 @@ class ResponsesRequest(SamplingRequest):
             limits["max_output_tokens"] = self.max_output_tokens
         return limits
 
-    def input_messages(self) -> list[ResponseInputMessage]:
+    def tool_fields(self) -> dict[str, Any]:
+        tools = responses_tools(self.tools) if self.tools else None
+        choice = responses_tool_choice(self.tool_choice)
+        format = responses_format(self.text)
+        return tool_fields(tools, choice, self.parallel_tool_calls, format, flat=True)
+
+    def input_fields(self) -> list[dict[str, Any]]:
+        """The input as chat messages: a function call is an assistant's `tool_calls` (calls
+        made together, one message), its output a `tool` message."""
         if isinstance(self.input, str):
-            return [ResponseInputMessage(role="user", content=self.input)]
-        return self.input
+            return [template_message("user", self.input)]
+        out: list[dict[str, Any]] = []
+        for n, item in enumerate(self.input):
+            match item:
+                case FunctionCallItem(call_id=call_id, name=name, arguments=arguments):
+                    call = {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": name, "arguments": arguments},
+                    }
+                    if out and out[-1]["role"] == "assistant":
+                        out[-1].setdefault("tool_calls", []).append(call)
+                    else:
+                        out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                case FunctionCallOutputItem(call_id=call_id):
+                    out.append({"role": "tool", "tool_call_id": call_id, "content": item.text()})
+                case ResponseInputMessage(role=role):
+                    out.append(template_message(role, item.text(n)))
+        return out

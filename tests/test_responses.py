@@ -324,7 +324,7 @@ def test_previous_response_id_continues_the_conversation(sdk: openai.OpenAI) -> 
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"background": True, "store": False}, "store"),
     ],

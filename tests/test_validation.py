@@ -51,12 +51,17 @@ BAD_BODIES: list[tuple[str, Any, str | None]] = [
     ("too many stop strings", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("stream not a boolean", {"messages": USER, "stream": "yes"}, "stream"),
     ("n above one", {"messages": USER, "n": 2}, "n"),
-    ("tools", {"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+    (
+        "a tool without its function",
+        {"messages": USER, "tools": [{"type": "function"}]},
+        "tools[0].function",
+    ),
+    ("legacy functions", {"messages": USER, "functions": [{"name": "f"}]}, "functions"),
     ("logprobs", {"messages": USER, "logprobs": True}, "logprobs"),
     (
-        "json response format",
-        {"messages": USER, "response_format": {"type": "json_object"}},
-        "response_format",
+        "unknown response format",
+        {"messages": USER, "response_format": {"type": "yaml"}},
+        "response_format.type",
     ),
     (
         "image content part",

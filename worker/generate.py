@@ -15,10 +15,10 @@ from redis.exceptions import RedisError
 from shared import tracing
 from shared.errors import GenerationFailed, RemoteError, SluiceError
 from shared.logs import bind
-from shared.protocol import Attempt, Entry, Failed, Finished, FinishReason, Started
+from shared.protocol import Attempt, Delta, Entry, Failed, Finished, FinishReason, Started
 from shared.schema import GenerationJob
 from shared.settings import Settings
-from worker.backends import BackendError, Generation
+from worker.backends import BackendError, Generation, Piece
 from worker.context import WorkerContext
 from worker.control import HandedBack, StopSignal
 from worker.give_back import GiveBack
@@ -147,10 +147,10 @@ class Job:
         started: asyncio.Future[str],
         asked: float,
     ) -> Finished:
-        """The backend's pieces, as text, to the stream, until it ends, a stop string or
-        `max_tokens`; how it finished."""
-        writer, request = self.worker.writer, self.request
-        text = TextAssembler(request.stop)
+        """The backend's pieces, as text and rich deltas, to the stream, until it ends, a stop
+        string or `max_tokens`; how it finished."""
+        request = self.request
+        texts: dict[int, TextAssembler] = {}
         produced = 0
         reason: FinishReason = "stop"
         # Closing the pieces ends the backend's work (an engine's request, a sequence) at once.
@@ -159,26 +159,45 @@ class Job:
             signal.interrupting(),
             aclosing(generation.pieces) as pieces,
         ):
-            async for piece in pieces:
+            async for item in pieces:
                 if self.first_piece_ms is None:
                     self.first_piece_ms = (asyncio.get_running_loop().time() - asked) * 1000
                     if await giving_back.stop():
                         raise HandedBack()
                     await started
                 produced += 1
-                if out := text.feed(piece):
-                    await writer.send(self.attempt, out)
+                piece = item if isinstance(item, Piece) else Piece(item)
+                text = texts.get(piece.index)
+                if text is None:
+                    text = texts[piece.index] = TextAssembler(request.stop)
+                await self.write(piece, text)
                 if signal.stopped:
                     raise signal.error()
+                if piece.finish_reason is not None and piece.index == 0:
+                    reason = piece.finish_reason
                 if text.stopped:
                     break
                 if produced >= request.max_tokens and not generation.ends_itself:
-                    reason = "length"
+                    reason = "length" if reason == "stop" else reason
                     break
         await started
-        if tail := text.flush():
-            await writer.send(self.attempt, tail)
+        for index, text in sorted(texts.items()):
+            if tail := text.flush():
+                await self.write(Piece(b"", index), text, tail)
         return generation.finished or Finished(reason, generation.prompt_tokens, produced)
+
+    async def write(self, piece: Piece, text: TextAssembler, tail: str = "") -> None:
+        """One piece to the stream: a plain token entry for choice 0's bare text (the hot path),
+        else a rich delta. Choice 0's finish reason is the terminal entry's, not its delta's."""
+        writer = self.worker.writer
+        out = text.feed(piece.text) + tail
+        reason = piece.finish_reason if piece.index > 0 else None
+        if piece.index == 0 and not (piece.logprobs or piece.tool_calls or reason):
+            if out:
+                await writer.send(self.attempt, out)
+            return
+        delta = Delta(piece.index, out, piece.logprobs, piece.tool_calls, reason)
+        await writer.send_delta(self.attempt, delta)
 
     async def finish(self, entry: Entry) -> None:
         """The terminal entry. It must land even if this task is being cancelled (arq's habit

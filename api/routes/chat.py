@@ -9,7 +9,7 @@ from sse_starlette import EventSourceResponse
 from api.auth import PrincipalDep
 from api.deps import GatewayDep
 from api.openapi import ERRORS, generated, json_body
-from api.requests import build_job, check_text, message_dicts, parse, read_json_object
+from api.requests import build_job, check_messages, check_text, parse, read_json_object
 from shared.errors import InvalidRequest
 from shared.schema import ChatCompletion, ChatCompletionRequest, SeedRequest
 
@@ -62,7 +62,9 @@ async def chat_completions(
     if "messages" not in body:
         raise InvalidRequest("one of 'messages' or 'prompt' is required", param="messages")
     chat = parse(ChatCompletionRequest, body)
-    messages = message_dicts(chat.messages, settings)
+    messages = chat.message_fields()
+    check_messages(messages, "messages", settings)
+    tool_fields = chat.tool_fields()
     model = await gateway.route(chat)
     job = build_job(
         chat,
@@ -70,6 +72,7 @@ async def chat_completions(
         n_ctx=model.n_ctx,
         default_max_tokens=settings.max_tokens,
         messages=messages,
+        tool_fields=tool_fields,
     )
     return await gateway.serve(
         request,

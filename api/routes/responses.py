@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.auth import Principal, PrincipalDep
@@ -20,7 +21,7 @@ from api.gateway import SSE_HEADERS, STREAM_ID_HEADER
 from api.metrics import RESUMES, RequestClock
 from api.openapi import ERRORS, EVENT_STREAM, json_body
 from api.relay import SEPARATOR, Batch, Keepalive, Waiting
-from api.requests import build_job, check_text, parse, read_json_object, template_message
+from api.requests import build_job, check_messages, parse, read_json_object
 from api.responses import (
     Event,
     ResponseEvents,
@@ -32,6 +33,7 @@ from api.responses import (
 )
 from shared.errors import GenerationFailed, InvalidRequest, SluiceError
 from shared.schema import ResponsesRequest
+from shared.tools import check_tool_replies
 
 RESPONSE_OBJECT = {"schema": {"type": "object", "description": "OpenAI's `Response` object"}}
 ANSWERS: dict[int | str, dict[str, Any]] = {
@@ -70,7 +72,7 @@ async def create_response(
     req = parse(ResponsesRequest, await read_json_object(request))
     if req.background and not req.store:
         raise InvalidRequest("'background' needs 'store': true", param="store")
-    history: list[dict[str, str]] = []
+    history: list[dict[str, Any]] = []
     if req.previous_response_id is not None:
         previous = await store.current(req.previous_response_id, caller)
         if previous.status not in ("completed", "incomplete"):
@@ -79,15 +81,13 @@ async def create_response(
                 "response can be continued",
                 param="previous_response_id",
             )
-        history = [
-            *previous.record.messages,
-            {"role": "assistant", "content": previous.output_text},
-        ]
-    conversation = history + [
-        template_message(m.role, m.text(i)) for i, m in enumerate(req.input_messages())
-    ]
-    check_text("".join(m["content"] for m in conversation), "input", settings)
+        history = [*previous.record.messages, previous.answer()]
+    given = req.input_fields()
+    check_tool_replies(given, "input", earlier=history)
+    conversation = history + given
+    check_messages(conversation, "input", settings)
     instructions = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    tool_fields = req.tool_fields()
     model = await gateway.route(req)
     job = build_job(
         req,
@@ -95,6 +95,7 @@ async def create_response(
         n_ctx=model.n_ctx,
         default_max_tokens=settings.max_tokens,
         messages=instructions + conversation,
+        tool_fields=tool_fields,
     )
     sub = await gateway.submit(
         request,
@@ -120,6 +121,14 @@ async def create_response(
         metadata=req.metadata,
         previous_response_id=req.previous_response_id,
         messages=conversation,
+        tools=[tool.model_dump(exclude_none=True) for tool in req.tools or []],
+        tool_choice=req.tool_choice.model_dump()
+        if isinstance(req.tool_choice, BaseModel)
+        else req.tool_choice or "auto",
+        parallel_tool_calls=req.parallel_tool_calls is not False,
+        text_format=req.text.format.model_dump(exclude_none=True, by_alias=True)
+        if req.text is not None and req.text.format is not None
+        else {"type": "text"},
     )
     if req.store:
         await store.save(record)

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from shared.protocol import Finished
+from shared.protocol import Finished, FinishReason
 from shared.schema import GenerationJob
 from shared.settings import Settings
 
 
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One token's worth of a choice, with what plain bytes cannot carry: tool-call deltas in
+    OpenAI's canonical shape (worker/tool_calls.py), logprobs, the choice's finish reason. A
+    backend may yield plain `bytes` instead: `Piece(text)`."""
+
+    text: bytes
+    index: int = 0
+    logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: FinishReason | None = None
+
+
 @dataclass
 class Generation:
-    """One job's generation: the prompt's size in tokens, then the tokens' bytes as produced.
+    """One job's generation: the prompt's size in tokens, then the tokens' bytes (or `Piece`s)
+    as produced.
 
     An engine behind an API (the `openai` backend) counts for itself: it stops at the job's
     `max_tokens` and stop strings, and says how many tokens the prompt had, and why it stopped,
@@ -23,7 +37,7 @@ class Generation:
     """
 
     prompt_tokens: int
-    pieces: AsyncGenerator[bytes, None]
+    pieces: AsyncGenerator[bytes | Piece, None]
     ends_itself: bool = False
     finished: Finished | None = None
 

@@ -7,6 +7,10 @@ they are closed: finished, cancelled, unread, or timed out (the engine then free
 
 What is sent: what the client asked for, and nothing it did not. Sampling parameters the client
 left out (`temperature`, `top_p`, the penalties) are left out, so the engine's own defaults apply.
+Tools, `tool_choice`, `parallel_tool_calls`, `response_format` and the messages that carry calls
+and their answers go as the client sent them; the engine's tool-call deltas come back in OpenAI's
+canonical shape whatever its habits (worker/tool_calls.py), and a stream that called a tool
+finishes `tool_calls` even where the engine says `stop`.
 `min_tokens` that sluice adds itself (the seed format's) is dropped, for the life of the backend,
 by an engine that refuses it (a strict hosted API): the request is sent again without it.
 
@@ -47,10 +51,11 @@ from shared.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from shared.protocol import Finished
+from shared.protocol import Finished, finish_reason
 from shared.schema import GenerationJob
 from shared.settings import Settings
-from worker.backends import BackendError, Generation
+from worker.backends import BackendError, Generation, Piece
+from worker.tool_calls import EngineCalls
 
 log = logging.getLogger("sluice.worker")
 
@@ -217,6 +222,9 @@ class OpenAIBackend:
             body["stop"] = job.stop
         if job.seed is not None:
             body["seed"] = job.seed
+        for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
+            if (value := getattr(job, name)) is not None:
+                body[name] = value
         # vLLM's extension (llama-server ignores it, a strict hosted API refuses it).
         if job.min_tokens and not (job.min_tokens_default and self._refuses_min_tokens):
             body["min_tokens"] = job.min_tokens
@@ -226,7 +234,7 @@ class OpenAIBackend:
 
     async def _pieces(
         self, job: GenerationJob, report: Callable[[Finished], None]
-    ) -> AsyncGenerator[bytes, None]:
+    ) -> AsyncGenerator[Piece, None]:
         path, body = self._request(job)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_s
@@ -336,19 +344,20 @@ class _StreamReader:
         self._usage: dict[str, Any] | None = None
         self.finished: Finished | None = None
         self.overran = False
+        self._calls = EngineCalls()
 
-    def feed(self, line: str) -> bytes:
+    def feed(self, line: str) -> Piece | None:
         if self.finished is not None:
-            return b""  # past [DONE]: the body's end, read so that its connection is reused
+            return None  # past [DONE]: the body's end, read so that its connection is reused
         if line.startswith("data:"):
             data = line[5:].strip()
         elif line.startswith("error:"):  # how some llama-server versions send a late error
             data = line[6:].strip()
         else:
-            return b""  # blank separators, comments, `event:` and `id:` lines
+            return None  # blank separators, comments, `event:` and `id:` lines
         if data == "[DONE]":
             self._finish(self._reason or "stop")
-            return b""
+            return None
         try:
             chunk = json.loads(data)
             if "error" in chunk:
@@ -358,15 +367,20 @@ class _StreamReader:
             choice = (chunk.get("choices") or [{}])[0]
             delta = choice.get("delta")
             text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            self._reason = choice.get("finish_reason") or self._reason
-            piece: bytes = text.encode() if text else b""
+            # An engine that sends two finish chunks (OpenRouter) ends once, with the first.
+            self._reason = self._reason or choice.get("finish_reason")
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            tool_calls = self._calls.feed(calls) if isinstance(calls, list) else []
+            piece = Piece(text.encode() if text else b"", tool_calls=tool_calls or None)
         except (ValueError, AttributeError, TypeError, IndexError) as exc:
             raise _Cut(f"unreadable chunk: {data[:200]!r}") from exc
-        if piece and self.pieces >= self._max_tokens:
+        if not (piece.text or piece.tool_calls):
+            return None
+        if self.pieces >= self._max_tokens:
             self._finish("length")  # an engine that does not honour max_tokens: stop it here
             self.overran = True
-            return b""
-        self.pieces += bool(piece)
+            return None
+        self.pieces += 1
         return piece
 
     def ended(self) -> Finished:
@@ -388,8 +402,10 @@ class _StreamReader:
 
     def _finish(self, reason: str) -> None:
         usage = self._usage or {}
+        # vLLM and others say `stop` after tool calls: a client's agent loop looks for these.
+        called = self._calls.count > 0 and reason != "length"
         self.finished = Finished(
-            "length" if reason == "length" else "stop",
+            "tool_calls" if called else finish_reason(reason if reason != "tool_calls" else None),
             int(usage.get("prompt_tokens") or 0),
             int(usage.get("completion_tokens") or self.pieces),
         )

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from shared.schema import GenerationJob
 from worker.backends import BackendError, Generation
@@ -39,9 +40,11 @@ def words(text: str) -> list[bytes]:
     return [m.encode() for m in re.findall(r"\s*\S+", text)]
 
 
-def recap(messages: list[dict[str, str]]) -> str:
+def recap(messages: list[dict[str, Any]]) -> str:
     """`Earlier: user: first words | assistant: first words`."""
-    said = (f"{m['role']}: {' '.join(m['content'].split()[:RECAP_WORDS])}" for m in messages)
+    said = (
+        f"{m['role']}: {' '.join((m.get('content') or '').split()[:RECAP_WORDS])}" for m in messages
+    )
     return "Earlier: " + " | ".join(said)
 
 
@@ -62,12 +65,12 @@ class SyntheticBackend:
         self.n_ctx = n_ctx
 
     async def start(self, job: GenerationJob) -> Generation:
-        earlier: list[dict[str, str]] = []
+        earlier: list[dict[str, Any]] = []
         if job.prompt is not None:
             prompt = job.prompt
         else:
             *before, last = job.messages or [{}]
-            prompt = last.get("content", "")
+            prompt = last.get("content") or ""
             earlier = [m for m in before if m["role"] in CONVERSATION_ROLES]
         fault = FAULT.search(prompt)
         text = f"You asked: {prompt.strip()}\n\n{PASSAGE}"
