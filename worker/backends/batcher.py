@@ -11,7 +11,8 @@ A step, in order:
    out) leaves, and its KV cells are removed (`llama_memory_seq_rm`), before the next decode: it
    takes part in none after the one in flight;
 2. admit: a new sequence takes a free slot, one sequence id of the context, with its own KV
-   cells (`SLUICE_N_CTX` of them) and its own sampler chain;
+   cells (`SLUICE_N_CTX` of them) and its own sampler chain (with its own grammar, if it has
+   one: a JSON schema's or a tool call's, as llama.cpp's server keeps one per slot);
 3. batch: one token for each generating sequence, then prompt tokens of sequences still being
    prefilled, oldest first, up to `n_batch` tokens in all: a long prompt is evaluated over
    several steps and never stalls the running streams for more than one chunk;
@@ -59,6 +60,9 @@ class Sampling:
     presence_penalty: float
     frequency_penalty: float
     min_tokens: int
+    grammar: str | None = None
+    """GBNF (root rule `root`) the sequence's tokens must follow: a JSON schema's, or a tool
+    call's (worker/backends/grammar.py). Checked before the sequence is submitted."""
 
 
 @dataclass(eq=False)
@@ -222,6 +226,8 @@ class Batcher:
             # First in the chain, removed once min_tokens are out (see _sample).
             no_eog = self._no_eog
             add(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(no_eog), no_eog))
+        if s.grammar is not None:
+            add(grammar_sampler(self._vocab, s.grammar))
         if s.repeat_penalty >= 1 and s.presence_penalty >= 0 and s.frequency_penalty >= 0:
             # Penalties that only lower logits, on the whole vocabulary, cost 150 us a token
             # here (a hash lookup per entry). The 104 best logits hold the chain's 40 best
@@ -350,6 +356,13 @@ class Batcher:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody reads
                 loop.call_soon_threadsafe(_put, items)
+
+
+def grammar_sampler(vocab: llama_cpp.llama_vocab_p, grammar: str) -> int:
+    """A sampler that allows only the tokens `grammar` allows next; 0 (NULL) if llama.cpp
+    cannot build it."""
+    sampler: int = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    return sampler
 
 
 def _put(items: list[tuple[Sequence, object]]) -> None:

@@ -4,16 +4,21 @@ template. A worker serves up to `SLUICE_WORKER_MAX_JOBS` jobs at once, decoded t
 One context holds one sequence per job (`n_seq_max`), each with `SLUICE_N_CTX` cells of its own
 KV cache; one thread steps them all (worker/backends/batcher.py says how). Here: the model, the
 prompt (chat template, tokens), and each job's tokens handed to the event loop as they come, so
-the worker's loop stays free for Redis writes and heartbeats.
+the worker's loop stays free for Redis writes and heartbeats. A job with tools or a response
+format gets a grammar for its sequence (worker/backends/grammar.py); its tools are rendered into
+the prompt and its answer read into tool-call deltas in llama.cpp's generic format
+(worker/backends/generic_format.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import ctypes
 import logging
 from collections.abc import AsyncGenerator
-from typing import cast
+from contextlib import aclosing
+from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -22,8 +27,10 @@ from llama_cpp.llama_types import ChatCompletionRequestMessage
 from shared.errors import InvalidRequest
 from shared.schema import GenerationJob
 from shared.settings import Settings
-from worker.backends import BackendError, Generation
-from worker.backends.batcher import DONE, Batcher, Sampling, Sequence
+from worker.backends import BackendError, Generation, Piece
+from worker.backends.batcher import DONE, Batcher, Sampling, Sequence, grammar_sampler
+from worker.backends.generic_format import AnswerReader, ToolUse
+from worker.backends.grammar import ANY_JSON, check_supported, schema_grammar
 
 _MARK = "\ue000"
 """Marks each content's placeholder in the rendered template (a private-use character). The
@@ -93,13 +100,14 @@ class LlamaBackend:
                 return list(tokens[:n])
             size = -n
 
-    def _prompt_tokens(self, job: GenerationJob) -> list[int]:
+    def _prompt_tokens(self, job: GenerationJob, tools: ToolUse | None) -> list[int]:
         if job.messages is not None:
-            return self._chat_tokens(job.messages)
+            messages = job.messages if tools is None else tools.messages(job.messages)
+            return self._chat_tokens(messages)
         assert job.prompt is not None
         return self._tokenize(job.prompt, add_special=True, parse_special=False)
 
-    def _chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+    def _chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         """The chat template's tokens, where only the template's own markers are special.
 
         Tokenizing the rendered prompt with specials parsed would turn a user's
@@ -119,12 +127,44 @@ class LlamaBackend:
             if n % 2 == 0:  # the template's own text
                 tokens += self._tokenize(piece, add_special=False, parse_special=True)
             else:
-                content = messages[int(piece)]["content"]
+                content = messages[int(piece)]["content"] or ""
                 tokens += self._tokenize(content, add_special=False, parse_special=False)
         return tokens
 
+    def _grammar(self, job: GenerationJob, tools: ToolUse | None) -> str | None:
+        """The grammar the job's answer follows, if any; 400 naming the parameter for a schema
+        it cannot honour, or a grammar llama.cpp cannot build."""
+        response: dict[str, Any] | None = None
+        param = "response_format"
+        format = job.response_format or {}
+        if format.get("type") == "json_object":
+            response = {"type": "object"}
+        elif format.get("type") == "json_schema":
+            param = "response_format.json_schema.schema"
+            response = format["json_schema"].get("schema") or {"type": "object"}
+            check_supported(response, param)
+        if tools is not None:
+            for n, tool in enumerate(job.tools or []):
+                if (parameters := tool["function"].get("parameters")) is not None:
+                    check_supported(parameters, f"tools[{n}].function.parameters")
+            param = "tools"
+            grammar = schema_grammar(tools.answer_schema(response), param)
+        elif response is None:
+            return None
+        elif response == {"type": "object"}:
+            grammar = ANY_JSON
+        else:
+            grammar = schema_grammar(response, param)
+        sampler = grammar_sampler(self._vocab, grammar)
+        if not sampler:
+            raise InvalidRequest(f"llama.cpp cannot build a grammar from '{param}'", param=param)
+        llama_cpp.llama_sampler_free(sampler)
+        return grammar
+
     async def start(self, job: GenerationJob) -> Generation:
-        tokens = self._prompt_tokens(job)
+        tools = ToolUse.of(job.tools, job.tool_choice, job.parallel_tool_calls)
+        grammar = self._grammar(job, tools)
+        tokens = self._prompt_tokens(job, tools)
         room = self._n_ctx_seq - len(tokens)
         if room < 1:
             raise InvalidRequest(
@@ -139,8 +179,10 @@ class LlamaBackend:
             presence_penalty=job.presence_penalty or 0.0,
             frequency_penalty=job.frequency_penalty or 0.0,
             min_tokens=job.min_tokens,
+            grammar=grammar,
         )
-        return Generation(len(tokens), self._pieces(tokens, min(room, job.max_tokens), sampling))
+        pieces = self._pieces(tokens, min(room, job.max_tokens), sampling)
+        return Generation(len(tokens), pieces if tools is None else _answer(pieces))
 
     async def _pieces(
         self, tokens: list[int], max_new: int, sampling: Sampling
@@ -165,3 +207,21 @@ class LlamaBackend:
             self._batcher.close()
         llama_cpp.llama_free(self._ctx)
         llama_cpp.llama_model_free(self._model)
+
+
+async def _answer(pieces: AsyncGenerator[bytes, None]) -> AsyncGenerator[Piece, None]:
+    """A tool-using answer's tokens → its text and tool-call deltas, a piece per token; the
+    piece that completes the last call says so (`tool_calls`)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    reader = AnswerReader()
+    called = False
+    async with aclosing(pieces):
+        async for token in pieces:
+            out = reader.feed(decoder.decode(token))
+            finished = reader.complete and not called
+            called = called or finished
+            yield Piece(
+                out.text.encode(),
+                tool_calls=out.tool_calls or None,
+                finish_reason="tool_calls" if finished else None,
+            )
