@@ -156,7 +156,10 @@ def response_format(
     if schema is not None:
         at = f"{param}.schema" if param == "text.format" else f"{param}.json_schema.schema"
         check_schema(schema, at)
-    return {"type": "json_schema", "json_schema": format.json_schema.model_dump(by_alias=True)}
+    return {
+        "type": "json_schema",
+        "json_schema": format.json_schema.model_dump(by_alias=True, exclude_none=True),
+    }
 
 
 def check_tool_replies(

@@ -131,7 +131,8 @@ class ScriptedEngine:
     - `answer`: a stream of `words` words, a finish reason, usage, `[DONE]`;
     - `headers`: the response's headers, then nothing (an engine that hangs once it has begun);
     - `chunks`: headers and 3 content chunks, then nothing;
-    - `silent`: nothing at all, not even headers.
+    - `silent`: nothing at all, not even headers;
+    - `script`: the chunks in `script`, each as given, then `[DONE]` (an engine's habits).
 
     `hung` makes `/models` silent too (an engine that accepts and never answers anything), and
     a request naming a field in `refuses` gets OpenAI's own 400 for an argument it does not know.
@@ -146,6 +147,7 @@ class ScriptedEngine:
         self.hung = False
         self.refuses: set[str] = set()
         self.bodies: list[dict[str, Any]] = []
+        self.script: list[dict[str, Any]] = []
         self._release = threading.Event()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -204,6 +206,11 @@ class ScriptedEngine:
                 self.end_headers()
                 self.wfile.flush()
                 chat = self.path.endswith("/chat/completions")
+                if mode == "script":
+                    for chunk in engine.script:
+                        self._event(chunk)
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    return
                 if mode == "headers":
                     engine._release.wait()
                     return
