@@ -12,6 +12,7 @@ that uses one, with a 400 naming the keyword and where it is. Annotations (`titl
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
@@ -62,6 +63,11 @@ SCHEMA_MAPS = ("properties", "$defs", "definitions")
 """Keywords whose value maps names to schemas."""
 SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 """Keywords whose value is a list of schemas."""
+MAX_REPEAT = 1000
+"""The converter writes a repetition out in full: `"minItems": 10**8` would be a grammar of
+10**8 rules, built on the worker's event loop. A count above this is refused."""
+COUNTS = ("minItems", "maxItems", "minLength", "maxLength")
+PATTERN_COUNT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 ANY_JSON = JSON_GBNF
 """`{"type": "json_object"}`: any JSON object."""
 
@@ -113,6 +119,17 @@ def _refusal(schema: dict[str, Any], keyword: str) -> str | None:
         return None
     if keyword not in CONSTRAINTS:
         return f"the keyword '{keyword}' is not supported"
+    if keyword in COUNTS and not (
+        isinstance(schema[keyword], int) and schema[keyword] <= MAX_REPEAT
+    ):
+        return f"'{keyword}' above {MAX_REPEAT} is not supported"
+    if keyword == "pattern" and any(
+        int(n) > MAX_REPEAT
+        for m in PATTERN_COUNT.finditer(str(schema["pattern"]))
+        for n in m.groups()
+        if n
+    ):
+        return f"a repetition above {MAX_REPEAT} in 'pattern' is not supported"
     if keyword == "format" and schema["format"] not in FORMATS:
         return f"the format {schema['format']!r} is not supported"
     if keyword in ("minLength", "maxLength"):
