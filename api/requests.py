@@ -33,9 +33,13 @@ async def read_json_object(request: Request) -> dict[str, Any]:
 
 
 def _path(loc: tuple[int | str, ...]) -> list[int | str]:
-    """pydantic's error location without the tags it adds for a union's members."""
+    """pydantic's error location without the tags it adds for a union's members (a type's
+    name, or a model's, which is capitalized where OpenAI's parameters never are)."""
     return [
-        p for p in loc if isinstance(p, int) or (p.isidentifier() and p.lower() not in _TYPE_TAGS)
+        p
+        for p in loc
+        if isinstance(p, int)
+        or (p.isidentifier() and p.lower() not in _TYPE_TAGS and not p[0].isupper())
     ]
 
 

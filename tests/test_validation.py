@@ -17,6 +17,32 @@ N_CTX = Settings(backend="synthetic").n_ctx  # what the test stacks run with
 SURROGATE = "\ud800"  # a lone surrogate, as the JSON escape "\ud800" decodes
 
 
+def tool(name: str = "get_weather", **function: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, **function}}
+
+
+def object_of(**properties: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": properties}
+
+
+def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+def named(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name}}
+
+
+def made(call_id: str) -> dict[str, Any]:
+    """An assistant message that called get_weather."""
+    call = {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": "{}"},
+    }
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
 def text_parts(*texts: Any) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "text", "text": t} for t in texts]}]
 
@@ -117,6 +143,78 @@ BAD_BODIES: list[tuple[str, Any, str | None]] = [
     ),
     ("seed above 2**64 - 1", {"messages": USER, "seed": 2**64}, "seed"),
     ("seed below -2**63", {"messages": USER, "seed": -(2**63) - 1}, "seed"),
+    # tools and structured outputs (issue 22)
+    (
+        "a tool's parameters not a JSON schema",
+        {"messages": USER, "tools": [tool(parameters={"type": "objekt"})]},
+        "tools[0].function.parameters.type",
+    ),
+    (
+        "a nested property's schema not a JSON schema",
+        {"messages": USER, "tools": [tool(parameters=object_of(n={"type": "strin"}))]},
+        "tools[0].function.parameters.properties.n.type",
+    ),
+    (
+        "a response format's schema not a JSON schema",
+        {"messages": USER, "response_format": schema_format(object_of(n={"minimum": "1"}))},
+        "response_format.json_schema.schema.properties.n.minimum",
+    ),
+    (
+        "a json_schema format without its schema object",
+        {"messages": USER, "response_format": {"type": "json_schema"}},
+        "response_format.json_schema",
+    ),
+    (
+        "a tool name with a space",
+        {"messages": USER, "tools": [tool("get weather")]},
+        "tools[0].function.name",
+    ),
+    (
+        "two tools of one name",
+        {"messages": USER, "tools": [tool(), tool()]},
+        "tools[1].function.name",
+    ),
+    (
+        "tool_choice naming an unknown tool",
+        {"messages": USER, "tools": [tool()], "tool_choice": named("get_time")},
+        "tool_choice",
+    ),
+    (
+        "tool_choice required without tools",
+        {"messages": USER, "tool_choice": "required"},
+        "tool_choice",
+    ),
+    (
+        "tool_choice of an unknown mode",
+        {"messages": USER, "tools": [tool()], "tool_choice": "always"},
+        "tool_choice",
+    ),
+    (
+        "a tool message answering no call",
+        {"messages": [*USER, {"role": "tool", "tool_call_id": "call_x", "content": "24 C"}]},
+        "messages[1].tool_call_id",
+    ),
+    (
+        "a tool message answering a call made after it",
+        {
+            "messages": [
+                *USER,
+                {"role": "tool", "tool_call_id": "call_w", "content": "24 C"},
+                made("call_w"),
+            ]
+        },
+        "messages[1].tool_call_id",
+    ),
+    (
+        "a tool message without tool_call_id",
+        {"messages": [*USER, made("call_w"), {"role": "tool", "content": "24 C"}]},
+        "messages[2].tool_call_id",
+    ),
+    (
+        "tool calls on a user message",
+        {"messages": [{"role": "user", "content": "hi", "tool_calls": made("c")["tool_calls"]}]},
+        "messages[0].tool_calls",
+    ),
 ]
 
 BAD_COMPLETION_BODIES: list[tuple[str, Any, str | None]] = [
