@@ -79,6 +79,7 @@ FUNCTIONS: dict[str, tuple[tuple[Any, ...], Any]] = {
     "llama_sampler_init_min_p": ((c_float, c_size_t), SAMPLER),
     "llama_sampler_init_temp": ((c_float,), SAMPLER),
     "llama_sampler_init_dist": ((c_uint32,), SAMPLER),
+    "llama_sampler_init_grammar": ((VOCAB, c_char_p, c_char_p), SAMPLER),
     "llama_sampler_sample": ((SAMPLER, CONTEXT, c_int32), c_int32),
 }
 

@@ -19,7 +19,7 @@ import pytest
 from tests.procs import RedisServer, Stack, start_stack
 from tests.sse import stream
 from tests.tool_streams import accumulated, assert_canonical
-from tests.upstreams import ScriptedEngine
+from tests.upstreams import LlamaServer, ScriptedEngine
 
 MODEL = ScriptedEngine.MODEL
 WEATHER = {
@@ -293,5 +293,59 @@ async def test_a_function_call_response_replays_from_any_event(
         ]
 
 
-def _dump(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+# --- a real engine ---
+
+
+@pytest.fixture(scope="module")
+def llama_server_stack(redis_server: RedisServer, llama_server: LlamaServer) -> Iterator[Stack]:
+    """An `openai` worker in front of llama.cpp's own server (database 13). Its structured
+    outputs are llama-server's own grammar; its tool calling on SmolLM2 answers plain text even
+    under `tool_choice: required`, so only the scripted engine above tests calls through one."""
+    stack = start_stack(
+        "tools-llama-server",
+        redis_server.fresh_url(13),
+        1,
+        backend="openai",
+        upstream_url=llama_server.v1,
+    )
+    yield stack
+    stack.stop()
+
+
+async def test_a_json_schema_through_llama_server_streams_json_that_fits_and_resumes(
+    llama_server_stack: Stack,
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "kind": {"type": "string", "enum": ["cat", "dog", "fish"]},
+            "friendly": {"type": "boolean"},
+        },
+        "required": ["kind", "friendly"],
+        "additionalProperties": False,
+    }
+    body = {
+        "messages": [{"role": "user", "content": "Describe a pet as JSON."}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "pet", "schema": schema},
+        },
+        "max_tokens": 60,
+        "temperature": 0,
+        "stream": True,
+    }
+    async with httpx.AsyncClient(base_url=llama_server_stack.base_url, timeout=120) as client:
+        whole = await stream(client, body)
+        ids = [(n, e.id) for n, e in enumerate(whole.events) if e.id]
+        n, middle = ids[len(ids) // 2]
+        rest = await stream(
+            client,
+            path=f"/v1/streams/{whole.headers['x-sluice-stream-id']}",
+            headers={"Last-Event-ID": middle},
+        )
+
+    pet = json.loads(whole.text)
+    assert set(pet) == {"kind", "friendly"}
+    assert pet["kind"] in ("cat", "dog", "fish")
+    before = [e.json for e in whole.events[: n + 1]]
+    assert accumulated(before + rest.chunks) == accumulated(whole.chunks)
