@@ -14,7 +14,13 @@ stream's tokens over the time from the first request to the last end), per-strea
 (first token to last), time to first token p50/p95, and the server's RSS. Then, on sluice:
 whether a greedy answer is the same alone and inside a batch of 8.
 
-    python -m bench.batching [--levels 1,2,4,8,16] [--rounds 3]
+The structured arm (`--structured`, issue 22) runs instead at 1 and 8 streams: sluice and
+llama-server each answer the same requests as plain text and under the same JSON-schema
+`response_format` (`ESSAY`: a title and paragraphs of free text, so every answer runs to
+`max_tokens` under the grammar), taking turns in one run. It reports sluice's aggregate tokens/s
+under grammar over llama-server's, and what the grammar costs each (constrained over plain).
+
+    python -m bench.batching [--levels 1,2,4,8,16] [--rounds 3] [--structured]
 """
 
 from __future__ import annotations
@@ -57,8 +63,32 @@ TOPICS = [
 _request_ids = itertools.count(1)
 
 
-def request(topic: str, unique: bool = True) -> dict[str, Any]:
+ESSAY = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "paragraphs": {"type": "array", "items": {"type": "string"}, "minItems": 3},
+    },
+    "required": ["title", "paragraphs"],
+    "additionalProperties": False,
+}
+STRUCTURED_LEVELS = [1, 8]
+GRAMMAR = "+grammar"
+"""A system's name under the structured arm's JSON schema."""
+
+
+def request(topic: str, unique: bool = True, structured: bool = False) -> dict[str, Any]:
     prefix = f"Request {next(_request_ids)}. " if unique else ""
+    if structured:
+        return request(topic, unique) | {
+            "messages": [
+                {"role": "user", "content": f"{prefix}Write a long essay about {topic}, as JSON."}
+            ],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "essay", "schema": ESSAY},
+            },
+        }
     return {
         "messages": [{"role": "user", "content": f"{prefix}Write a long essay about {topic}."}],
         "stream": True,
@@ -77,14 +107,14 @@ class Target:
     """The process that holds the model (sluice: its worker), for its RSS."""
 
 
-async def level(target: Target, n: int) -> dict[str, Any]:
+async def level(target: Target, n: int, structured: bool = False) -> dict[str, Any]:
     """N streams at once, each with a client of its own (see bench/concurrency.py)."""
     timings, wall = await common.concurrent_streams(
-        target.url, [request(TOPICS[i]) for i in range(n)]
+        target.url, [request(TOPICS[i], structured=structured) for i in range(n)]
     )
     ok = [t for t in timings if t.ok and t.tokens > 0]
     return {
-        "system": target.system,
+        "system": target.system + (GRAMMAR if structured else ""),
         **common.level_stats(timings, wall),
         "per_stream_tokens_per_s_p50": common.median([t.tokens_per_s for t in ok]),
         "tokens_p50": common.median([t.tokens for t in ok]),
@@ -213,6 +243,81 @@ def sweep(levels: list[int], rounds: int) -> dict[str, Any]:
     return {"rows": rows, "ratios": ratios, "greedy_alone_vs_batch_of_8": checks}
 
 
+def structured_sweep(rounds: int) -> dict[str, Any]:
+    """The structured arm: at 1 and 8 streams, sluice and llama-server, plain and under the
+    same JSON schema, taking turns `rounds` times in alternating order."""
+    settings = Settings(backend="llama")
+    binary = llama_server_binary()
+    assert binary is not None, "no llama-server: `make llama-server` builds it"
+    arms = [(system, structured) for system in SYSTEMS[:2] for structured in (False, True)]
+    rows: list[dict[str, Any]] = []
+    ratios: dict[int, dict[str, float]] = {}
+    done, total = 0, len(STRUCTURED_LEVELS) * rounds * len(arms)
+    with common.redis_server() as redis:
+        for db, n in enumerate(STRUCTURED_LEVELS, start=1):
+            with ExitStack() as servers:
+                stack = servers.enter_context(
+                    common.sluice_stack(
+                        redis, 1, db=db, backend="llama", worker_max_jobs=str(n), access_log="false"
+                    )
+                )
+                anchor = LlamaServer(
+                    binary,
+                    slots=n,
+                    threads=settings.n_threads,
+                    ctx_per_slot=settings.n_ctx,
+                    model=settings.gguf_path,
+                ).start()
+                servers.callback(anchor.stop)
+                targets = {
+                    "sluice": Target("sluice", stack.base_url, stack.workers[0].pid),
+                    "llama-server": Target("llama-server", anchor.url, anchor.pid),
+                }
+                asyncio.run(warm_up(list(targets.values())))
+                runs: dict[str, list[dict[str, Any]]] = {}
+                for r in range(rounds):
+                    for system, structured in arms if r % 2 == 0 else arms[::-1]:
+                        row = asyncio.run(level(targets[system], n, structured))
+                        runs.setdefault(row["system"], []).append({**row, "round": r})
+                        done += 1
+                        common.progress(done, total, f"structured {n} streams")
+                for name, mine in runs.items():
+                    ranked = sorted(mine, key=lambda x: x["aggregate_tokens_per_s"])
+                    rss = rss_mb(targets[name.removesuffix(GRAMMAR)].pid)
+                    rows.append({**ranked[len(ranked) // 2], "rss_mb": rss, "rounds": mine})
+                ratios[n] = {
+                    "grammar_sluice_over_llama_server": per_round(
+                        runs, "sluice" + GRAMMAR, "llama-server" + GRAMMAR
+                    ),
+                    "sluice_grammar_over_plain": per_round(runs, "sluice" + GRAMMAR, "sluice"),
+                    "llama_server_grammar_over_plain": per_round(
+                        runs, "llama-server" + GRAMMAR, "llama-server"
+                    ),
+                }
+    return {"rows": rows, "ratios": ratios}
+
+
+def per_round(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> float:
+    """The median over rounds of `a`'s aggregate tokens/s over `b`'s in the same round."""
+    return common.median(
+        [
+            x["aggregate_tokens_per_s"] / y["aggregate_tokens_per_s"]
+            for x, y in zip(runs[a], runs[b], strict=True)
+        ]
+    )
+
+
+def structured_goals(result: dict[str, Any]) -> dict[str, bool]:
+    at_8 = result["ratios"][8]
+    return {
+        "8_streams_grammar_at_least_0.9x_llama_server": at_8["grammar_sluice_over_llama_server"]
+        >= 0.9,
+        "grammar_costs_sluice_at_most_25%": all(
+            r["sluice_grammar_over_plain"] >= 0.75 for r in result["ratios"].values()
+        ),
+    }
+
+
 def goals(result: dict[str, Any]) -> dict[str, bool]:
     """The issue's goals, where the sweep has the levels they name."""
     by = {(r["system"], r["streams"]): r for r in result["rows"]}
@@ -265,8 +370,55 @@ def plot(rows: list[dict[str, Any]]) -> Any:
     return fig
 
 
+def plot_structured(rows: list[dict[str, Any]]) -> Any:
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    names = ["sluice", "sluice" + GRAMMAR, "llama-server", "llama-server" + GRAMMAR]
+    width = 0.2
+    for k, name in enumerate(names):
+        mine = {r["streams"]: r["aggregate_tokens_per_s"] for r in rows if r["system"] == name}
+        x = [i + (k - 1.5) * width for i in range(len(STRUCTURED_LEVELS))]
+        ax.bar(x, [mine.get(n, 0) for n in STRUCTURED_LEVELS], width, label=name)
+    ax.set_xticks(range(len(STRUCTURED_LEVELS)), [f"{n} streams" for n in STRUCTURED_LEVELS])
+    ax.set_ylabel("aggregate tokens/s")
+    ax.legend(fontsize="small")
+    ax.set_title(
+        f"Under a JSON-schema grammar: SmolLM2-135M Q4_1, {os.cpu_count()} cores, greedy, "
+        f"max_tokens {MAX_TOKENS}",
+        fontsize="medium",
+    )
+    return fig
+
+
+def main_structured(rounds: int) -> None:
+    result = structured_sweep(rounds)
+    result["goals"] = structured_goals(result)
+    common.save(
+        "batching_structured",
+        {"rounds": rounds, "max_tokens": MAX_TOKENS, "schema": ESSAY, **result},
+        plot_structured(result["rows"]),
+    )
+    columns = [
+        "system",
+        "streams",
+        "completed",
+        "aggregate_tokens_per_s",
+        "per_stream_tokens_per_s_p50",
+        "ttft_p50_ms",
+        "tokens_p50",
+    ]
+    print(common.table(result["rows"], columns))
+    print(result["ratios"])
+    print(result["goals"])
+
+
 def main() -> None:
-    args = common.sweep_arguments(__doc__, levels="1,2,4,8,16").parse_args()
+    parser = common.sweep_arguments(__doc__, levels="1,2,4,8,16")
+    parser.add_argument("--structured", action="store_true", help="the structured arm only")
+    args = parser.parse_args()
+    if args.structured:
+        main_structured(args.rounds)
+        return
     result = sweep(args.levels, args.rounds)
     result["goals"] = goals(result)
     common.save(
