@@ -21,9 +21,15 @@ NEEDS = {"bash": "curl", "javascript": "node"}
 """The program each language's examples need besides their runner's own (README's use curl)."""
 
 
-def runnable_blocks() -> list[tuple[str, str]]:
+def runnable_blocks(*, tools: bool = False) -> list[tuple[str, str]]:
+    """The blocks that talk to a server: those with tools (run by tests/test_tools.py on the
+    real model: the synthetic backend calls no tools), or the others."""
     blocks = [(lang, code) for lang, code in FENCE.findall(README.read_text())]
-    return [(lang, code) for lang, code in blocks if lang in RUNNERS and "localhost:8080" in code]
+    return [
+        (lang, code)
+        for lang, code in blocks
+        if lang in RUNNERS and "localhost:8080" in code and ("tool_choice" in code) == tools
+    ]
 
 
 BLOCKS = runnable_blocks()

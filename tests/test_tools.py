@@ -10,6 +10,8 @@ arguments use enums, so that every answer ends well within `max_tokens`.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
@@ -20,6 +22,7 @@ from pydantic import BaseModel
 
 from tests.procs import Stack
 from tests.sse import stream
+from tests.test_readme import runnable_blocks
 from tests.tool_streams import accumulated, assert_canonical
 
 pytestmark = pytest.mark.model
@@ -259,6 +262,20 @@ def test_responses_function_call_then_its_output_continues_the_conversation(
     assert json.loads(call.arguments)["city"] in CITIES
     assert second.status in ("completed", "incomplete")
     assert second.output_text
+
+
+@pytest.mark.parametrize("code", [code for _, code in runnable_blocks(tools=True)])
+def test_the_readmes_tool_example_runs_on_the_real_model(model: Stack, code: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", code.replace("http://localhost:8080", model.base_url)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("city=")
 
 
 # --- refused by name ---
