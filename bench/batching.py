@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,6 +40,7 @@ import psutil
 from bench import common
 from bench.peers import peer_server
 from shared.settings import Settings
+from tests.procs import RedisServer
 from tests.upstreams import LlamaServer, llama_server_binary
 
 MAX_TOKENS = 128
@@ -164,6 +167,33 @@ def identity(alone: list[str], together: list[str]) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def batched_servers(
+    redis: RedisServer, db: int, n: int, settings: Settings, binary: Path
+) -> Iterator[tuple[Target, Target]]:
+    """sluice (one worker decoding N sequences, on database `db`) and llama-server (N slots),
+    same GGUF and threads, started and warmed up."""
+    with common.sluice_stack(
+        redis, 1, db=db, backend="llama", worker_max_jobs=str(n), access_log="false"
+    ) as stack:
+        anchor = LlamaServer(
+            binary,
+            slots=n,
+            threads=settings.n_threads,
+            ctx_per_slot=settings.n_ctx,
+            model=settings.gguf_path,
+        ).start()
+        try:
+            targets = (
+                Target("sluice", stack.base_url, stack.workers[0].pid),
+                Target("llama-server", anchor.url, anchor.pid),
+            )
+            asyncio.run(warm_up(list(targets)))
+            yield targets
+        finally:
+            anchor.stop()
+
+
 def sweep(levels: list[int], rounds: int) -> dict[str, Any]:
     settings = Settings(backend="llama")
     binary = llama_server_binary()
@@ -183,26 +213,8 @@ def sweep(levels: list[int], rounds: int) -> dict[str, Any]:
         peer = Target("llama-cpp-python", peer_url, peer_pid)
         asyncio.run(warm_up([peer]))
         for db, n in enumerate(levels, start=1):
-            with ExitStack() as servers:
-                stack = servers.enter_context(
-                    common.sluice_stack(
-                        redis, 1, db=db, backend="llama", worker_max_jobs=str(n), access_log="false"
-                    )
-                )
-                anchor = LlamaServer(
-                    binary,
-                    slots=n,
-                    threads=settings.n_threads,
-                    ctx_per_slot=settings.n_ctx,
-                    model=settings.gguf_path,
-                ).start()
-                servers.callback(anchor.stop)
-                targets = [
-                    Target("sluice", stack.base_url, stack.workers[0].pid),
-                    Target("llama-server", anchor.url, anchor.pid),
-                    peer,
-                ]
-                asyncio.run(warm_up(targets[:2]))
+            with batched_servers(redis, db, n, settings, binary) as (ours, anchor):
+                targets = [ours, anchor, peer]
                 runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
                 for r in range(rounds):
                     for target in targets if r % 2 == 0 else targets[::-1]:
@@ -255,25 +267,8 @@ def structured_sweep(rounds: int) -> dict[str, Any]:
     done, total = 0, len(STRUCTURED_LEVELS) * rounds * len(arms)
     with common.redis_server() as redis:
         for db, n in enumerate(STRUCTURED_LEVELS, start=1):
-            with ExitStack() as servers:
-                stack = servers.enter_context(
-                    common.sluice_stack(
-                        redis, 1, db=db, backend="llama", worker_max_jobs=str(n), access_log="false"
-                    )
-                )
-                anchor = LlamaServer(
-                    binary,
-                    slots=n,
-                    threads=settings.n_threads,
-                    ctx_per_slot=settings.n_ctx,
-                    model=settings.gguf_path,
-                ).start()
-                servers.callback(anchor.stop)
-                targets = {
-                    "sluice": Target("sluice", stack.base_url, stack.workers[0].pid),
-                    "llama-server": Target("llama-server", anchor.url, anchor.pid),
-                }
-                asyncio.run(warm_up(list(targets.values())))
+            with batched_servers(redis, db, n, settings, binary) as (ours, anchor):
+                targets = {"sluice": ours, "llama-server": anchor}
                 runs: dict[str, list[dict[str, Any]]] = {}
                 for r in range(rounds):
                     for system, structured in arms if r % 2 == 0 else arms[::-1]:
@@ -370,6 +365,19 @@ def plot(rows: list[dict[str, Any]]) -> Any:
     return fig
 
 
+COLUMNS = [
+    "system",
+    "streams",
+    "completed",
+    "aggregate_tokens_per_s",
+    "per_stream_tokens_per_s_p50",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
+    "tokens_p50",
+    "rss_mb",
+]
+
+
 def plot_structured(rows: list[dict[str, Any]]) -> Any:
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -398,16 +406,7 @@ def main_structured(rounds: int) -> None:
         {"rounds": rounds, "max_tokens": MAX_TOKENS, "schema": ESSAY, **result},
         plot_structured(result["rows"]),
     )
-    columns = [
-        "system",
-        "streams",
-        "completed",
-        "aggregate_tokens_per_s",
-        "per_stream_tokens_per_s_p50",
-        "ttft_p50_ms",
-        "tokens_p50",
-    ]
-    print(common.table(result["rows"], columns))
+    print(common.table(result["rows"], COLUMNS))
     print(result["ratios"])
     print(result["goals"])
 
@@ -426,18 +425,7 @@ def main() -> None:
         {"rounds": args.rounds, "max_tokens": MAX_TOKENS, **result},
         plot(result["rows"]),
     )
-    columns = [
-        "system",
-        "streams",
-        "completed",
-        "aggregate_tokens_per_s",
-        "per_stream_tokens_per_s_p50",
-        "ttft_p50_ms",
-        "ttft_p95_ms",
-        "tokens_p50",
-        "rss_mb",
-    ]
-    print(common.table(result["rows"], columns))
+    print(common.table(result["rows"], COLUMNS))
     print(result["ratios"])
     print(result["greedy_alone_vs_batch_of_8"])
     print(result["goals"])

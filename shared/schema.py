@@ -142,7 +142,8 @@ class ChatMessage(OpenAIModel):
                     "only assistant messages make tool calls", param=f"messages[{index}].tool_calls"
                 )
             out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
-            out["content"] = self.content and out["content"]
+            if self.content is None:
+                out["content"] = None
         if self.role == "tool":
             if self.tool_call_id is None:
                 raise InvalidRequest(

@@ -58,6 +58,13 @@ def model(redis_server: RedisServer) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="session")
+def model_name(model: Stack) -> str:
+    """The real model's name, as `/v1/models` lists it."""
+    name: str = httpx.get(f"{model.base_url}/v1/models", timeout=10).json()["data"][0]["id"]
+    return name
+
+
+@pytest.fixture(scope="session")
 def llama_server_binary() -> Path:
     """llama.cpp's own server, built once by deploy/llama-server.sh (minutes, then cached)."""
     binary = build_llama_server()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -43,6 +44,20 @@ def require(command: str) -> str:
     if found is None:
         missing(command)
     return found
+
+
+def npm_packages(folder: Path, package: str) -> None:
+    """The npm packages pinned in `folder`'s package-lock.json, installed there (`npm ci`)
+    unless `package` already is; fails the calling test without Node.js."""
+    require("node")
+    if not (folder / "node_modules" / package).is_dir():
+        subprocess.run(
+            [require("npm"), "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=folder,
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.prereqs import require
+from tests.prereqs import npm_packages
 from tests.procs import Stack
 
 JS = Path(__file__).parent / "js"
@@ -17,15 +17,7 @@ JS = Path(__file__).parent / "js"
 
 @pytest.fixture(scope="module")
 def node_client() -> Path:
-    require("node")
-    if not (JS / "node_modules" / "openai").is_dir():
-        subprocess.run(
-            [require("npm"), "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=JS,
-            check=True,
-            timeout=300,
-            capture_output=True,
-        )
+    npm_packages(JS, "openai")
     return JS / "openai_client.mjs"
 
 

@@ -56,12 +56,6 @@ class Pet(BaseModel):
     friendly: bool
 
 
-@pytest.fixture(scope="module")
-def model_name(model: Stack) -> str:
-    name: str = httpx.get(f"{model.base_url}/v1/models", timeout=10).json()["data"][0]["id"]
-    return name
-
-
 @pytest.fixture
 def sdk(model: Stack) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=f"{model.base_url}/v1", api_key="unused", timeout=120) as client:

@@ -40,7 +40,7 @@ USER = [{"role": "user", "content": "What is the weather in Paris and the time t
 USAGE = {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}}
 
 
-def chunk(delta: dict[str, Any], finish: str | None = None, **choice: Any) -> dict[str, Any]:
+def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     return {"model": MODEL, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
@@ -48,7 +48,10 @@ def calls(*deltas: dict[str, Any]) -> dict[str, Any]:
     return chunk({"tool_calls": list(deltas)})
 
 
-def call(index: int | None, fragment: str, *, name: str | None = None, id: str | None = None):
+def call(
+    index: int | None, fragment: str, *, name: str | None = None, id: str | None = None
+) -> dict[str, Any]:
+    """An engine's tool-call delta: with `name`, a call's opening (with `id` and `type`)."""
     delta: dict[str, Any] = {"function": {"arguments": fragment}}
     if index is not None:
         delta["index"] = index

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
 import pytest
 from agents import (
     Agent,
@@ -26,7 +25,7 @@ from langchain_openai import ChatOpenAI
 from openai import AsyncOpenAI
 from pydantic import BaseModel
 
-from tests.prereqs import require
+from tests.prereqs import npm_packages
 from tests.procs import Stack
 
 pytestmark = pytest.mark.model
@@ -44,12 +43,6 @@ class GetWeather(BaseModel):
 class Pet(BaseModel):
     kind: Literal["cat", "dog", "fish"]
     friendly: bool
-
-
-@pytest.fixture(scope="module")
-def model_name(model: Stack) -> str:
-    name: str = httpx.get(f"{model.base_url}/v1/models", timeout=10).json()["data"][0]["id"]
-    return name
 
 
 @pytest.fixture
@@ -113,15 +106,7 @@ async def test_the_agents_sdk_runs_a_function_tool_through_responses(
 
 @pytest.fixture(scope="module")
 def ai_sdk() -> Path:
-    require("node")
-    if not (JS / "node_modules" / "ai").is_dir():
-        subprocess.run(
-            [require("npm"), "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=JS,
-            check=True,
-            timeout=300,
-            capture_output=True,
-        )
+    npm_packages(JS, "ai")
     return JS / "ai_sdk_client.mjs"
 
 
