@@ -30,6 +30,8 @@ from typing import Any
 import llama_cpp
 import pytest
 
+from worker.backends.batcher import TOKEN_DATA
+
 ROOT = Path(__file__).parents[1]
 USERS = [ROOT / "worker" / "backends" / "batcher.py", ROOT / "worker" / "backends" / "llama.py"]
 """The modules that call llama.cpp through llama_cpp."""
@@ -80,6 +82,9 @@ FUNCTIONS: dict[str, tuple[tuple[Any, ...], Any]] = {
     "llama_sampler_init_temp": ((c_float,), SAMPLER),
     "llama_sampler_init_dist": ((c_uint32,), SAMPLER),
     "llama_sampler_init_grammar": ((VOCAB, c_char_p, c_char_p), SAMPLER),
+    "llama_get_logits_ith": ((CONTEXT, c_int32), POINTER(c_float)),
+    "llama_sampler_apply": ((SAMPLER, POINTER(llama_cpp.llama_token_data_array)), None),
+    "llama_sampler_accept": ((SAMPLER, c_int32), None),
     "llama_sampler_sample": ((SAMPLER, CONTEXT, c_int32), c_int32),
 }
 
@@ -110,6 +115,18 @@ STRUCTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     # built positionally: llama_logit_bias(token, bias)
     "llama_logit_bias": ("", {"token": c_int32, "bias": c_float}),
+    # a numpy record of the batcher's (TOKEN_DATA) has this layout
+    "llama_token_data": ("", {"id": c_int32, "logit": c_float, "p": c_float}),
+    # built positionally: llama_token_data_array(data, size, selected, sorted)
+    "llama_token_data_array": (
+        "",
+        {
+            "data": POINTER(llama_cpp.llama_token_data),
+            "size": c_size_t,
+            "selected": ctypes.c_int64,
+            "sorted": c_bool,
+        },
+    ),
 }
 
 OTHERS: dict[str, Any] = {
@@ -204,6 +221,22 @@ def test_llama_logit_bias_is_built_with_its_fields_in_order() -> None:
     built = [call for name, call in calls() if name == "llama_logit_bias"]
     assert built
     assert [where(c) for c in built if c.keywords or len(c.args) != len(fields)] == []
+
+
+def test_llama_token_data_array_is_built_with_its_fields_in_order() -> None:
+    _, fields = STRUCTS["llama_token_data_array"]
+    assert llama_cpp.llama_token_data_array._fields_ == list(fields.items())
+    built = [call for name, call in calls() if name == "llama_token_data_array"]
+    assert built
+    assert [where(c) for c in built if c.keywords or len(c.args) != len(fields)] == []
+
+
+def test_the_batchers_candidates_have_llama_token_datas_layout() -> None:
+    c_struct = llama_cpp.llama_token_data
+    assert TOKEN_DATA.itemsize == ctypes.sizeof(c_struct)
+    assert TOKEN_DATA.names == tuple(name for name, _ in c_struct._fields_)
+    for name, _ in c_struct._fields_:
+        assert TOKEN_DATA.fields[name][1] == getattr(c_struct, name).offset
 
 
 def test_the_backends_write_only_the_struct_fields_in_this_contract() -> None:
