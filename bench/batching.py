@@ -261,7 +261,9 @@ def structured_sweep(rounds: int) -> dict[str, Any]:
     settings = Settings(backend="llama")
     binary = llama_server_binary()
     assert binary is not None, "no llama-server: `make llama-server` builds it"
-    arms = [(system, structured) for system in SYSTEMS[:2] for structured in (False, True)]
+    # The two arms each ratio compares run back to back, in either order (the machine's other
+    # load drifts between arms): sluice, sluice+grammar, llama-server+grammar, llama-server.
+    arms = [("sluice", False), ("sluice", True), ("llama-server", True), ("llama-server", False)]
     rows: list[dict[str, Any]] = []
     ratios: dict[int, dict[str, float]] = {}
     done, total = 0, len(STRUCTURED_LEVELS) * rounds * len(arms)
