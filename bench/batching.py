@@ -111,16 +111,22 @@ class Target:
 
 
 async def level(target: Target, n: int, structured: bool = False) -> dict[str, Any]:
-    """N streams at once, each with a client of its own (see bench/concurrency.py)."""
+    """N streams at once, each with a client of its own (see bench/concurrency.py); with the
+    CPU time the model's process spent per token, which the machine's other load moves far
+    less than it moves the time taken."""
+    model = psutil.Process(target.pid)
+    cpu_before = sum(model.cpu_times()[:2])
     timings, wall = await common.concurrent_streams(
         target.url, [request(TOPICS[i], structured=structured) for i in range(n)]
     )
+    cpu_s = sum(model.cpu_times()[:2]) - cpu_before
     ok = [t for t in timings if t.ok and t.tokens > 0]
     return {
         "system": target.system + (GRAMMAR if structured else ""),
         **common.level_stats(timings, wall),
         "per_stream_tokens_per_s_p50": common.median([t.tokens_per_s for t in ok]),
         "tokens_p50": common.median([t.tokens for t in ok]),
+        "cpu_ms_per_token": 1000 * cpu_s / max(1, sum(t.tokens for t in ok)),
     }
 
 
@@ -290,18 +296,21 @@ def structured_sweep(rounds: int) -> dict[str, Any]:
                     "llama_server_grammar_over_plain": per_round(
                         runs, "llama-server" + GRAMMAR, "llama-server"
                     ),
+                    "cpu_per_token_sluice_grammar_over_plain": per_round(
+                        runs, "sluice" + GRAMMAR, "sluice", "cpu_ms_per_token"
+                    ),
+                    "cpu_per_token_sluice_grammar_over_llama_server_grammar": per_round(
+                        runs, "sluice" + GRAMMAR, "llama-server" + GRAMMAR, "cpu_ms_per_token"
+                    ),
                 }
     return {"rows": rows, "ratios": ratios}
 
 
-def per_round(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> float:
-    """The median over rounds of `a`'s aggregate tokens/s over `b`'s in the same round."""
-    return common.median(
-        [
-            x["aggregate_tokens_per_s"] / y["aggregate_tokens_per_s"]
-            for x, y in zip(runs[a], runs[b], strict=True)
-        ]
-    )
+def per_round(
+    runs: dict[str, list[dict[str, Any]]], a: str, b: str, measure: str = "aggregate_tokens_per_s"
+) -> float:
+    """The median over rounds of `a`'s `measure` over `b`'s in the same round."""
+    return common.median([x[measure] / y[measure] for x, y in zip(runs[a], runs[b], strict=True)])
 
 
 def structured_goals(result: dict[str, Any]) -> dict[str, bool]:
@@ -376,6 +385,7 @@ COLUMNS = [
     "ttft_p50_ms",
     "ttft_p95_ms",
     "tokens_p50",
+    "cpu_ms_per_token",
     "rss_mb",
 ]
 
