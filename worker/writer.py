@@ -26,6 +26,7 @@ from shared.protocol import (
     REFUSED_FENCED,
     TERMINAL,
     Attempt,
+    Delta,
     Entry,
     Token,
     encode,
@@ -86,6 +87,16 @@ class StreamWriter:
             return
         self._enqueue(_Pending(attempt, Token(text), None, None))
         self._open_token[key] = len(self._pending) - 1
+        await self._room()
+
+    async def send_delta(self, attempt: Attempt, delta: Delta) -> None:
+        """Append a rich delta (a choice's text with its logprobs, tool calls or finish reason)
+        to the attempt's stream soon, in order with its other entries. Deltas are not joined:
+        each keeps what came with its text."""
+        self._enqueue(_Pending(attempt, delta, None, None))
+        await self._room()
+
+    async def _room(self) -> None:
         if len(self._pending) > MAX_UNSENT:
             self._drained.clear()
             await self._drained.wait()
