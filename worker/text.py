@@ -123,7 +123,9 @@ class ChoiceText:
             out = [e for start, _, e in self._pending if start < self._released or final]
             self._pending.clear()
             return Released(text, out, offset)
-        out = [e for _, end, e in self._pending if end <= self._released]
-        if out:
-            self._pending = [p for p in self._pending if p[1] > self._released]
-        return Released(text, out, offset)
+        # Out once all its text is: a token that ends a character another began counts from
+        # that character, and goes with it.
+        done = [p for p in self._pending if p[1] <= self._released and p[0] < self._released]
+        if done:
+            self._pending = [p for p in self._pending if p not in done]
+        return Released(text, [e for _, _, e in done], offset)
