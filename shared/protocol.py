@@ -182,6 +182,7 @@ stream."""
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
+FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "tool_calls")
 StreamKind = Literal["chat.completion.chunk", "text_completion"]
 
 
@@ -249,15 +250,14 @@ class Token:
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """A rich delta of one choice: text with what came with it (its tokens' logprobs, tool-call
-    deltas), and, on a choice's last delta when the stream holds several, its finish reason."""
+    """A rich delta of one choice: text with what plain `Token`s cannot carry (tool-call deltas
+    in OpenAI's canonical shape, logprobs, a choice's own finish reason). Computed by the worker
+    and stored, so that a resume or a replay re-encodes exactly the same events."""
 
     index: int = 0
     text: str = ""
     logprobs: list[dict[str, Any]] | None = None
-    """OpenAI's `logprobs.content` entries of the tokens whose text this is."""
     tool_calls: list[dict[str, Any]] | None = None
-    """OpenAI's `tool_calls` delta objects."""
     finish_reason: FinishReason | None = None
     offset: int | None = None
     """Where `text` starts in its choice's answer (characters), given with `logprobs`: the
@@ -287,10 +287,8 @@ TERMINAL = (Finished, Failed)
 
 # An entry is one field: its name is the entry's kind, its value the payload (a token's text as
 # is, the rare others as JSON). A token entry is written once per generated token, so it is
-# kept as small to write, send and parse as Redis allows; a plain single answer writes nothing
-# else. A delta's JSON leaves out every member at its default.
+# kept as small to write, send and parse as Redis allows.
 EntryFields = tuple[str, str]
-_COMPACT = (",", ":")
 
 
 def encode(entry: Entry) -> EntryFields:
@@ -298,7 +296,7 @@ def encode(entry: Entry) -> EntryFields:
         case Token(text):
             return "t", text
         case Delta():
-            return "d", json.dumps(_delta_fields(entry), separators=_COMPACT, ensure_ascii=False)
+            return "d", _delta_json(entry)
         case Started(worker, prompt_tokens, claimed_ms, choices):
             started: dict[str, Any] = {"w": worker, "p": prompt_tokens, "c": claimed_ms}
             if choices > 1:
@@ -315,7 +313,7 @@ def encode(entry: Entry) -> EntryFields:
             return "e", json.dumps({"error": error, "status": status})
 
 
-def _delta_fields(delta: Delta) -> dict[str, Any]:
+def _delta_json(delta: Delta) -> str:
     fields: dict[str, Any] = {}
     if delta.index:
         fields["i"] = delta.index
@@ -329,16 +327,12 @@ def _delta_fields(delta: Delta) -> dict[str, Any]:
         fields["r"] = delta.finish_reason
     if delta.offset is not None:
         fields["o"] = delta.offset
-    return fields
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
 
-def finish_reason(value: object) -> FinishReason:
-    """A stored or reported finish reason as sluice names it (an engine's others are "stop")."""
-    if value == "length":
-        return "length"
-    if value == "tool_calls":
-        return "tool_calls"
-    return "stop"
+def finish_reason(value: str | None) -> FinishReason:
+    """A finish reason as sluice names it; an unknown one is an ordinary stop."""
+    return next((r for r in FINISH_REASONS if r == value), "stop")
 
 
 def decode(kind: bytes, payload: bytes) -> Entry:

@@ -50,7 +50,7 @@ class Answer:
             await self._end(piece.index, "stop", stop_backend=True)
         elif piece.finish_reason is not None:
             # The backend ended it; an engine's stream goes on to its usage.
-            await self._end(piece.index, finish_reason(piece.finish_reason))
+            await self._end(piece.index, piece.finish_reason)
             return False
         elif choice.produced >= self._job.max_tokens and not self._generation.ends_itself:
             await self._end(piece.index, "length", stop_backend=True)

@@ -7,23 +7,22 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shared.errors import UnsupportedParameter
-from shared.protocol import Finished
+from shared.protocol import Finished, FinishReason
 from shared.schema import GenerationJob
 from shared.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """What a backend produces beyond a token's bytes: which choice it belongs to (`n` > 1),
-    the token's logprobs (OpenAI's `logprobs.content` entries), tool-call deltas, and a
-    choice's finish reason (a piece of its own, with no text, at the choice's end). A backend
-    that yields plain `bytes` means `Piece(bytes)`."""
+    """One token's worth of a choice, with what plain bytes cannot carry: tool-call deltas in
+    OpenAI's canonical shape, logprobs, the choice's finish reason (a piece of its own, with no
+    text, at the choice's end). A backend may yield plain `bytes` instead: `Piece(text)`."""
 
     text: bytes
     index: int = 0
     logprobs: list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
     @property
     def is_token(self) -> bool:

@@ -50,6 +50,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from shared.protocol import FinishReason
 from worker.backends import Piece
 
 DONE = object()
@@ -376,7 +377,7 @@ class Batcher:
         for follower in followers:
             self._sample(follower, index, out)
 
-    def _end(self, seq: Sequence, reason: str, out: list[tuple[Sequence, object]]) -> None:
+    def _end(self, seq: Sequence, reason: FinishReason, out: list[tuple[Sequence, object]]) -> None:
         self._leave(seq, keep=True)
         out.append((seq, Piece(b"", seq.index, finish_reason=reason) if seq.choices > 1 else DONE))
 

@@ -401,7 +401,7 @@ class _StreamReader:
             text.encode() if text else b"",
             index,
             _logprob_entries(choice.get("logprobs")),
-            finish_reason=reason if self._choices > 1 else None,
+            finish_reason=finish_reason(reason) if reason and self._choices > 1 else None,
         )
 
     def ended(self) -> Finished:

@@ -4,7 +4,7 @@
 
 -- The one way anything is appended to a job's stream, by a worker or by the supervisor: fenced
 -- by the appender's attempt (`job`). Returns the entry's id, or why it was refused: 'fenced'
--- (not the current attempt, or the stream has ended) or 'cancelled' (a token or delta of a
+-- (not the current attempt, or the stream has ended) or 'cancelled' (a token or a delta of a
 -- cancelled stream: the worker learns of a cancel at its next token, whatever became of the
 -- broadcast).
 -- A stream keeps at most its metadata's `cap` entries. A terminal entry (`f`, `e`) ends the
