@@ -47,6 +47,7 @@ BENCHES := seed_acceptance peers overhead concurrency scaling batching worker_co
 
 bench: install
 	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done
+	$(BIN)/python -m bench.batching --sampling
 
 clean:
 	rm -rf $(VENV) .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache
