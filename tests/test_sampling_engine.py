@@ -2,7 +2,7 @@
 (issue 28): a scripted engine (tests/upstreams.py) records what it is sent and answers with as
 many choices and logprobs as it is asked for; the client gets them, from the stream's entries.
 
-The module's stack runs on database 41.
+The module's stack runs on database 10.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def engine() -> Iterator[ScriptedEngine]:
 def stack(redis_server: RedisServer, engine: ScriptedEngine) -> Iterator[Stack]:
     running = start_stack(
         "sampling-engine",
-        redis_server.fresh_url(41),
+        redis_server.fresh_url(10),
         1,
         backend="openai",
         upstream_url=engine.v1,

@@ -306,6 +306,62 @@ async def test_the_prompt_tokens_metric_counts_the_engines_count_once(
     assert prompt_tokens_counted(upstream.base_url, model) - before == sum(prompts)
 
 
+async def test_the_engines_logprobs_are_relayed_as_it_gives_them(
+    client: httpx.AsyncClient, engine: httpx.AsyncClient, model: str
+) -> None:
+    body = {"model": model, "messages": USER, "logprobs": True, "top_logprobs": 2, **GREEDY}
+    direct = (await engine.post("/chat/completions", json=body)).json()["choices"][0]
+
+    collected = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]
+    streamed = await stream(client, {**body, "stream": True})
+
+    expected = direct["logprobs"]["content"]
+    for entries in (
+        collected["logprobs"]["content"],
+        [
+            e
+            for c in streamed.chunks
+            for e in (c["choices"][0].get("logprobs") or {}).get("content", [])
+        ],
+    ):
+        assert [e["token"] for e in entries] == [e["token"] for e in expected]
+        assert [len(e["top_logprobs"]) for e in entries] == [2] * len(expected)
+        for got, want in zip(entries, expected, strict=True):
+            assert got["logprob"] == pytest.approx(want["logprob"], abs=0.05)
+    assert "".join(e["token"] for e in expected) == collected["message"]["content"]
+
+
+async def test_legacy_logprobs_through_the_engine_come_in_the_legacy_shape(
+    client: httpx.AsyncClient, model: str
+) -> None:
+    body = {"model": model, "prompt": "The capital of France is", "logprobs": 2, **GREEDY}
+
+    choice = (await client.post("/v1/completions", json=body)).json()["choices"][0]
+
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert len(logprobs["token_logprobs"]) == len(logprobs["tokens"]) > 0
+    assert all(
+        token in top
+        for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"], strict=True)
+    )
+
+
+async def test_n_through_the_engine_is_answered_as_the_engine_answers_it(
+    client: httpx.AsyncClient, engine: httpx.AsyncClient, model: str
+) -> None:
+    body = {"model": model, "messages": USER, "n": 2, **GREEDY}
+    direct = await engine.post("/chat/completions", json=body)
+
+    via_sluice = await client.post("/v1/chat/completions", json=body)
+
+    assert via_sluice.status_code == direct.status_code
+    if direct.status_code == 200:
+        assert len(via_sluice.json()["choices"]) == len(direct.json()["choices"])
+    else:
+        assert via_sluice.json()["error"]["message"] == direct.json()["error"]["message"]
+
+
 # --- what the engine refuses ---
 
 
