@@ -220,25 +220,11 @@ async def test_legacy_completions_give_logprobs_in_their_own_shape(
 
 
 async def test_the_openai_sdk_reads_choices_and_logprobs(sampling: Stack) -> None:
+    asked: dict[str, Any] = {"model": MODEL, "messages": USER, "n": 2, "max_tokens": 4}
+    asked |= {"logprobs": True, "top_logprobs": 2, "temperature": 0}
     async with openai.AsyncOpenAI(base_url=f"{sampling.base_url}/v1", api_key="-") as sdk:
-        completion = await sdk.chat.completions.create(
-            model=MODEL,
-            messages=USER,  # type: ignore[arg-type]
-            n=2,
-            logprobs=True,
-            top_logprobs=2,
-            max_tokens=4,
-            temperature=0,
-        )
-        async with sdk.chat.completions.stream(
-            model=MODEL,
-            messages=USER,  # type: ignore[arg-type]
-            n=2,
-            logprobs=True,
-            top_logprobs=2,
-            max_tokens=4,
-            temperature=0,
-        ) as events:
+        completion = await sdk.chat.completions.create(**asked)
+        async with sdk.chat.completions.stream(**asked) as events:
             # The helper refuses to parse an answer cut at max_tokens, and hands it over so.
             with pytest.raises(openai.LengthFinishReasonError) as cut:
                 await events.get_final_completion()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.protocol import Attempt, Delta, Finished, FinishReason, finish_reason
+from shared.protocol import Attempt, Delta, Finished, FinishReason
 from shared.schema import GenerationJob
 from worker.backends import Generation, Piece
 from worker.text import ChoiceText, Released
@@ -64,9 +64,8 @@ class Answer:
                 await self._end(index, engine.reason if engine and index == 0 else "stop")
         if engine is not None:
             return engine
-        first = self._choices[0].reason
         return Finished(
-            finish_reason(first),
+            self._choices[0].reason or "stop",
             self._generation.prompt_tokens,
             sum(choice.produced for choice in self._choices),
             len(self._choices),

@@ -7,6 +7,8 @@ import codecs
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.protocol import FinishReason
+
 
 class TextAssembler:
     """Feed token bytes in order; get back the text that can go to the client now.
@@ -85,7 +87,7 @@ class ChoiceText:
     stop: list[str]
     produced: int = 0
     """Tokens generated for it."""
-    reason: str | None = None
+    reason: FinishReason | None = None
     """Why it ended, once it has."""
     assembler: TextAssembler = field(init=False)
     _pending: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)

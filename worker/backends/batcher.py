@@ -383,10 +383,9 @@ class Batcher:
 
     def _piece_of(self, seq: Sequence, token: int, index: int) -> bytes | Piece:
         text = self._bytes(token)
-        if seq.choices == 1 and not seq.sampling.logprobs:
-            return text
-        logprobs = [self._logprobs(token, index, seq.sampling.top_logprobs)]
-        return Piece(text, seq.index, logprobs if seq.sampling.logprobs else None)
+        if not seq.sampling.logprobs:
+            return text if seq.choices == 1 else Piece(text, seq.index)
+        return Piece(text, seq.index, [self._logprobs(token, index, seq.sampling.top_logprobs)])
 
     def _logprobs(self, token: int, index: int, top: int) -> dict[str, Any]:
         """OpenAI's `logprobs.content` entry of `token`, drawn from batch row `index`: the
