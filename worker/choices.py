@@ -37,23 +37,27 @@ class Answer:
     async def take(self, item: bytes | Piece) -> bool:
         """Writes what `item` adds to its choice; True once every choice has ended by sluice's
         own decision (a stop string, `max_tokens`), so that the backend can be stopped."""
-        piece = item if isinstance(item, Piece) else Piece(item)
-        if not 0 <= piece.index < len(self._choices):
+        if isinstance(item, bytes):  # the common case, kept cheap: a token of choice 0
+            index, text, logprobs, tool_calls, reason = 0, item, None, None, None
+        else:
+            index, text, logprobs = item.index, item.text, item.logprobs
+            tool_calls, reason = item.tool_calls, item.finish_reason
+        if not 0 <= index < len(self._choices):
             return False  # an engine answering more choices than asked for
-        choice = self._choices[piece.index]
+        choice = self._choices[index]
         if choice.done:
             return False
-        if piece.is_token:
+        if text or logprobs or tool_calls or reason is None:  # all but a bare finish
             choice.produced += 1
-        await self._send(piece.index, choice.feed(piece.text, piece.logprobs), piece.tool_calls)
+        await self._send(index, choice.feed(text, logprobs), tool_calls)
         if choice.stopped:
-            await self._end(piece.index, "stop", stop_backend=True)
-        elif piece.finish_reason is not None:
+            await self._end(index, "stop", stop_backend=True)
+        elif reason is not None:
             # The backend ended it; an engine's stream goes on to its usage.
-            await self._end(piece.index, piece.finish_reason)
+            await self._end(index, reason)
             return False
         elif choice.produced >= self._job.max_tokens and not self._generation.ends_itself:
-            await self._end(piece.index, "length", stop_backend=True)
+            await self._end(index, "length", stop_backend=True)
         return self.done
 
     async def end(self) -> Finished:

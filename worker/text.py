@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from shared.protocol import FinishReason
 
@@ -68,8 +68,7 @@ class TextAssembler:
 LogprobEntries = list[dict[str, Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class Released:
+class Released(NamedTuple):
     """Text that can go to the client now, with the logprobs of the tokens it completes, and
     where it starts in its choice's answer."""
 
@@ -109,8 +108,11 @@ class ChoiceText:
     def feed(self, piece: bytes, logprobs: LogprobEntries | None = None) -> Released:
         start = self.assembler.decoded
         text = self.assembler.feed(piece)
-        for entry in logprobs or ():
-            self._pending.append((start, self.assembler.decoded, entry))
+        if logprobs:
+            self._pending += [(start, self.assembler.decoded, entry) for entry in logprobs]
+        elif not self._pending:  # plain text: nothing to match it with
+            offset, self._released = self._released, self._released + len(text)
+            return Released(text, [], offset)
         return self._release(text)
 
     def flush(self) -> Released:

@@ -24,11 +24,6 @@ class Piece:
     tool_calls: list[dict[str, Any]] | None = None
     finish_reason: FinishReason | None = None
 
-    @property
-    def is_token(self) -> bool:
-        """It counts as generated output: anything but a bare finish."""
-        return bool(self.text or self.logprobs or self.tool_calls) or self.finish_reason is None
-
 
 @dataclass
 class Generation:
