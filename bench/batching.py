@@ -19,10 +19,10 @@ sequences; greedy, 128 tokens per answer, none ending early; the arms take turns
 times, the median round shown): 8 streams plain vs 8 with `logprobs` and `top_logprobs=5`; 4
 concurrent streams of one prompt vs one request for `n=4` of it (a prompt new to every round),
 by aggregate tokens/s and by when every answer has its first token; and one stream of it alone,
-the first-token time `n=4` is held to.
+the first-token time `n=4` is held to. Ratios are taken within each round, then their median.
 
     python -m bench.batching [--levels 1,2,4,8,16] [--rounds 3]
-    python -m bench.batching --sampling [--rounds 3]
+    python -m bench.batching --sampling [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ async def run_arm(url: str, arm: str, round_number: int) -> dict[str, Any]:
     }
 
 
-def sampling(rounds: int) -> dict[str, Any]:
+def sampling(rounds: int, threads: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with (
         common.redis_server() as redis,
@@ -325,6 +325,7 @@ def sampling(rounds: int) -> dict[str, Any]:
             db=1,
             backend="llama",
             worker_max_jobs=str(SAMPLING_STREAMS),
+            n_threads=str(threads),
             access_log="false",
         ) as stack,
     ):
@@ -370,7 +371,7 @@ def _by_tokens_per_s(row: dict[str, Any]) -> float:
     return value
 
 
-def plot_sampling(medians: list[dict[str, Any]]) -> Any:
+def plot_sampling(medians: list[dict[str, Any]], threads: int) -> Any:
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     names = [row["arm"] for row in medians]
@@ -381,20 +382,20 @@ def plot_sampling(medians: list[dict[str, Any]]) -> Any:
     for ax in axes:
         ax.invert_yaxis()
     fig.suptitle(
-        f"issue 28 on sluice: SmolLM2-135M Q4_1, {os.cpu_count()} cores, greedy, "
-        f"{MAX_TOKENS} tokens per answer",
+        f"issue 28 on sluice: SmolLM2-135M Q4_1, {os.cpu_count()} cores, llama.cpp on {threads} "
+        f"thread(s), 8 sequences, greedy, {MAX_TOKENS} tokens per answer",
         y=1.03,
     )
     fig.tight_layout()
     return fig
 
 
-def main_sampling(rounds: int) -> None:
-    result = sampling(rounds)
+def main_sampling(rounds: int, threads: int) -> None:
+    result = sampling(rounds, threads)
     common.save(
         "sampling",
-        {"rounds": rounds, "max_tokens": MAX_TOKENS, **result},
-        plot_sampling(result["medians"]),
+        {"rounds": rounds, "threads": threads, "max_tokens": MAX_TOKENS, **result},
+        plot_sampling(result["medians"], threads),
     )
     columns = ["arm", "answers", "tokens", "aggregate_tokens_per_s", "first_token_ms"]
     print(common.table(result["medians"], [*columns, "every_first_token_ms"]))
@@ -405,9 +406,15 @@ def main_sampling(rounds: int) -> None:
 def main() -> None:
     parser = common.sweep_arguments(__doc__, levels="1,2,4,8,16")
     parser.add_argument("--sampling", action="store_true", help="issue 28's arms instead")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=Settings(backend="llama").n_threads,
+        help="llama.cpp's threads for --sampling (1 holds up on a machine others load)",
+    )
     args = parser.parse_args()
     if args.sampling:
-        main_sampling(args.rounds)
+        main_sampling(args.rounds, args.threads)
         return
     result = sweep(args.levels, args.rounds)
     result["goals"] = goals(result)
