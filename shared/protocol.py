@@ -22,6 +22,9 @@ from shared.errors import ErrorBody, StreamTruncated
 PREFIX = "sluice:"
 QUEUE_PREFIX = PREFIX + "queue:"
 """Followed by a model's name: that model's arq queue (see `queue_name`)."""
+WAITING_PREFIX = PREFIX + "waiting:"
+"""Followed by a model's name: the jobs of its queue that no worker has taken yet (arq keeps a
+running job in its queue until it ends), so that a worker's claim looks at those only."""
 WAKE_PREFIX = PREFIX + "wake:"
 """Followed by a model's name: the Pub/Sub channel its workers listen on (see `wake_channel`)."""
 JOB_FUNCTION = "generate"
@@ -40,14 +43,20 @@ by every heartbeat of its workers and never expired, so that a model whose worke
 READERS_KEY = PREFIX + "readers"
 """Sorted set: stream id -> when an API process last saw a client reading it (ms)."""
 HELD_KEY = PREFIX + "held"
-"""Sorted set: job id (an attempt) -> when its worker last said it still runs it (Redis's
-clock, ms), written by every heartbeat for each running job. A live worker that no longer lists
-an attempt it claimed has dropped it, and the supervisor acts as for a dead worker."""
+"""Sorted set: job id (an attempt) -> when its worker last said it holds it (Redis's clock,
+ms): written when a worker takes the job from the queue, then by every heartbeat while it runs
+it. An attempt not heard of for a worker TTL was lost (its worker died, froze, let go of it or
+gave it back, or never claimed its stream): the supervisor finds it here, without looking at
+the streams that are fine."""
 CANCEL_CHANNEL = PREFIX + "cancel"
 """Pub/Sub channel: `<stream id> <reason>` for a generation to stop (see `StopReason`)."""
 ACTIVE_KEY = PREFIX + "active"
-"""Sorted set: stream id -> when it was submitted (Redis's clock, ms), until its stream ends.
-The supervisor's worklist."""
+"""Sorted set: stream id -> when it was submitted (Redis's clock, ms), until its stream ends:
+the streams open in the deployment."""
+DUE_KEY = PREFIX + "due"
+"""Sorted set: stream id -> when the supervisor must next decide what becomes of it (Redis's
+clock, ms): its queue timeout while queued, its job deadline while running, the end of its
+resume grace while unread. The supervisor looks only at streams that are due."""
 SUPERVISOR_KEY = PREFIX + "supervisor"
 """The supervisor's lease: the id of the one API process that supervises jobs, with a TTL."""
 WORKER_BUSY_KEY = PREFIX + "worker-busy"
@@ -73,6 +82,10 @@ def queue_name(model: str) -> str:
     return QUEUE_PREFIX + model
 
 
+def waiting_key(model: str) -> str:
+    return WAITING_PREFIX + model
+
+
 def serving_key(model: str) -> str:
     """Sorted set: worker id -> last heartbeat (ms), for the workers of `model` whose backend
     can serve. One whose backend cannot (an upstream that does not answer) leaves it but still
@@ -93,6 +106,9 @@ def stream_key(stream_id: str) -> str:
     return STREAM_PREFIX + stream_id
 
 
+META_PREFIX = PREFIX + "meta:"
+
+
 def meta_key(stream_id: str) -> str:
     """Hash: what a resumed relay needs (`StreamMeta`), which job attempt is current (`job`,
     the fencing token of every append), and the supervisor's facts: `queued` and `started`
@@ -101,7 +117,7 @@ def meta_key(stream_id: str) -> str:
     `entry_cap`), `pinned` (a background response: it runs whoever reads it) and `keep` (the
     TTL its stream and metadata get at the end, where it is not the stream TTL: a stored
     response's). Set by a cancel: `cancel`, which the next append of a token sees."""
-    return f"{PREFIX}meta:{stream_id}"
+    return META_PREFIX + stream_id
 
 
 def job_id(stream_id: str, attempt: int) -> str:
@@ -155,6 +171,12 @@ def worker_host(worker_id: str) -> str:
 def worker_ttl_ms(heartbeat_s: float) -> int:
     """A worker (or a reader) not heard from for three periods is gone."""
     return int(heartbeat_s * 3 * 1000)
+
+
+def job_deadline_ms(job_timeout_s: float, heartbeat_s: float) -> int:
+    """How long after its claim the supervisor ends a stream still generating: the job timeout,
+    and a worker TTL more, so that the worker's own timeout comes first."""
+    return int(job_timeout_s * 1000) + worker_ttl_ms(heartbeat_s)
 
 
 ENTRY_CAP_SLACK = 8

@@ -20,7 +20,16 @@ _INCLUDE = re.compile(r"^--! include (\w+)[ \t]*$", re.M)
 _CONSTANT = re.compile(r"\$\{(\w+)\}")
 CONSTANTS = {
     name: getattr(protocol, name)
-    for name in ("KEY_STREAMS_PREFIX", "KEY_TOKENS_PREFIX", "TOKENS_KEY", "STREAM_PREFIX")
+    for name in (
+        "ACTIVE_KEY",
+        "DUE_KEY",
+        "HELD_KEY",
+        "KEY_STREAMS_PREFIX",
+        "KEY_TOKENS_PREFIX",
+        "META_PREFIX",
+        "STREAM_PREFIX",
+        "TOKENS_KEY",
+    )
 }
 """What `${NAME}` may stand for."""
 

@@ -15,7 +15,15 @@ from redis.exceptions import RedisError
 from shared import tracing
 from shared.errors import GenerationFailed, RemoteError, SluiceError
 from shared.logs import bind
-from shared.protocol import Attempt, Entry, Failed, Finished, FinishReason, Started
+from shared.protocol import (
+    Attempt,
+    Entry,
+    Failed,
+    Finished,
+    FinishReason,
+    Started,
+    job_deadline_ms,
+)
 from shared.schema import GenerationJob
 from shared.settings import Settings
 from worker.backends import BackendError, Generation
@@ -88,10 +96,15 @@ class Job:
         start_ns = int(self.enqueued.timestamp() * 1_000_000_000)
         queue_span = tracing.start_span("queue", parent=parent, start_ns=start_ns)
         worker, attempt = self.worker, self.attempt
+        settings = worker.settings
+        deadline_ms = job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s)
         outcome, *claimed_ms = await persist(
             f"claiming {attempt.job}",
-            lambda: worker.claim(keys=[attempt.meta_key], args=[attempt.job, worker.worker_id]),
-            worker.settings,
+            lambda: worker.claim(
+                keys=[attempt.meta_key],
+                args=[attempt.job, worker.worker_id, attempt.stream_id, deadline_ms],
+            ),
+            settings,
         )
         if queue_span is not None:
             queue_span.end()

@@ -17,7 +17,6 @@ from shared.arq_internals import ClaimingWorker
 from shared.loops import LoopGroup
 from shared.protocol import (
     CANCEL_CHANNEL,
-    HELD_KEY,
     JOB_FUNCTION,
     MODELS_KEY,
     WORKER_BUSY_KEY,
@@ -25,9 +24,11 @@ from shared.protocol import (
     WORKER_MODELS_KEY,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
+    job_deadline_ms,
     new_worker_id,
     queue_name,
     serving_key,
+    waiting_key,
     wake_channel,
     worker_ttl_ms,
 )
@@ -70,9 +71,12 @@ class SluiceWorker(ClaimingWorker):
         self._wake = asyncio.Event()
         self._loops = LoopGroup(log)
         self._control = JobControl()
+        # Held marks are removed by the supervisor; the key itself outlives any job.
+        self._held_ttl_ms = 2 * job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s)
         options: dict[str, Any] = {
             "functions": [func(generate, name=JOB_FUNCTION)],
             "queue_name": queue_name(backend.model),
+            "waiting_key": waiting_key(backend.model),
             "redis_pool": worker_redis(
                 settings.redis_url, settings.worker_redis_connections, self.worker_id
             ),
@@ -177,7 +181,7 @@ class SluiceWorker(ClaimingWorker):
     async def _beat_once(self) -> None:
         backend = self.backend
         await self._heartbeat(
-            keys=[WORKERS_KEY, *WORKER_HASHES, serving_key(backend.model), MODELS_KEY, HELD_KEY],
+            keys=[WORKERS_KEY, *WORKER_HASHES, serving_key(backend.model), MODELS_KEY],
             args=[
                 self.worker_id,
                 worker_ttl_ms(self.settings.heartbeat_s),
@@ -187,6 +191,7 @@ class SluiceWorker(ClaimingWorker):
                 backend.model,
                 int(backend.available),
                 "" if backend.n_ctx is None else backend.n_ctx,
+                self._held_ttl_ms,
                 *self._control.running(),
             ],
         )

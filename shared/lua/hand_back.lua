@@ -4,8 +4,8 @@
 
 -- Gives back a job whose backend cannot reach its engine, if another worker serves its model now
 -- and the job may be tried again (this worker still runs it, no token written, attempts left):
--- the stream's worker is marked as one that is gone, and the supervisor retries the job as it
--- retries a lost worker's, fenced.
+-- the stream's worker is marked as one that is gone and the attempt as lost (its held mark long
+-- past), and the supervisor retries the job as it retries a lost worker's, fenced.
 -- KEYS: 1 stream metadata, 2 stream, 3 the model's serving set.
 -- ARGV: 1 job id, 2 worker id, 3 worker TTL (ms), 4 max attempts.
 -- Returns 1 if given back, 0 if not.
@@ -18,6 +18,7 @@ if attempt_number(job) >= max_attempts or not tokenless(stream) then return 0 en
 for _, worker in ipairs(redis.call('ZRANGEBYSCORE', serving, redis_now_ms() - worker_ttl, '+inf')) do
   if worker ~= me then
     redis.call('HSET', meta, 'worker', me .. ' (gave the job back)')
+    redis.call('ZADD', '${HELD_KEY}', 0, job)
     return 1
   end
 end

@@ -5,15 +5,17 @@
 -- Workers not heard from for a TTL are dropped: they died without saying goodbye. While its
 -- backend can serve, it also beats in its model's serving set; its model is announced in the
 -- models table, which never expires; and each attempt it runs is marked held, so that one it let
--- go of is noticed.
+-- go of is noticed. (Held marks are the supervisor's to remove, once it has looked at them: the
+-- key outlives any job.)
 -- KEYS: 1 workers, 2-5 the per-worker hashes (slots, loops, busy, models), 6 its model's
---       serving set, 7 models, 8 held attempts.
+--       serving set, 7 models.
 -- ARGV: 1 worker id, 2 TTL (ms), 3-6 its value in each hash (6: its model), 7 whether its
---       backend can serve ('1' or '0'), 8 the model's context length ('': unknown), 9... the job
---       ids it runs.
+--       backend can serve ('1' or '0'), 8 the model's context length ('': unknown), 9 how long
+--       held marks are kept (ms), 10... the job ids it runs.
 -- Returns how many dead workers it dropped.
-local workers, serving, models, held = KEYS[1], KEYS[6], KEYS[7], KEYS[8]
+local workers, serving, models = KEYS[1], KEYS[6], KEYS[7]
 local me, ttl, model, can_serve, n_ctx = ARGV[1], tonumber(ARGV[2]), ARGV[6], ARGV[7], ARGV[8]
+local held_ttl = ARGV[9]
 local HASHES = {2, 3, 4, 5}  -- KEYS index of each per-worker hash; its value is ARGV[index + 1]
 
 local now = redis_now_ms()
@@ -31,7 +33,6 @@ for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], ttl) end
 local announced = {announced = now}
 if n_ctx ~= '' then announced.n_ctx = tonumber(n_ctx) end
 redis.call('HSET', models, model, cjson.encode(announced))
-for i = 9, #ARGV do redis.call('ZADD', held, now, ARGV[i]) end
-redis.call('ZREMRANGEBYSCORE', held, '-inf', now - ttl)
-redis.call('PEXPIRE', held, ttl)
+for i = 10, #ARGV do redis.call('ZADD', '${HELD_KEY}', now, ARGV[i]) end
+redis.call('PEXPIRE', '${HELD_KEY}', held_ttl)
 return #dead

@@ -7,9 +7,10 @@
 -- (not the current attempt, or the stream has ended) or 'cancelled' (a token of a cancelled
 -- stream: the worker learns of a cancel at its next token, whatever became of the broadcast).
 -- A stream keeps at most its metadata's `cap` entries. A terminal entry (`f`, `e`) ends the
--- stream, gives it and its metadata their TTL (the metadata's `keep` where set), closes it for
--- its owner's concurrent streams and charges a finished one's tokens to its owner and to the
--- deployment's tokens per minute. `ttl` '0': the stream's TTL is left as it is.
+-- stream: gives it and its metadata their TTL (the metadata's `keep` where set), closes it
+-- (open streams, its owner's concurrent streams, the supervisor's due and held marks) and
+-- charges a finished one's tokens to its owner and to the deployment's tokens per minute.
+-- `ttl` '0': the stream's TTL is left as it is.
 local function fenced_append(stream, meta, job, kind, payload, ttl)
   local current = if_current(meta, job, 'owner', 'cap', 'keep', 'cancel')
   if not current then return 'fenced' end
@@ -25,9 +26,13 @@ local function fenced_append(stream, meta, job, kind, payload, ttl)
     ttl = keep or ttl
     redis.call('HSET', meta, 'ended', id)
     redis.call('EXPIRE', meta, ttl)
+    local stream_id = string.sub(stream, #'${STREAM_PREFIX}' + 1)
+    redis.call('ZREM', '${ACTIVE_KEY}', stream_id)
+    redis.call('ZREM', '${DUE_KEY}', stream_id)
+    redis.call('ZREM', '${HELD_KEY}', job)
     local tokens = kind == 'f' and cjson.decode(payload)['c']
     if owner then
-      redis.call('ZREM', '${KEY_STREAMS_PREFIX}' .. owner, string.sub(stream, #'${STREAM_PREFIX}' + 1))
+      redis.call('ZREM', '${KEY_STREAMS_PREFIX}' .. owner, stream_id)
       if tokens then window_add('${KEY_TOKENS_PREFIX}' .. owner, redis_now_ms(), tokens) end
     end
     if tokens then window_add('${TOKENS_KEY}', redis_now_ms(), tokens) end
