@@ -402,11 +402,13 @@ class RedisCommandTime:
         self._redis.slowlog_reset()
         by_command = {name.removeprefix("cmdstat_"): int(s["usec"]) for name, s in stats.items()}
         by_call: dict[str, int] = {}
+        calls: dict[str, int] = {}
         longest: dict[str, int] = {}
         slow = 0
         for entry in log:
             name, duration = self._call(bytes(entry["command"])), int(entry["duration"])
             by_call[name] = by_call.get(name, 0) + duration
+            calls[name] = calls.get(name, 0) + 1
             longest[name] = max(longest.get(name, 0), duration)
             slow += duration > self.SLOW_US
         return {
@@ -415,7 +417,11 @@ class RedisCommandTime:
             "calls_over_1ms": slow,
             "longest_us": dict(sorted(longest.items(), key=lambda kv: -kv[1])[:4]),
             **(
-                {"by_call_us": dict(sorted(by_call.items(), key=lambda kv: -kv[1])[:10])}
+                {
+                    "by_call_us": dict(sorted(by_call.items(), key=lambda kv: -kv[1])),
+                    "calls": calls,
+                    "longest_by_call_us": longest,
+                }
                 if self._trace
                 else {}
             ),

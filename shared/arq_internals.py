@@ -76,8 +76,10 @@ class ClaimingWorker(Worker):
     serializer but JSON's.
     """
 
-    def __init__(self, *, waiting_key: str, **kwargs: Any) -> None:
+    def __init__(self, *, waiting_key: str, orphan_after_ms: int, **kwargs: Any) -> None:
         self.waiting_key = waiting_key
+        self.orphan_after_ms = orphan_after_ms
+        """A job taken whose stream is not claimed by then is an orphan (shared/lua)."""
         if {"job_serializer", "job_deserializer"} & set(kwargs):
             raise ValueError("ClaimingWorker reads JSON job records only (see job_deserializer)")
         super().__init__(job_serializer=job_serializer, job_deserializer=job_deserializer, **kwargs)
@@ -100,7 +102,13 @@ class ClaimingWorker(Worker):
             self._claim_script = self.pool.register_script(lua("claim_jobs"))
         claimed = await self._claim_script(
             keys=[self.waiting_key],
-            args=[in_progress_key_prefix, free, int(self.in_progress_timeout_s * 1000), MAX_SCAN],
+            args=[
+                in_progress_key_prefix,
+                free,
+                int(self.in_progress_timeout_s * 1000),
+                MAX_SCAN,
+                self.orphan_after_ms,
+            ],
         )
         for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True):
             await self.sem.acquire()  # free: the slots were counted above

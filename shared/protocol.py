@@ -42,12 +42,13 @@ by every heartbeat of its workers and never expired, so that a model whose worke
 (503) can be told from one never served (404)."""
 READERS_KEY = PREFIX + "readers"
 """Sorted set: stream id -> when an API process last saw a client reading it (ms)."""
-HELD_KEY = PREFIX + "held"
-"""Sorted set: job id (an attempt) -> when its worker last said it holds it (Redis's clock,
-ms): written when a worker takes the job from the queue, then by every heartbeat while it runs
-it. An attempt not heard of for a worker TTL was lost (its worker died, froze, let go of it or
-gave it back, or never claimed its stream): the supervisor finds it here, without looking at
-the streams that are fine."""
+ORPHANS_KEY = PREFIX + "orphans"
+"""Sorted set: job id (an attempt) -> from when it may have no worker (Redis's clock, ms): a job
+a worker took from the queue, a worker TTL after it was taken, until the worker claims its
+stream; and at once (score 0) the attempts of a worker that died (see `jobs_key`), let go of
+them, or gave them back. The supervisor looks at those whose time has come, and only those."""
+JOBS_PREFIX = PREFIX + "jobs:"
+"""Followed by a worker id: the set of attempts it runs (see `jobs_key`)."""
 CANCEL_CHANNEL = PREFIX + "cancel"
 """Pub/Sub channel: `<stream id> <reason>` for a generation to stop (see `StopReason`)."""
 ACTIVE_KEY = PREFIX + "active"
@@ -80,6 +81,12 @@ def queue_name(model: str) -> str:
     """The arq queue (a sorted set) of the jobs routed to `model`; arq keeps its own per-job
     keys under `arq:`."""
     return QUEUE_PREFIX + model
+
+
+def jobs_key(worker_id: str) -> str:
+    """Set: the attempts `worker_id` runs, from its claim of a stream to the stream's end. A
+    worker gone quiet for a TTL is buried: its attempts become orphans."""
+    return JOBS_PREFIX + worker_id
 
 
 def waiting_key(model: str) -> str:

@@ -23,12 +23,18 @@ CONSTANTS = {
     for name in (
         "ACTIVE_KEY",
         "DUE_KEY",
-        "HELD_KEY",
+        "JOBS_PREFIX",
         "KEY_STREAMS_PREFIX",
         "KEY_TOKENS_PREFIX",
         "META_PREFIX",
+        "ORPHANS_KEY",
         "STREAM_PREFIX",
         "TOKENS_KEY",
+        "WORKER_BUSY_KEY",
+        "WORKER_LOOPS_KEY",
+        "WORKER_MODELS_KEY",
+        "WORKER_SLOTS_KEY",
+        "WORKERS_KEY",
     )
 }
 """What `${NAME}` may stand for."""

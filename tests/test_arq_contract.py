@@ -107,6 +107,7 @@ def new_worker(settings: RedisSettings, queue: str, gate: Gate) -> WorkerFactory
             functions=[func(gate.hold, name=FUNCTION)],
             queue_name=queue,
             waiting_key=waiting(queue),
+            orphan_after_ms=3000,
             redis_settings=settings,
             handle_signals=False,
             job_timeout=JOB_TIMEOUT_S,

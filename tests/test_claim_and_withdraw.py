@@ -11,7 +11,16 @@ import pytest
 import redis
 
 from shared.arq_internals import in_progress_key, job_key
-from shared.protocol import DUE_KEY, Attempt, Failed, encode, from_fields, job_id
+from shared.protocol import (
+    DUE_KEY,
+    ORPHANS_KEY,
+    Attempt,
+    Failed,
+    encode,
+    from_fields,
+    job_id,
+    jobs_key,
+)
 from shared.scripts import lua
 from tests.procs import RedisServer
 
@@ -44,20 +53,26 @@ def test_a_claim_takes_a_stream_exactly_when_its_attempt_is_current(r: redis.Red
         state = (replaced, ended, cancelled)
         attempt = a_stream(r, replaced, ended, cancelled)
         before = r.hgetall(attempt.meta_key)
+        r.zadd(ORPHANS_KEY, {attempt.job: 1})  # taken from the queue: an orphan unless claimed
         outcome, *when = r.register_script(lua("claim_stream"))(
-            keys=[attempt.meta_key], args=[attempt.job, ME, attempt.stream_id, DEADLINE_MS]
+            keys=[attempt.meta_key, jobs_key(ME)],
+            args=[attempt.job, ME, attempt.stream_id, DEADLINE_MS],
         )
         after = r.hgetall(attempt.meta_key)
         due = r.zscore(DUE_KEY, attempt.stream_id)
-        r.delete(attempt.meta_key)
+        mine = r.sismember(jobs_key(ME), attempt.job)
+        orphan = r.zscore(ORPHANS_KEY, attempt.job) is not None
+        r.delete(attempt.meta_key, jobs_key(ME))
         r.zrem(DUE_KEY, attempt.stream_id)
+        r.zrem(ORPHANS_KEY, attempt.job)
 
         if replaced or ended:
-            assert (outcome, after, due) == (b"gone", before, None), state
+            assert (outcome, after, due, mine, orphan) == (b"gone", before, None, 0, True), state
         else:
             assert outcome == (b"cancelled" if cancelled else b"claimed"), state
             assert after == {**before, b"worker": ME.encode(), b"started": str(when[0]).encode()}
             assert due == when[0] + DEADLINE_MS  # the supervisor looks again at its deadline
+            assert (mine, orphan) == (1, False), state
 
 
 def test_a_withdrawal_ends_a_stream_exactly_when_its_attempt_still_waits(r: redis.Redis) -> None:

@@ -23,6 +23,7 @@ from shared.protocol import (
     FinishReason,
     Started,
     job_deadline_ms,
+    jobs_key,
 )
 from shared.schema import GenerationJob
 from shared.settings import Settings
@@ -57,6 +58,8 @@ class Job:
         self.attempt = Attempt(request.stream_id, job_id)
         self.enqueued = enqueued
         self.first_piece_ms: float | None = None
+        self.settled = False
+        """Nothing more is this attempt's to do: it wrote the stream's end, or lost the stream."""
         self.engine_counts_prompt = False
         """Its backend's engine says how long the prompt was only at the end (`ends_itself`)."""
 
@@ -71,7 +74,7 @@ class Job:
         span = tracing.start_span("generate", parent=parent)
         if span is not None:
             span.set_attribute("sluice.worker", self.worker.worker_id)
-        signal = self.worker.control.watch(self.request.stream_id, self.attempt.job)
+        signal = self.worker.control.watch(self.request.stream_id)
         if cancelled:
             signal.stop("cancelled")
         try:
@@ -80,12 +83,16 @@ class Job:
             # The supervisor ended the stream or gave it to a newer attempt while this one was
             # presumed dead (a frozen process, a long pause): it has nothing more to say.
             log.warning("job %s lost its stream to the supervisor; stopped", self.attempt.job)
+            self.settled = True
         except HandedBack:
             log.warning(
                 "job %s given back: its engine does not answer, another worker's does",
                 self.attempt.job,
             )
+            self.settled = True
         finally:
+            if not self.settled:  # it stops without its stream's end: the supervisor sees to it
+                self.worker.control.let_go(self.attempt.job)
             self.worker.control.release(self.request.stream_id)
             if span is not None:
                 span.end()
@@ -101,7 +108,7 @@ class Job:
         outcome, *claimed_ms = await persist(
             f"claiming {attempt.job}",
             lambda: worker.claim(
-                keys=[attempt.meta_key],
+                keys=[attempt.meta_key, jobs_key(worker.worker_id)],
                 args=[attempt.job, worker.worker_id, attempt.stream_id, deadline_ms],
             ),
             settings,
@@ -203,6 +210,7 @@ class Job:
             return writer.append(self.attempt, entry, expire_s=settings.stream_ttl_s)
 
         await asyncio.shield(persist(f"ending {self.attempt.job}", append, settings))
+        self.settled = True
 
     def log_finished(self, end: Finished) -> None:
         # The backend's own time to first token (an engine's, seen from here): what a client's

@@ -3,15 +3,18 @@
 -- A worker takes up to `free` due jobs of its model, in one step, by Redis's clock. It looks only
 -- at the jobs no worker has taken (the model's waiting set: arq keeps a running job in its queue
 -- until it ends, and a scan of the queue would pass over every running job, each time). A taken
--- job gets arq's in-progress key (holding when it was taken), leaves the waiting set, and is
--- marked held, so that the supervisor notices if its stream is never claimed. A job whose
+-- job gets arq's in-progress key (holding when it was taken), leaves the waiting set, and is an
+-- orphan from a worker TTL on unless its stream is claimed by then (the supervisor would see to
+-- it). A job whose
 -- stream no client reads (its metadata says `unread`) is passed over: it keeps its place, and
 -- starts once its reader is back (or is withdrawn).
 -- KEYS: 1 the model's waiting jobs.
--- ARGV: 1 in-progress key prefix, 2 free slots, 3 in-progress TTL (ms), 4 most ids to scan.
+-- ARGV: 1 in-progress key prefix, 2 free slots, 3 in-progress TTL (ms), 4 most ids to scan,
+--       5 worker TTL (ms).
 -- Returns the claimed job ids, each followed by its score.
 local waiting = KEYS[1]
 local in_progress_prefix, free, claim_ttl, most = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local worker_ttl = tonumber(ARGV[5])
 
 local function unread(job)
   local stream_id = string.match(job, '^(.*)%.%d+$')
@@ -30,7 +33,7 @@ while free > 0 and offset < most do
     if free > 0 and not unread(job) then
       redis.call('PSETEX', in_progress_prefix .. job, claim_ttl, now)
       redis.call('ZREM', waiting, job)
-      redis.call('ZADD', '${HELD_KEY}', now, job)
+      redis.call('ZADD', '${ORPHANS_KEY}', now + worker_ttl, job)
       table.insert(claimed, job)
       table.insert(claimed, page[i + 1])
       free = free - 1

@@ -1,12 +1,14 @@
 --! include redis_now
 --! include fenced_append
 --! include attempts
+--! include bury
 
 -- The supervisor's tick: decides, by Redis's clock, what becomes of the streams that need it, and
--- only those, so that its cost does not grow with the streams that are fine. Three indexes say
--- which (README, "The life of a stream"):
---   held     attempts not heard of for a worker TTL: lost (a worker died, froze, let go of one,
---            gave one back, or never claimed the stream of a job it took);
+-- only those, so that its cost does not grow with the streams that are fine. Workers not heard
+-- from for a TTL are buried (their attempts become orphans), then three indexes say which
+-- (README, "The life of a stream"):
+--   orphans  attempts whose time without a worker has come: lost (a worker died, froze, let go
+--            of one, gave one back, or never claimed the stream of a job it took);
 --   readers  streams no client has read for a reader TTL: unread from now, due at the end of
 --            their resume grace (a background response, `pinned`, is always read);
 --   due      streams whose time has come: a queue timeout, a job deadline, a grace's end.
@@ -115,8 +117,9 @@ local function stale(index, older_than)
   return redis.call('ZRANGEBYSCORE', index, '-inf', older_than, 'LIMIT', 0, most)
 end
 
-for _, job in ipairs(stale('${HELD_KEY}', now - worker_ttl)) do
-  redis.call('ZREM', '${HELD_KEY}', job)
+bury_the_dead(now, worker_ttl)
+for _, job in ipairs(stale('${ORPHANS_KEY}', now)) do
+  redis.call('ZREM', '${ORPHANS_KEY}', job)
   local s = read(string.match(job, '^(.*)%.%d+$'))
   if s.state ~= 'ended' and s.job == job then lost(s) end
 end

@@ -8,13 +8,15 @@
 -- stream: the worker learns of a cancel at its next token, whatever became of the broadcast).
 -- A stream keeps at most its metadata's `cap` entries. A terminal entry (`f`, `e`) ends the
 -- stream: gives it and its metadata their TTL (the metadata's `keep` where set), closes it
--- (open streams, its owner's concurrent streams, the supervisor's due and held marks) and
+-- (open streams, its owner's concurrent streams, its worker's attempts, the supervisor's due
+-- and orphan marks) and
 -- charges a finished one's tokens to its owner and to the deployment's tokens per minute.
 -- `ttl` '0': the stream's TTL is left as it is.
 local function fenced_append(stream, meta, job, kind, payload, ttl)
-  local current = if_current(meta, job, 'owner', 'cap', 'keep', 'cancel')
+  local current = if_current(meta, job, 'owner', 'cap', 'keep', 'cancel', 'worker')
   if not current then return 'fenced' end
-  local owner, cap, keep, cancelled = current[3], current[4], current[5], current[6]
+  local owner, cap, keep, cancelled, worker = current[3], current[4], current[5], current[6],
+    current[7]
   if kind == 't' and cancelled then return 'cancelled' end
   local id
   if cap then
@@ -29,7 +31,8 @@ local function fenced_append(stream, meta, job, kind, payload, ttl)
     local stream_id = string.sub(stream, #'${STREAM_PREFIX}' + 1)
     redis.call('ZREM', '${ACTIVE_KEY}', stream_id)
     redis.call('ZREM', '${DUE_KEY}', stream_id)
-    redis.call('ZREM', '${HELD_KEY}', job)
+    redis.call('ZREM', '${ORPHANS_KEY}', job)
+    if worker then redis.call('SREM', '${JOBS_PREFIX}' .. worker, job) end
     local tokens = kind == 'f' and cjson.decode(payload)['c']
     if owner then
       redis.call('ZREM', '${KEY_STREAMS_PREFIX}' .. owner, stream_id)
