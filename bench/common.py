@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import psutil
+import redis
 
 from tests.procs import Proc, RedisServer, Stack, answers, free_port, start_stack, wait_until
 
@@ -369,3 +371,68 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+class RedisCommandTime:
+    """Redis's own time in commands over a window: `INFO commandstats` (reset when the window
+    opens; as Redis counts, a script's commands count in their own lines and again in the
+    script's), and from `SLOWLOG` the calls that held Redis for over 1 ms, scripts named from
+    `scripts`. With `trace`, SLOWLOG records every call (at some cost to Redis) and the time is
+    also given by call, each script apart."""
+
+    SLOW_US = 1000
+    MAX_CALLS = 500_000
+
+    def __init__(
+        self, url: str, scripts: dict[str, str] | None = None, trace: bool = False
+    ) -> None:
+        self._redis = redis.Redis.from_url(url)
+        self._trace = trace
+        self._names = {
+            hashlib.sha1(text.encode()).hexdigest(): name for name, text in (scripts or {}).items()
+        }
+
+    def open(self) -> None:
+        self._redis.config_set("slowlog-log-slower-than", 0 if self._trace else self.SLOW_US)
+        self._redis.config_set("slowlog-max-len", self.MAX_CALLS)
+        self._redis.slowlog_reset()
+        self._redis.config_resetstat()
+
+    def close(self) -> dict[str, Any]:
+        stats = self._redis.info("commandstats")
+        log = self._redis.slowlog_get(self.MAX_CALLS)
+        self._redis.config_set("slowlog-log-slower-than", 10_000)
+        self._redis.slowlog_reset()
+        by_command = {name.removeprefix("cmdstat_"): int(s["usec"]) for name, s in stats.items()}
+        by_call: dict[str, int] = {}
+        calls: dict[str, int] = {}
+        longest: dict[str, int] = {}
+        slow = 0
+        for entry in log:
+            name, duration = self._call(bytes(entry["command"])), int(entry["duration"])
+            by_call[name] = by_call.get(name, 0) + duration
+            calls[name] = calls.get(name, 0) + 1
+            longest[name] = max(longest.get(name, 0), duration)
+            slow += duration > self.SLOW_US
+        return {
+            "usec": sum(by_command.values()),
+            "by_command_us": dict(sorted(by_command.items(), key=lambda kv: -kv[1])[:6]),
+            "calls_over_1ms": slow,
+            "longest_us": dict(sorted(longest.items(), key=lambda kv: -kv[1])[:4]),
+            **(
+                {
+                    "by_call_us": dict(sorted(by_call.items(), key=lambda kv: -kv[1])),
+                    "calls": calls,
+                    "longest_by_call_us": longest,
+                }
+                if self._trace
+                else {}
+            ),
+        }
+
+    def _call(self, command: bytes) -> str:
+        name, _, rest = command.partition(b" ")
+        if name.upper() != b"EVALSHA":
+            return name.decode().lower()
+        sha = rest.partition(b" ")[0].decode()
+        return "script " + self._names.get(sha, sha[:8])
