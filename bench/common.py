@@ -29,7 +29,8 @@ import redis
 from tests.procs import Proc, RedisServer, Stack, answers, free_port, start_stack, wait_until
 
 ROOT = Path(__file__).parents[1]
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / os.environ.get("SLUICE_BENCH_RESULTS", "bench/results")
+"""Where results go (`make bench-quick` sends its short runs elsewhere)."""
 
 
 def machine() -> dict[str, Any]:
@@ -162,7 +163,9 @@ async def timed_stream(client: httpx.AsyncClient, path: str, body: dict[str, Any
     return timing
 
 
-async def lean_stream(url: str, path: str, body: dict[str, Any]) -> Timing:
+async def lean_stream(
+    url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Timing:
     """`timed_stream` for a load generator that shares a core with what it measures: the same
     request and timings on a connection of its own, in plain asyncio streams (HTTP/1.1, `http:`
     only). An httpx client per stream costs about 1.5 ms of CPU per request here, four times
@@ -173,9 +176,10 @@ async def lean_stream(url: str, path: str, body: dict[str, Any]) -> Timing:
     if where.scheme != "http" or not where.hostname or not where.port:
         raise ValueError(f"lean_stream speaks plain HTTP to a host and port, not {url}")
     payload = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\n"
-        f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n"
+        f"Accept: text/event-stream\r\n{extra}Content-Length: {len(payload)}\r\n\r\n"
     )
     try:
         reader, writer = await asyncio.open_connection(where.hostname, where.port)
@@ -189,13 +193,13 @@ async def lean_stream(url: str, path: str, body: dict[str, Any]) -> Timing:
         head_in = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
         status_line, *lines = head_in.split("\r\n")
         fields = (line.partition(":") for line in lines if line)
-        headers = {name.strip().lower(): value.strip() for name, _, value in fields}
-        timing.headers = {k: headers.get(k, "") for k in HEADERS_KEPT}
+        received = {name.strip().lower(): value.strip() for name, _, value in fields}
+        timing.headers = {k: received.get(k, "") for k in HEADERS_KEPT}
         status = int(status_line.split(" ", 2)[1])
         if status != 200:
             timing.error = f"HTTP {status}: {(await reader.read(200))!r}"
             return timing
-        async for line in _body_lines(reader, headers):
+        async for line in _body_lines(reader, received):
             if take_line(timing, line, start):
                 break
     except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -234,13 +238,16 @@ async def _body_lines(reader: asyncio.StreamReader, headers: dict[str, str]) -> 
 
 
 async def concurrent_streams(
-    url: str, bodies: Sequence[dict[str, Any]], path: str = "/v1/chat/completions"
+    url: str,
+    bodies: Sequence[dict[str, Any]],
+    path: str = "/v1/chat/completions",
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[Timing], float]:
     """Every body streamed at once, each on a connection of its own (as separate users would,
     by `lean_stream`);
     returns their timings and the wall time from the first request to the last end."""
     start = time.perf_counter()
-    timings = await asyncio.gather(*(lean_stream(url, path, body) for body in bodies))
+    timings = await asyncio.gather(*(lean_stream(url, path, body, headers) for body in bodies))
     return list(timings), time.perf_counter() - start
 
 
