@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 from sse_starlette import ServerSentEvent
@@ -31,9 +30,8 @@ from shared.protocol import (
     from_fields,
     stream_key,
 )
-from shared.schema import ChunkEncoder, completion_body, error_envelope
+from shared.schema import ChunkEncoder, CollectedChoice, completion_body, error_envelope
 from shared.settings import Settings
-from shared.tools import accumulate_calls
 
 log = logging.getLogger("sluice.api")
 
@@ -145,14 +143,16 @@ class EventEncoder:
                 yield event(self.chunks.content("".join(text)), id=last_id)
                 text = []
             match entry:
-                case Delta():
-                    yield event(self.chunks.delta(entry), id=entry_id)
-                case Started():
+                case Started(choices=choices):
                     if self.chunks.is_chat and not self.role_sent:
                         self.role_sent = True
-                        yield event(self.chunks.role(), id=entry_id)
-                case Finished(reason, prompt_tokens, completion_tokens):
-                    yield event(self.chunks.finish(reason), id=entry_id)
+                        yield event(self.chunks.role(choices), id=entry_id)
+                case Delta():
+                    yield event(self.chunks.delta(entry), id=entry_id)
+                case Finished(reason, prompt_tokens, completion_tokens, choices):
+                    # Several choices' finish reasons went out with their last deltas.
+                    if choices == 1:
+                        yield event(self.chunks.finish(reason), id=entry_id)
                     if self.include_usage:
                         yield event(self.chunks.usage(prompt_tokens, completion_tokens))
                 case Failed(error):
@@ -229,21 +229,21 @@ async def collect(
     entries: AsyncIterator[Batch | Waiting], chunks: ChunkEncoder
 ) -> dict[str, object]:
     """The non-streaming response: the whole stream, gathered into one body."""
-    text: list[str] = []
-    calls: list[dict[str, Any]] = []
+    choices = [CollectedChoice()]
     async for batch in entries:
         if isinstance(batch, Waiting):
             continue
         for _, entry in batch:
             match entry:
+                case Started(choices=n):
+                    choices += [CollectedChoice() for _ in range(n - len(choices))]
                 case Token(piece):
-                    text.append(piece)
-                case Delta(_, piece, _, tool_calls):
-                    text.append(piece)
-                    accumulate_calls(calls, tool_calls or [])
+                    choices[0].text.append(piece)
+                case Delta(index=index) if index < len(choices):
+                    choices[index].add(entry)
                 case Finished(reason, prompt_tokens, completion_tokens):
                     return completion_body(
-                        chunks, "".join(text), reason, prompt_tokens, completion_tokens, calls
+                        chunks, choices, reason, prompt_tokens, completion_tokens
                     )
                 case Failed(error, status):
                     raise RemoteError(error, status)

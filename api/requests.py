@@ -10,8 +10,9 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from shared.errors import InvalidRequest
-from shared.schema import GenerationJob, SamplingRequest
+from shared.schema import ChatMessage, GenerationJob, SamplingRequest
 from shared.settings import Settings
+from shared.tools import check_tool_replies
 
 M = TypeVar("M", bound=BaseModel)
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -102,9 +103,16 @@ def check_token_limits(request: SamplingRequest, n_ctx: int | None) -> int | Non
     return limit
 
 
-def template_message(role: str, content: str) -> dict[str, Any]:
-    """A message as the chat template takes it; `developer` is the newer name for `system`."""
-    return {"role": "system" if role == "developer" else role, "content": content}
+def message_dicts(messages: list[ChatMessage], settings: Settings) -> list[dict[str, Any]]:
+    """The messages as a job carries them: text, or parts that are not all text (for an
+    engine; the llama worker refuses them); an assistant's calls, a tool's answer to one."""
+    out = [m.template_fields(i) for i, m in enumerate(messages)]
+    check_tool_replies(out)
+    with_parts = any(isinstance(m["content"], list) for m in out)
+    text = "".join(conversation_text(m) for m in out)
+    if text.strip() or not with_parts:  # an image may be the whole question
+        check_text(text, "messages", settings)
+    return out
 
 
 def check_messages(messages: list[dict[str, Any]], param: str, settings: Settings) -> None:
@@ -113,10 +121,12 @@ def check_messages(messages: list[dict[str, Any]], param: str, settings: Setting
 
 
 def conversation_text(message: dict[str, Any]) -> str:
+    """A message's text: its content's (or its text parts'), and its calls'."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        content = "".join(p.get("text") or "" for p in content if p.get("type") == "text")
     calls = message.get("tool_calls") or []
-    return (message.get("content") or "") + "".join(
-        c["function"]["name"] + c["function"]["arguments"] for c in calls
-    )
+    return content + "".join(c["function"]["name"] + c["function"]["arguments"] for c in calls)
 
 
 def new_stream_id() -> str:
@@ -139,6 +149,7 @@ def build_job(
     given, sluice's own `min_tokens` (the seed format's), never above the cap."""
     request.refuse_unsupported()
     max_tokens = check_token_limits(request, n_ctx) or default_max_tokens
+    logprobs, top_logprobs = request.logprob_options()
     given = request.model_fields_set
     return GenerationJob(
         stream_id=new_stream_id(),
@@ -153,5 +164,10 @@ def build_job(
         seed=request.seed,
         presence_penalty=request.presence_penalty if "presence_penalty" in given else None,
         frequency_penalty=request.frequency_penalty if "frequency_penalty" in given else None,
+        n=request.n,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        logit_bias=request.token_biases,
+        extra=request.extra,
         **(tool_fields or {}),
     )

@@ -103,6 +103,7 @@ class _Message:
     """An output item of text."""
 
     text: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
 
 
@@ -182,8 +183,8 @@ class ResponseEvents:
                     return [self._with_response("response.in_progress")]
             case Token(text):
                 return self._text(text)
-            case Delta(0, text, _, tool_calls):
-                events = self._text(text) if text else []
+            case Delta(0, text, logprobs, tool_calls):
+                events = self._text(text, logprobs or []) if text or logprobs else []
                 for delta in tool_calls or []:
                     events += self._call_delta(delta)
                 return events
@@ -202,14 +203,18 @@ class ResponseEvents:
                 return [self._with_response("response.failed")]
         return []
 
-    def _text(self, text: str) -> list[Event]:
+    def _text(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[Event]:
         events = []
         if not self.items or not isinstance(self.items[-1], _Message) or self.items[-1].done:
             events = self._close() + self._open_message()
         message = self.items[-1]
         assert isinstance(message, _Message)
         message.text.append(text)
-        return [*events, self._content_event("response.output_text.delta", delta=text, logprobs=[])]
+        message.logprobs += logprobs or []
+        delta = self._content_event(
+            "response.output_text.delta", delta=text, logprobs=logprobs or []
+        )
+        return [*events, delta]
 
     def _call_delta(self, delta: dict[str, Any]) -> list[Event]:
         function = delta.get("function") or {}
@@ -234,7 +239,7 @@ class ResponseEvents:
         index = len(self.items) - 1
         return [
             self._event("response.output_item.added", output_index=index, item=self._item(index)),
-            self._part_event("response.content_part.added", ""),
+            self._part_event("response.content_part.added", _Message()),
         ]
 
     def _close(self) -> list[Event]:
@@ -253,8 +258,8 @@ class ResponseEvents:
         else:
             text = "".join(last.text)
             events = [
-                self._content_event("response.output_text.done", text=text, logprobs=[]),
-                self._part_event("response.content_part.done", text),
+                self._content_event("response.output_text.done", text=text, logprobs=last.logprobs),
+                self._part_event("response.content_part.done", last),
             ]
         index = len(self.items) - 1
         item = self._item(index)
@@ -336,7 +341,7 @@ class ResponseEvents:
                 "name": item.name,
                 "arguments": "".join(item.arguments),
             }
-        content = [self._part("".join(item.text))] if item.done or item.text else []
+        content = [self._part(item)] if item.done or item.text else []
         return {
             "id": self._item_id(index),
             "type": "message",
@@ -346,11 +351,12 @@ class ResponseEvents:
         }
 
     @staticmethod
-    def _part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": []}
+    def _part(message: _Message) -> dict[str, Any]:
+        part = {"type": "output_text", "text": "".join(message.text), "annotations": []}
+        return part | {"logprobs": message.logprobs} if message.logprobs else part
 
-    def _part_event(self, kind: str, text: str) -> Event:
-        return self._content_event(kind, part=self._part(text))
+    def _part_event(self, kind: str, message: _Message) -> Event:
+        return self._content_event(kind, part=self._part(message))
 
     def _item_event(self, kind: str, **fields: Any) -> Event:
         """An event about the last output item."""

@@ -22,6 +22,9 @@ from shared.errors import ErrorBody, StreamTruncated
 PREFIX = "sluice:"
 QUEUE_PREFIX = PREFIX + "queue:"
 """Followed by a model's name: that model's arq queue (see `queue_name`)."""
+WAITING_PREFIX = PREFIX + "waiting:"
+"""Followed by a model's name: the jobs of its queue that no worker has taken yet (arq keeps a
+running job in its queue until it ends), so that a worker's claim looks at those only."""
 WAKE_PREFIX = PREFIX + "wake:"
 """Followed by a model's name: the Pub/Sub channel its workers listen on (see `wake_channel`)."""
 JOB_FUNCTION = "generate"
@@ -39,15 +42,22 @@ by every heartbeat of its workers and never expired, so that a model whose worke
 (503) can be told from one never served (404)."""
 READERS_KEY = PREFIX + "readers"
 """Sorted set: stream id -> when an API process last saw a client reading it (ms)."""
-HELD_KEY = PREFIX + "held"
-"""Sorted set: job id (an attempt) -> when its worker last said it still runs it (Redis's
-clock, ms), written by every heartbeat for each running job. A live worker that no longer lists
-an attempt it claimed has dropped it, and the supervisor acts as for a dead worker."""
+ORPHANS_KEY = PREFIX + "orphans"
+"""Sorted set: job id (an attempt) -> from when it may have no worker (Redis's clock, ms): a job
+a worker took from the queue, a worker TTL after it was taken, until the worker claims its
+stream; and at once (score 0) the attempts of a worker that died (see `jobs_key`), let go of
+them, or gave them back. The supervisor looks at those whose time has come, and only those."""
+JOBS_PREFIX = PREFIX + "jobs:"
+"""Followed by a worker id: the set of attempts it runs (see `jobs_key`)."""
 CANCEL_CHANNEL = PREFIX + "cancel"
 """Pub/Sub channel: `<stream id> <reason>` for a generation to stop (see `StopReason`)."""
 ACTIVE_KEY = PREFIX + "active"
-"""Sorted set: stream id -> when it was submitted (Redis's clock, ms), until its stream ends.
-The supervisor's worklist."""
+"""Sorted set: stream id -> when it was submitted (Redis's clock, ms), until its stream ends:
+the streams open in the deployment."""
+DUE_KEY = PREFIX + "due"
+"""Sorted set: stream id -> when the supervisor must next decide what becomes of it (Redis's
+clock, ms): its queue timeout while queued, its job deadline while running, the end of its
+resume grace while unread. The supervisor looks only at streams that are due."""
 SUPERVISOR_KEY = PREFIX + "supervisor"
 """The supervisor's lease: the id of the one API process that supervises jobs, with a TTL."""
 WORKER_BUSY_KEY = PREFIX + "worker-busy"
@@ -73,6 +83,16 @@ def queue_name(model: str) -> str:
     return QUEUE_PREFIX + model
 
 
+def jobs_key(worker_id: str) -> str:
+    """Set: the attempts `worker_id` runs, from its claim of a stream to the stream's end. A
+    worker gone quiet for a TTL is buried: its attempts become orphans."""
+    return JOBS_PREFIX + worker_id
+
+
+def waiting_key(model: str) -> str:
+    return WAITING_PREFIX + model
+
+
 def serving_key(model: str) -> str:
     """Sorted set: worker id -> last heartbeat (ms), for the workers of `model` whose backend
     can serve. One whose backend cannot (an upstream that does not answer) leaves it but still
@@ -93,6 +113,9 @@ def stream_key(stream_id: str) -> str:
     return STREAM_PREFIX + stream_id
 
 
+META_PREFIX = PREFIX + "meta:"
+
+
 def meta_key(stream_id: str) -> str:
     """Hash: what a resumed relay needs (`StreamMeta`), which job attempt is current (`job`,
     the fencing token of every append), and the supervisor's facts: `queued` and `started`
@@ -101,7 +124,7 @@ def meta_key(stream_id: str) -> str:
     `entry_cap`), `pinned` (a background response: it runs whoever reads it) and `keep` (the
     TTL its stream and metadata get at the end, where it is not the stream TTL: a stored
     response's). Set by a cancel: `cancel`, which the next append of a token sees."""
-    return f"{PREFIX}meta:{stream_id}"
+    return META_PREFIX + stream_id
 
 
 def job_id(stream_id: str, attempt: int) -> str:
@@ -157,14 +180,22 @@ def worker_ttl_ms(heartbeat_s: float) -> int:
     return int(heartbeat_s * 3 * 1000)
 
 
+def job_deadline_ms(job_timeout_s: float, heartbeat_s: float) -> int:
+    """How long after its claim the supervisor ends a stream still generating: the job timeout,
+    and a worker TTL more, so that the worker's own timeout comes first."""
+    return int(job_timeout_s * 1000) + worker_ttl_ms(heartbeat_s)
+
+
 ENTRY_CAP_SLACK = 8
 
 
-def entry_cap(max_tokens: int) -> int:
-    """The most entries a stream of at most `max_tokens` tokens can need: a token entry holds
-    at least one token, and `Started` and the terminal entry are one each. A stream is capped
-    there (XADD MAXLEN), so trimming never takes an entry of its own."""
-    return max_tokens + ENTRY_CAP_SLACK
+def entry_cap(max_tokens: int, choices: int = 1) -> int:
+    """The most entries a stream of `choices` answers of at most `max_tokens` tokens each can
+    need: a token entry (or delta) holds at least one token, each choice's finish reason may
+    come in a delta of its own, and `Started` and the terminal entry are one each. A stream is
+    capped there (XADD MAXLEN), so trimming never takes an entry of its own."""
+    extra_finishes = choices if choices > 1 else 0
+    return choices * max_tokens + extra_finishes + ENTRY_CAP_SLACK
 
 
 def now_ms() -> int:
@@ -237,6 +268,8 @@ class Started:
     prompt_tokens: int
     claimed_ms: int | None = None
     """When the worker claimed the job (Redis's clock): the end of its wait in the queue."""
+    choices: int = 1
+    """How many answers the stream holds (`n`): each gets its role chunk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,13 +288,19 @@ class Delta:
     logprobs: list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     finish_reason: FinishReason | None = None
+    offset: int | None = None
+    """Where `text` starts in its choice's answer (characters), given with `logprobs`: the
+    legacy completions shape counts each token's `text_offset` from it."""
 
 
 @dataclass(frozen=True, slots=True)
 class Finished:
     reason: FinishReason
+    """Choice 0's; with several choices, each one's came in its last `Delta`."""
     prompt_tokens: int
     completion_tokens: int
+    """Summed over the choices."""
+    choices: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,10 +326,16 @@ def encode(entry: Entry) -> EntryFields:
             return "t", text
         case Delta():
             return "d", _delta_json(entry)
-        case Started(worker, prompt_tokens, claimed_ms):
-            return "s", json.dumps({"w": worker, "p": prompt_tokens, "c": claimed_ms})
-        case Finished(reason, prompt_tokens, completion_tokens):
-            return "f", json.dumps({"r": reason, "p": prompt_tokens, "c": completion_tokens})
+        case Started(worker, prompt_tokens, claimed_ms, choices):
+            started: dict[str, Any] = {"w": worker, "p": prompt_tokens, "c": claimed_ms}
+            if choices > 1:
+                started["n"] = choices
+            return "s", json.dumps(started)
+        case Finished(reason, prompt_tokens, completion_tokens, choices):
+            finished: dict[str, Any] = {"r": reason, "p": prompt_tokens, "c": completion_tokens}
+            if choices > 1:
+                finished["n"] = choices
+            return "f", json.dumps(finished)
         case Failed(error, None):
             return "e", json.dumps(error)
         case Failed(error, status):
@@ -309,6 +354,8 @@ def _delta_json(delta: Delta) -> str:
         fields["tc"] = delta.tool_calls
     if delta.finish_reason is not None:
         fields["r"] = delta.finish_reason
+    if delta.offset is not None:
+        fields["o"] = delta.offset
     return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -329,11 +376,12 @@ def decode(kind: bytes, payload: bytes) -> Entry:
             data.get("lp"),
             data.get("tc"),
             None if reason is None else finish_reason(reason),
+            data.get("o"),
         )
     if kind == b"s":
-        return Started(data["w"], data["p"], data.get("c"))
+        return Started(data["w"], data["p"], data.get("c"), data.get("n", 1))
     if kind == b"f":
-        return Finished(finish_reason(data["r"]), data["p"], data["c"])
+        return Finished(finish_reason(data["r"]), data["p"], data["c"], data.get("n", 1))
     if kind == b"e":
         return Failed(data["error"], data["status"]) if "status" in data else Failed(data)
     raise ValueError(f"unknown stream entry kind {kind!r}")

@@ -3,7 +3,7 @@ engine as sent, and what comes back is OpenAI's canonical shape whatever the eng
 each reproduced by a scripted engine (tests/upstreams.py `ScriptedEngine`, mode `script`). A
 tool-call stream resumes at any entry, inside a call's arguments too, on chat and Responses.
 
-The module's stack runs on database 10.
+The module's stacks run on databases 49 and 50.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def engine() -> Iterator[ScriptedEngine]:
 def engine_stack(redis_server: RedisServer, engine: ScriptedEngine) -> Iterator[Stack]:
     stack = start_stack(
         "tools-engines",
-        redis_server.fresh_url(10),
+        redis_server.fresh_url(49),
         1,
         backend="openai",
         upstream_url=engine.v1,
@@ -301,12 +301,12 @@ async def test_a_function_call_response_replays_from_any_event(
 
 @pytest.fixture(scope="module")
 def llama_server_stack(redis_server: RedisServer, llama_server: LlamaServer) -> Iterator[Stack]:
-    """An `openai` worker in front of llama.cpp's own server (database 13). Its structured
+    """An `openai` worker in front of llama.cpp's own server (database 50). Its structured
     outputs are llama-server's own grammar; its tool calling on SmolLM2 answers plain text even
     under `tool_choice: required`, so only the scripted engine above tests calls through one."""
     stack = start_stack(
         "tools-llama-server",
-        redis_server.fresh_url(13),
+        redis_server.fresh_url(50),
         1,
         backend="openai",
         upstream_url=llama_server.v1,

@@ -15,15 +15,23 @@ from redis.exceptions import RedisError
 from shared import tracing
 from shared.errors import GenerationFailed, RemoteError, SluiceError
 from shared.logs import bind
-from shared.protocol import Attempt, Delta, Entry, Failed, Finished, FinishReason, Started
+from shared.protocol import (
+    Attempt,
+    Entry,
+    Failed,
+    Finished,
+    Started,
+    job_deadline_ms,
+    jobs_key,
+)
 from shared.schema import GenerationJob
 from shared.settings import Settings
-from worker.backends import BackendError, Generation, Piece
+from worker.backends import BackendError, Generation
+from worker.choices import Answer
 from worker.context import WorkerContext
 from worker.control import HandedBack, StopSignal
 from worker.give_back import GiveBack
 from worker.metrics import TOKENS
-from worker.text import TextAssembler
 from worker.writer import Fenced, TextLost
 
 log = logging.getLogger("sluice.worker")
@@ -49,6 +57,8 @@ class Job:
         self.attempt = Attempt(request.stream_id, job_id)
         self.enqueued = enqueued
         self.first_piece_ms: float | None = None
+        self.settled = False
+        """Nothing more is this attempt's to do: it wrote the stream's end, or lost the stream."""
         self.engine_counts_prompt = False
         """Its backend's engine says how long the prompt was only at the end (`ends_itself`)."""
 
@@ -63,7 +73,7 @@ class Job:
         span = tracing.start_span("generate", parent=parent)
         if span is not None:
             span.set_attribute("sluice.worker", self.worker.worker_id)
-        signal = self.worker.control.watch(self.request.stream_id, self.attempt.job)
+        signal = self.worker.control.watch(self.request.stream_id)
         if cancelled:
             signal.stop("cancelled")
         try:
@@ -72,12 +82,16 @@ class Job:
             # The supervisor ended the stream or gave it to a newer attempt while this one was
             # presumed dead (a frozen process, a long pause): it has nothing more to say.
             log.warning("job %s lost its stream to the supervisor; stopped", self.attempt.job)
+            self.settled = True
         except HandedBack:
             log.warning(
                 "job %s given back: its engine does not answer, another worker's does",
                 self.attempt.job,
             )
+            self.settled = True
         finally:
+            if not self.settled:  # it stops without its stream's end: the supervisor sees to it
+                self.worker.control.let_go(self.attempt.job)
             self.worker.control.release(self.request.stream_id)
             if span is not None:
                 span.end()
@@ -88,10 +102,15 @@ class Job:
         start_ns = int(self.enqueued.timestamp() * 1_000_000_000)
         queue_span = tracing.start_span("queue", parent=parent, start_ns=start_ns)
         worker, attempt = self.worker, self.attempt
+        settings = worker.settings
+        deadline_ms = job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s)
         outcome, *claimed_ms = await persist(
             f"claiming {attempt.job}",
-            lambda: worker.claim(keys=[attempt.meta_key], args=[attempt.job, worker.worker_id]),
-            worker.settings,
+            lambda: worker.claim(
+                keys=[attempt.meta_key, jobs_key(worker.worker_id)],
+                args=[attempt.job, worker.worker_id, attempt.stream_id, deadline_ms],
+            ),
+            settings,
         )
         if queue_span is not None:
             queue_span.end()
@@ -129,7 +148,7 @@ class Job:
         # the first token waits for it, and a refused one (`Fenced`) stops the job there.
         started = writer.append(
             self.attempt,
-            Started(self.worker.worker_id, generation.prompt_tokens, claimed_ms),
+            Started(self.worker.worker_id, generation.prompt_tokens, claimed_ms, self.request.n),
             expire_s=int(settings.stream_ttl_s + settings.job_timeout_s),
         )
         started.add_done_callback(_retrieved)
@@ -147,57 +166,28 @@ class Job:
         started: asyncio.Future[str],
         asked: float,
     ) -> Finished:
-        """The backend's pieces, as text and rich deltas, to the stream, until it ends, a stop
-        string or `max_tokens`; how it finished."""
-        request = self.request
-        texts: dict[int, TextAssembler] = {}
-        produced = 0
-        reason: FinishReason = "stop"
+        """The backend's pieces, as text (and deltas), to the stream, until it ends, or every
+        choice has met a stop string or `max_tokens`; how it finished."""
+        answer = Answer(self.request, generation, self.worker.writer, self.attempt)
         # Closing the pieces ends the backend's work (an engine's request, a sequence) at once.
         async with (
             giving_back.failing(),
             signal.interrupting(),
             aclosing(generation.pieces) as pieces,
         ):
-            async for item in pieces:
+            async for piece in pieces:
                 if self.first_piece_ms is None:
                     self.first_piece_ms = (asyncio.get_running_loop().time() - asked) * 1000
                     if await giving_back.stop():
                         raise HandedBack()
                     await started
-                produced += 1
-                piece = item if isinstance(item, Piece) else Piece(item)
-                text = texts.get(piece.index)
-                if text is None:
-                    text = texts[piece.index] = TextAssembler(request.stop)
-                await self.write(piece, text)
+                ended = await answer.take(piece)
                 if signal.stopped:
                     raise signal.error()
-                if piece.finish_reason is not None and piece.index == 0:
-                    reason = piece.finish_reason
-                if text.stopped:
-                    break
-                if produced >= request.max_tokens and not generation.ends_itself:
-                    reason = "length" if reason == "stop" else reason
+                if ended:
                     break
         await started
-        for index, text in sorted(texts.items()):
-            if tail := text.flush():
-                await self.write(Piece(b"", index), text, tail)
-        return generation.finished or Finished(reason, generation.prompt_tokens, produced)
-
-    async def write(self, piece: Piece, text: TextAssembler, tail: str = "") -> None:
-        """One piece to the stream: a plain token entry for choice 0's bare text (the hot path),
-        else a rich delta. Choice 0's finish reason is the terminal entry's, not its delta's."""
-        writer = self.worker.writer
-        out = text.feed(piece.text) + tail
-        reason = piece.finish_reason if piece.index > 0 else None
-        if piece.index == 0 and not (piece.logprobs or piece.tool_calls or reason):
-            if out:
-                await writer.send(self.attempt, out)
-            return
-        delta = Delta(piece.index, out, piece.logprobs, piece.tool_calls, reason)
-        await writer.send_delta(self.attempt, delta)
+        return await answer.end()
 
     async def finish(self, entry: Entry) -> None:
         """The terminal entry. It must land even if this task is being cancelled (arq's habit
@@ -209,6 +199,7 @@ class Job:
             return writer.append(self.attempt, entry, expire_s=settings.stream_ttl_s)
 
         await asyncio.shield(persist(f"ending {self.attempt.job}", append, settings))
+        self.settled = True
 
     def log_finished(self, end: Finished) -> None:
         # The backend's own time to first token (an engine's, seen from here): what a client's

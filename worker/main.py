@@ -17,7 +17,6 @@ from shared.arq_internals import ClaimingWorker
 from shared.loops import LoopGroup
 from shared.protocol import (
     CANCEL_CHANNEL,
-    HELD_KEY,
     JOB_FUNCTION,
     MODELS_KEY,
     WORKER_BUSY_KEY,
@@ -25,9 +24,12 @@ from shared.protocol import (
     WORKER_MODELS_KEY,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
+    job_deadline_ms,
+    jobs_key,
     new_worker_id,
     queue_name,
     serving_key,
+    waiting_key,
     wake_channel,
     worker_ttl_ms,
 )
@@ -70,9 +72,14 @@ class SluiceWorker(ClaimingWorker):
         self._wake = asyncio.Event()
         self._loops = LoopGroup(log)
         self._control = JobControl()
+        # Its set of attempts, and the workers' set, outlive its last beat: the supervisor buries
+        # a worker that died, and its attempts become orphans.
+        self._jobs_ttl_ms = 2 * job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s)
         options: dict[str, Any] = {
             "functions": [func(generate, name=JOB_FUNCTION)],
             "queue_name": queue_name(backend.model),
+            "waiting_key": waiting_key(backend.model),
+            "orphan_after_ms": worker_ttl_ms(settings.heartbeat_s),
             "redis_pool": worker_redis(
                 settings.redis_url, settings.worker_redis_connections, self.worker_id
             ),
@@ -138,6 +145,7 @@ class SluiceWorker(ClaimingWorker):
                 for key in WORKER_HASHES:
                     pipe.hdel(key, self.worker_id)
                 pipe.zrem(serving_key(self.backend.model), self.worker_id)
+                pipe.delete(jobs_key(self.worker_id))
                 await pipe.execute()
         self.backend.close()
 
@@ -176,8 +184,15 @@ class SluiceWorker(ClaimingWorker):
 
     async def _beat_once(self) -> None:
         backend = self.backend
+        let_go = self._control.to_report()
         await self._heartbeat(
-            keys=[WORKERS_KEY, *WORKER_HASHES, serving_key(backend.model), MODELS_KEY, HELD_KEY],
+            keys=[
+                WORKERS_KEY,
+                *WORKER_HASHES,
+                serving_key(backend.model),
+                MODELS_KEY,
+                jobs_key(self.worker_id),
+            ],
             args=[
                 self.worker_id,
                 worker_ttl_ms(self.settings.heartbeat_s),
@@ -187,9 +202,11 @@ class SluiceWorker(ClaimingWorker):
                 backend.model,
                 int(backend.available),
                 "" if backend.n_ctx is None else backend.n_ctx,
-                *self._control.running(),
+                self._jobs_ttl_ms,
+                *let_go,
             ],
         )
+        self._control.reported(let_go)
 
     async def _beat(self) -> None:
         while True:

@@ -9,7 +9,7 @@ from sse_starlette import EventSourceResponse
 from api.auth import PrincipalDep
 from api.deps import GatewayDep
 from api.openapi import ERRORS, generated, json_body
-from api.requests import build_job, check_messages, check_text, parse, read_json_object
+from api.requests import build_job, check_text, message_dicts, parse, read_json_object
 from shared.errors import InvalidRequest
 from shared.schema import ChatCompletion, ChatCompletionRequest, SeedRequest
 
@@ -62,8 +62,7 @@ async def chat_completions(
     if "messages" not in body:
         raise InvalidRequest("one of 'messages' or 'prompt' is required", param="messages")
     chat = parse(ChatCompletionRequest, body)
-    messages = chat.message_fields()
-    check_messages(messages, "messages", settings)
+    messages = message_dicts(chat.messages, settings)
     tool_fields = chat.tool_fields()
     model = await gateway.route(chat)
     job = build_job(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from shared.errors import UnsupportedParameter
 from shared.protocol import Finished, FinishReason
 from shared.schema import GenerationJob
 from shared.settings import Settings
@@ -14,8 +15,8 @@ from shared.settings import Settings
 @dataclass(frozen=True, slots=True)
 class Piece:
     """One token's worth of a choice, with what plain bytes cannot carry: tool-call deltas in
-    OpenAI's canonical shape (worker/tool_calls.py), logprobs, the choice's finish reason. A
-    backend may yield plain `bytes` instead: `Piece(text)`."""
+    OpenAI's canonical shape, logprobs, the choice's finish reason (a piece of its own, with no
+    text, at the choice's end). A backend may yield plain `bytes` instead: `Piece(text)`."""
 
     text: bytes
     index: int = 0
@@ -40,6 +41,8 @@ class Generation:
     pieces: AsyncGenerator[bytes | Piece, None]
     ends_itself: bool = False
     finished: Finished | None = None
+    stop_choice: Callable[[int], None] | None = None
+    """Stops generating one choice of several (a stop string ended it), where the backend can."""
 
 
 class Backend(Protocol):
@@ -57,6 +60,21 @@ class Backend(Protocol):
     async def start(self, job: GenerationJob) -> Generation: ...
 
     def close(self) -> None: ...
+
+
+def text_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """A job's messages, for a backend that reads text only: a content part that is not text
+    (an image, audio: they go to engines as they came) is refused here, by name."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        for n, part in enumerate(content if isinstance(content, list) else ()):
+            if part.get("type") != "text":
+                raise UnsupportedParameter(
+                    f"content parts of type {part.get('type')!r} are not supported by this "
+                    "model; only 'text'",
+                    param=f"messages[{i}].content[{n}].type",
+                )
+    return messages
 
 
 class BackendError(RuntimeError):

@@ -94,7 +94,7 @@ class ToolUse:
         }
         return {"anyOf": [call, answer]}
 
-    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The conversation as the template takes it: the tools and the answer's format in the
         system prompt, earlier calls and their answers as JSON text."""
         if self.required:
@@ -102,12 +102,19 @@ class ToolUse:
         else:
             respond = RESPOND_EITHER
         prompt = CALL_INTRO + json.dumps(self.tools, indent=2) + "\n\n" + respond
-        out = [_as_text(m, _call_names(messages)) for m in messages]
+        out = plain_turns(messages)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
         else:
             out.insert(0, {"role": "system", "content": prompt})
         return out
+
+
+def plain_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with earlier calls and their answers as JSON text, for a template that
+    knows neither (with no tools offered now too: `tool_choice` "none")."""
+    names = _call_names(messages)
+    return [_as_text(m, names) for m in messages]
 
 
 def _call_names(messages: list[dict[str, Any]]) -> dict[str, str]:
@@ -116,7 +123,7 @@ def _call_names(messages: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
-def _as_text(message: dict[str, Any], names: dict[str, str]) -> dict[str, str]:
+def _as_text(message: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     content = message.get("content") or ""
     if calls := message.get("tool_calls"):
         made = [
@@ -129,7 +136,7 @@ def _as_text(message: dict[str, Any], names: dict[str, str]) -> dict[str, str]:
         name = names.get(message.get("tool_call_id") or "", "")
         reply = {"tool_response": {"tool": name, "content": content}}
         return {"role": "user", "content": json.dumps(reply, ensure_ascii=False)}
-    return {"role": message["role"], "content": content}
+    return message | {"content": content}
 
 
 def _json_or_text(text: str) -> Any:

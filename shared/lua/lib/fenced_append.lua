@@ -8,13 +8,16 @@
 -- cancelled stream: the worker learns of a cancel at its next token, whatever became of the
 -- broadcast).
 -- A stream keeps at most its metadata's `cap` entries. A terminal entry (`f`, `e`) ends the
--- stream, gives it and its metadata their TTL (the metadata's `keep` where set), closes it for
--- its owner's concurrent streams and charges a finished one's tokens to its owner and to the
--- deployment's tokens per minute. `ttl` '0': the stream's TTL is left as it is.
+-- stream: gives it and its metadata their TTL (the metadata's `keep` where set), closes it
+-- (open streams, its owner's concurrent streams, its worker's attempts, the supervisor's due
+-- and orphan marks) and
+-- charges a finished one's tokens to its owner and to the deployment's tokens per minute.
+-- `ttl` '0': the stream's TTL is left as it is.
 local function fenced_append(stream, meta, job, kind, payload, ttl)
-  local current = if_current(meta, job, 'owner', 'cap', 'keep', 'cancel')
+  local current = if_current(meta, job, 'owner', 'cap', 'keep', 'cancel', 'worker')
   if not current then return 'fenced' end
-  local owner, cap, keep, cancelled = current[3], current[4], current[5], current[6]
+  local owner, cap, keep, cancelled, worker = current[3], current[4], current[5], current[6],
+    current[7]
   if (kind == 't' or kind == 'd') and cancelled then return 'cancelled' end
   local id
   if cap then
@@ -26,9 +29,14 @@ local function fenced_append(stream, meta, job, kind, payload, ttl)
     ttl = keep or ttl
     redis.call('HSET', meta, 'ended', id)
     redis.call('EXPIRE', meta, ttl)
+    local stream_id = string.sub(stream, #'${STREAM_PREFIX}' + 1)
+    redis.call('ZREM', '${ACTIVE_KEY}', stream_id)
+    redis.call('ZREM', '${DUE_KEY}', stream_id)
+    redis.call('ZREM', '${ORPHANS_KEY}', job)
+    if worker then redis.call('SREM', '${JOBS_PREFIX}' .. worker, job) end
     local tokens = kind == 'f' and cjson.decode(payload)['c']
     if owner then
-      redis.call('ZREM', '${KEY_STREAMS_PREFIX}' .. owner, string.sub(stream, #'${STREAM_PREFIX}' + 1))
+      redis.call('ZREM', '${KEY_STREAMS_PREFIX}' .. owner, stream_id)
       if tokens then window_add('${KEY_TOKENS_PREFIX}' .. owner, redis_now_ms(), tokens) end
     end
     if tokens then window_add('${TOKENS_KEY}', redis_now_ms(), tokens) end
