@@ -20,7 +20,7 @@ import redis
 from arq.jobs import serialize_job
 
 from shared.arq_internals import ClaimingWorker, job_deserializer, job_key, job_serializer
-from shared.protocol import JOB_FUNCTION, queue_name, wake_channel
+from shared.protocol import JOB_FUNCTION, queue_name, waiting_key, wake_channel
 from shared.redis_url import RedisURLError, arq_redis_settings
 from tests.prereqs import require
 from tests.procs import (
@@ -269,7 +269,9 @@ async def test_worker_does_not_unpickle_a_job_written_into_redis_and_serves_the_
     with redis.Redis.from_url(password_stack.redis_url) as r:
         seconds, micros = r.time()
         r.psetex(job_key(arq_job_id), 60_000, pickled_job(path))
-        r.zadd(queue_name("synthetic"), {arq_job_id: seconds * 1000 + micros // 1000})
+        now_ms = seconds * 1000 + micros // 1000
+        r.zadd(queue_name("synthetic"), {arq_job_id: now_ms})
+        r.zadd(waiting_key("synthetic"), {arq_job_id: now_ms})
         r.publish(wake_channel("synthetic"), arq_job_id)
         # The worker has taken the job (and failed it) when arq's record of it is gone.
         await eventually(lambda: not r.exists(job_key(arq_job_id)), "the worker to take the job")
@@ -297,7 +299,9 @@ def test_job_records_are_json_and_read_back() -> None:
 @pytest.mark.parametrize("option", ["job_serializer", "job_deserializer"])
 def test_claiming_worker_refuses_a_job_serializer_other_than_json(option: str) -> None:
     with pytest.raises(ValueError, match="JSON"):
-        ClaimingWorker(functions=[], **{option: pickle.loads})
+        ClaimingWorker(
+            functions=[], waiting_key="waiting", orphan_after_ms=3000, **{option: pickle.loads}
+        )
 
 
 def assert_names_no_redis_address(text: str, host: str, port: int) -> None:
