@@ -1,4 +1,5 @@
-"""`SLUICE_REDIS_URL`, read the same way by the API and the worker (issue 13).
+"""How the API and the worker reach Redis: one URL (issue 13), or the master that Sentinels name
+(issue 24), read the same way by both.
 
 The API's pool comes from redis-py's `from_url`, which reads the URL with `parse_url`: host,
 port, database, a percent-encoded user and password, `rediss://` for TLS and query options such
@@ -12,15 +13,40 @@ The worker's pool is built here too, not by arq, so that it is bounded (issue 15
 opens a connection for every command sent while the others are busy, and a worker starting a
 burst of jobs sends a few per job at once (arq's read of the job and its finish, the stream's
 claim), so its connections grew with its jobs (46 to 93 for 1000 jobs, bench/worker_connections.py).
+
+**Sentinel** (`SLUICE_REDIS_SENTINELS`). The data nodes are the URL's (password, user,
+database, TLS and its options), at the address the Sentinels give for the master; the URL's own
+host and port are not used. arq's `RedisSettings(sentinel=True, …)` would drop the bound, the
+retry and TLS, so the pool is redis-py's `SentinelConnectionPool` made blocking
+(`SentinelBlockingPool`): the same bound, TLS on the data nodes, and, as a Sentinel client
+must, no connection kept to a master that is no longer the master. redis-py asks the Sentinels
+only when it opens a connection; a connection already open to a master that the Sentinels have
+replaced (a graceful failover, or a frozen master that wakes) would go on reading and writing
+there, where every write is lost when it is made a replica. So `watch_master` asks every
+`MASTER_CHECK_S`, and on a change every connection to the old address is closed, in use or not:
+a blocked read ends with a connection error at once, and whatever was in flight is retried on
+the new master by its caller. Each command also gives up after `SLUICE_REDIS_SOCKET_TIMEOUT_S`,
+so one sent to a frozen master cannot hang.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from typing import Any
 
+import redis
+import redis.sentinel
 from arq.connections import ArqRedis, RedisSettings
-from redis.asyncio import BlockingConnectionPool
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio import BlockingConnectionPool, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import RedisError
+
+from shared.settings import Settings
+
+log = logging.getLogger("sluice.redis")
 
 TLS_OPTIONS = (
     "ssl_keyfile",
@@ -57,6 +83,10 @@ QUERY_OPTIONS = (
     *TLS_OPTIONS,
 )
 """The query options the worker honours as the API does."""
+SENTINEL_TIMEOUT_S = 1.0
+"""How long a Sentinel may take to connect or answer before the next one is asked."""
+MASTER_CHECK_S = 0.5
+"""How often a pool asks the Sentinels which node is the master (`watch_master`)."""
 
 
 class RedisURLError(ValueError):
@@ -90,10 +120,97 @@ def arq_redis_settings(url: str) -> RedisSettings:
     return RedisSettings(ssl=tls, **{_ARQ_FIELDS[name]: v for name, v in options.items()})
 
 
-def worker_redis(url: str, max_connections: int, worker_id: str) -> ArqRedis:
+def _data_node_options(settings: Settings) -> dict[str, Any]:
+    """With Sentinels: what the URL says of the data nodes, less where they are."""
+    tls, options = parse(settings.redis_url)
+    if "path" in options:
+        raise RedisURLError("SLUICE_REDIS_URL: a unix:// socket cannot be used with Sentinels")
+    options.pop("host", None)
+    options.pop("port", None)
+    return {"ssl": tls, "socket_timeout": settings.redis_socket_timeout_s, **options}
+
+
+def _sentinels(settings: Settings) -> Sentinel:
+    password = settings.redis_sentinel_password
+    return Sentinel(  # type: ignore[no-untyped-call]
+        settings.sentinel_addresses,
+        sentinel_kwargs={
+            "password": password.get_secret_value() if password else None,
+            "socket_timeout": SENTINEL_TIMEOUT_S,
+            "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+        },
+    )
+
+
+class SentinelBlockingPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's Sentinel pool, bounded as `BlockingConnectionPool` is, that keeps no
+    connection to a node once the Sentinels name another master (see the module's doc)."""
+
+    def __init__(self, service_name: str, sentinels: Sentinel, **options: Any) -> None:
+        super().__init__(service_name, sentinels, **options)  # type: ignore[no-untyped-call]
+
+    async def get_master_address(self) -> tuple[str, int]:
+        address: tuple[str, int] = await self.sentinel_manager.discover_master(self.service_name)
+        if self.master_address is not None and address != self.master_address:
+            log.warning("Redis master moved to %s:%s; reconnecting", *address)
+        self.master_address = address
+        await self._drop_stale()
+        return address
+
+    async def release(self, connection: AbstractConnection) -> None:
+        if self._stale(connection):
+            await connection.disconnect()  # it reconnects, to the master, when next used
+        await super().release(connection)
+
+    def _stale(self, connection: AbstractConnection) -> bool:
+        address = getattr(connection, "host", None), getattr(connection, "port", None)
+        return self.master_address is not None and address != tuple(self.master_address)
+
+    async def _drop_stale(self) -> None:
+        connections = [*self._available_connections, *self._in_use_connections]
+        stale = [c for c in connections if c.is_connected and self._stale(c)]
+        await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
+
+    async def watch_master(self) -> None:
+        """Asks the Sentinels for the master every `MASTER_CHECK_S`, for ever: connections to
+        a node that is no longer the master are closed as soon as the Sentinels say so."""
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                await self.get_master_address()
+            await asyncio.sleep(MASTER_CHECK_S)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        for sentinel in self.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+def api_pool(settings: Settings, *, client_name: str) -> ConnectionPool:
+    """The API's pool: blocking, and capped, so a burst of requests waits for a connection
+    instead of opening one per request (at most `redis_max_connections`)."""
+    options: dict[str, Any] = {
+        "max_connections": settings.redis_max_connections,
+        "timeout": settings.queue_timeout_s,
+        "socket_connect_timeout": 2,
+        "health_check_interval": 30,
+        "client_name": client_name,
+    }
+    if not settings.redis_sentinels:
+        return BlockingConnectionPool.from_url(settings.redis_url, **options)
+    return SentinelBlockingPool(
+        settings.redis_sentinel_master,
+        _sentinels(settings),
+        **{**options, **_data_node_options(settings)},
+    )
+
+
+def worker_redis(
+    settings: Settings, worker_id: str, max_connections: int | None = None
+) -> ArqRedis:
     """The worker's Redis client (arq's `ctx['redis']`): the URL read as for the API, on a pool
-    of at most `max_connections` (fewer if the URL's `max_connections` says so), its Pub/Sub
-    subscription's included. A command that finds every connection busy waits for one.
+    of at most `max_connections` (`worker_redis_connections`; fewer if the URL's
+    `max_connections` says so), its Pub/Sub subscription's included. A command that finds every
+    connection busy waits for one.
 
     No wait is given up (`timeout=None`): a command waits only behind other commands, each of
     which ends when Redis answers or its connection fails, so a time limit would only turn a
@@ -102,12 +219,52 @@ def worker_redis(url: str, max_connections: int, worker_id: str) -> ArqRedis:
     cancelled as a connection came free; the next command to come (the heartbeat's, every
     `heartbeat_s`) finds the connection free and takes it, and its release wakes the next waiter.
     """
+    url = settings.redis_url
+    bound = max_connections or settings.worker_redis_connections
     arq_redis_settings(url)  # what the worker refused, it still refuses
     options: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT_S, **parse_url(url)}
-    options["max_connections"] = min(
-        options.get("max_connections", max_connections), max_connections
-    )
-    pool = BlockingConnectionPool(
-        timeout=None, client_name=f"{WORKER_CLIENT_NAME}:{worker_id}", **options
+    options["max_connections"] = min(options.get("max_connections", bound), bound)
+    common: dict[str, Any] = {"timeout": None, "client_name": f"{WORKER_CLIENT_NAME}:{worker_id}"}
+    if not settings.redis_sentinels:
+        return ArqRedis(connection_pool=BlockingConnectionPool(**common, **options))
+    pool = SentinelBlockingPool(
+        settings.redis_sentinel_master,
+        _sentinels(settings),
+        **common,
+        **{
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            **_data_node_options(settings),
+            "max_connections": options["max_connections"],
+        },
     )
     return ArqRedis(connection_pool=pool)
+
+
+def master_watch(redis_client: redis.asyncio.Redis) -> SentinelBlockingPool | None:
+    """The client's Sentinel pool, whose `watch_master` should run while the client is used;
+    None for a single Redis."""
+    pool = redis_client.connection_pool
+    return pool if isinstance(pool, SentinelBlockingPool) else None
+
+
+def sync_client(settings: Settings, **options: Any) -> redis.Redis:
+    """A blocking client for commands and probes (`sluice keys`, `sluice status`, the workers'
+    health checks), to the one Redis or to the master the Sentinels name."""
+    if not settings.redis_sentinels:
+        return redis.Redis.from_url(settings.redis_url, **options)
+    password = settings.redis_sentinel_password
+    sentinels = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        settings.sentinel_addresses,
+        sentinel_kwargs={
+            "password": password.get_secret_value() if password else None,
+            "socket_timeout": SENTINEL_TIMEOUT_S,
+            "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+        },
+    )
+    tls, data = parse(settings.redis_url)
+    data.pop("host", None)
+    data.pop("port", None)
+    master: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
+        settings.redis_sentinel_master, ssl=tls, **{**data, **options}
+    )
+    return master

@@ -122,14 +122,15 @@ class Proc:
 
 
 class RedisServer(Proc):
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *options: str) -> None:
+        """`options`: more of redis-server's own (`--replicaof`, say)."""
         self.port = port or free_port()
         server = require("redis-server")
         super().__init__(
             f"redis-{self.port}",
             [
                 *(server, "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--databases", str(DATABASES), *NO_PERSISTENCE),
+                *("--databases", str(DATABASES), *NO_PERSISTENCE, *options),
             ],
         )
 
@@ -286,3 +287,163 @@ def start_stack(
         stack.stop()  # a stack that never came up leaves no process behind
         raise
     return stack
+
+
+SENTINEL_MASTER = "mymaster"
+
+
+class SentinelServer(Proc):
+    """`redis-server --sentinel` (Debian's redis-server package has it built in) on a free
+    port, monitoring `master` under `SENTINEL_MASTER` with a quorum of 2."""
+
+    def __init__(self, master_port: int, directory: Path, *, down_after_ms: int) -> None:
+        self.port = free_port()
+        config = directory / f"sentinel-{self.port}.conf"  # Sentinel rewrites its own file
+        config.write_text(
+            "\n".join(
+                [
+                    f"port {self.port}",
+                    "bind 127.0.0.1",
+                    f"dir {directory}",
+                    f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2",
+                    f"sentinel down-after-milliseconds {SENTINEL_MASTER} {down_after_ms}",
+                    # A Sentinel that voted in a failover waits twice this before it leads one.
+                    f"sentinel failover-timeout {SENTINEL_MASTER} 3000",
+                    "",
+                ]
+            )
+        )
+        super().__init__(
+            f"sentinel-{self.port}", [require("redis-server"), str(config), "--sentinel"]
+        )
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+
+    def master_port(self) -> int | None:
+        """Where this Sentinel says the master is; None while it cannot say."""
+        try:
+            with self.client() as client:
+                address = client.sentinel_get_master_addr_by_name(SENTINEL_MASTER)
+        except redis.RedisError:
+            return None
+        return int(address[1]) if address else None
+
+
+class SentinelCluster:
+    """A master, a replica of it and three Sentinels watching them: real processes, the test's
+    own. `down_after_ms`: how long a master may be silent before the Sentinels fail it over."""
+
+    def __init__(self, directory: Path, *, down_after_ms: int = 1000) -> None:
+        self.directory = directory
+        self.down_after_ms = down_after_ms
+        self.nodes: dict[int, RedisServer] = {}
+        self.sentinels: list[SentinelServer] = []
+
+    def start(self) -> SentinelCluster:
+        master = self._node()
+        self._node("--replicaof", "127.0.0.1", str(master.port))
+        self.wait_replicated(master.port)
+        self.sentinels = [
+            SentinelServer(master.port, self.directory, down_after_ms=self.down_after_ms).start()
+            for _ in range(3)
+        ]
+        wait_until(self._sentinels_see_everyone, 30, "the Sentinels to see each other")
+        return self
+
+    def _node(self, *options: str, port: int | None = None) -> RedisServer:
+        node = RedisServer(port, "--enable-debug-command", "local", *options).start()
+        self.nodes[node.port] = node
+        return node
+
+    @property
+    def addresses(self) -> str:
+        """`SLUICE_REDIS_SENTINELS`."""
+        return ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+
+    def url(self, db: int = 0) -> str:
+        """`SLUICE_REDIS_URL`: the data nodes' database. Its host and port are the first
+        master's, so code that ignores the Sentinels works until a failover."""
+        return f"redis://127.0.0.1:{next(iter(self.nodes))}/{db}"
+
+    def master_port(self) -> int:
+        ports = {s.master_port() for s in self.sentinels if s.alive()}
+        if len(ports) != 1 or None in ports:
+            raise RuntimeError(f"the Sentinels disagree on the master: {ports}")
+        [port] = ports
+        assert port is not None
+        return port
+
+    def master(self) -> RedisServer:
+        return self.nodes[self.master_port()]
+
+    def replica_ports(self) -> list[int]:
+        return [port for port in self.nodes if port != self.master_port()]
+
+    def client(self, port: int, db: int = 0) -> redis.Redis:
+        return redis.Redis(port=port, db=db, socket_timeout=2)
+
+    def role(self, port: int) -> str | None:
+        try:
+            with self.client(port) as client:
+                return str(client.role()[0].decode())
+        except redis.RedisError:
+            return None
+
+    def wait_for_new_master(self, old: int, timeout: float = 30) -> int:
+        """Once every Sentinel names a master other than `old`, and that node says it is one."""
+
+        def moved() -> bool:
+            ports = {s.master_port() for s in self.sentinels}
+            return len(ports) == 1 and old not in ports and None not in ports
+
+        wait_until(moved, timeout, f"the Sentinels to fail over from {old}")
+        port = self.master_port()
+        wait_until(lambda: self.role(port) == "master", timeout, f"{port} to be master")
+        return port
+
+    def wait_replicated(self, master_port: int, timeout: float = 30) -> None:
+        """Until every other node running is a replica of `master_port` with its link up and
+        its offset level with the master's."""
+
+        def level() -> bool:
+            try:
+                with self.client(master_port) as master:
+                    offset = master.info("replication")["master_repl_offset"]
+                for port, node in self.nodes.items():
+                    if port == master_port or not node.alive():
+                        continue
+                    with self.client(port) as replica:
+                        info = replica.info("replication")
+                    if info.get("master_port") != master_port:
+                        return False
+                    if info.get("master_link_status") != "up":
+                        return False
+                    if info.get("slave_repl_offset", -1) < offset:
+                        return False
+            except redis.RedisError:
+                return False
+            return True
+
+        wait_until(level, timeout, f"the replicas of {master_port} to catch up")
+
+    def restart(self, port: int, *options: str) -> RedisServer:
+        """The node on `port` again (it was killed): empty, as a node without persistence
+        comes back."""
+        self.nodes.pop(port).stop()
+        return self._node(*options, port=port)
+
+    def _sentinels_see_everyone(self) -> bool:
+        for sentinel in self.sentinels:
+            try:
+                with sentinel.client() as client:
+                    master = client.sentinel_master(SENTINEL_MASTER)
+            except redis.RedisError:
+                return False
+            if master["num-slaves"] < 1 or master["num-other-sentinels"] < 2:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for proc in (*self.sentinels, *self.nodes.values()):
+            proc.stop()

@@ -32,7 +32,7 @@ from shared.protocol import (
     wake_channel,
     worker_ttl_ms,
 )
-from shared.redis_url import worker_redis
+from shared.redis_url import master_watch, worker_redis
 from shared.settings import Settings
 from worker import metrics
 from worker.backends import Backend, load_backend
@@ -105,9 +105,7 @@ class SluiceWorker(ClaimingWorker):
         options: dict[str, Any] = {
             "functions": [func(generate, name=JOB_FUNCTION)],
             "queue_name": queue_name(backend.model),
-            "redis_pool": worker_redis(
-                settings.redis_url, settings.worker_redis_connections, self.worker_id
-            ),
+            "redis_pool": worker_redis(settings, self.worker_id),
             "on_startup": self._startup,
             "on_shutdown": self._shutdown,
             "max_jobs": backend.max_concurrency,  # SLUICE_WORKER_MAX_JOBS, else its own default
@@ -150,6 +148,8 @@ class SluiceWorker(ClaimingWorker):
         await self._beat_once()
         self._loops.start("listen", lambda: self._listen(control))
         self._loops.start("heartbeat", self._beat)
+        if sentinel_pool := master_watch(self.pool):
+            self._loops.start("redis-master", sentinel_pool.watch_master)
         log.info(
             "worker %s ready: backend %s, model %s",
             self.worker_id,
@@ -193,8 +193,11 @@ class SluiceWorker(ClaimingWorker):
         async with self.pool.pubsub() as pubsub:
             await pubsub.subscribe(wake_channel(self.backend.model), CANCEL_CHANNEL)
             self._wake.set()  # anything enqueued while we were not listening
-            async for message in pubsub.listen():
-                if message["type"] != "message":
+            while True:
+                # A wait of its own: with Sentinels the connection has a socket timeout, which
+                # a quiet subscription would otherwise run into (and fail the loop) every time.
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None or message["type"] != "message":
                     continue
                 if message["channel"] == CANCEL_CHANNEL.encode():
                     control.stop(message["data"].decode())
