@@ -285,7 +285,10 @@ class JobQueue:
         )
         match result:
             case [1]:
-                raise NoWorkers("no workers are available to serve this request")
+                raise NoWorkers(
+                    "no workers are available to serve this request",
+                    retry_after_s=settings.retry_after_s,
+                )
             case [5]:
                 raise UpstreamUnavailable(UPSTREAM_DOWN, retry_after_s=settings.retry_after_s)
             case [4]:

@@ -150,7 +150,17 @@ class StreamReaderFailed(ServiceUnavailable):
 
 
 class NoWorkers(ServiceUnavailable):
+    """No live worker serves the model: none is up, or (after a Redis failover) none has beaten
+    on the new master yet."""
+
     code = "no_workers"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
 
 class QueueTimeout(ServiceUnavailable):
