@@ -27,6 +27,7 @@ from shared.keys import (
     key_hash,
     match_static,
 )
+from shared.scripts import lua
 from shared.settings import Settings
 
 RATE_LIMIT_HEADERS = [
@@ -37,15 +38,6 @@ RATE_LIMIT_HEADERS = [
 CACHE_S = 1.0
 CACHE_ENTRIES = 10_000
 USED_EVERY_S = 60.0
-
-# KEYS: key hashes, key records. ARGV: the presented key's hash. Returns {name, record} or nil.
-_LOOKUP = """
-local name = redis.call('HGET', KEYS[1], ARGV[1])
-if not name then return nil end
-local record = redis.call('HGET', KEYS[2], name)
-if not record then return nil end
-return {name, record}
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +105,7 @@ class Authenticator:
             settings.rate_limit_tpm or 0,
             settings.max_streams_per_key or 0,
         )
-        self._lookup = redis.register_script(_LOOKUP)
+        self._lookup = redis.register_script(lua("key_lookup"))
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
         self._used: dict[str, float] = {}
 

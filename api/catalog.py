@@ -17,29 +17,12 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from shared.errors import InvalidRequest, ModelNotFound, NoWorkers
-from shared.protocol import MODELS_KEY, REDIS_NOW_LUA, SERVING_PREFIX, worker_ttl_ms
+from shared.protocol import MODELS_KEY, SERVING_PREFIX, worker_ttl_ms
+from shared.scripts import lua
 from shared.settings import Settings
 
 REFRESH_S = 1.0
 RECHECK_S = 0.1
-
-# Every model ever announced, with its record and how many live workers can serve it now.
-# KEYS: models. ARGV: worker TTL (ms), serving set prefix.
-# Returns {model, record (JSON), workers, ...}.
-MODELS_SCRIPT = (
-    REDIS_NOW_LUA
-    + """
-local since = redis_now_ms() - tonumber(ARGV[1])
-local out = {}
-local models = redis.call('HGETALL', KEYS[1])
-for i = 1, #models, 2 do
-  table.insert(out, models[i])
-  table.insert(out, models[i + 1])
-  table.insert(out, redis.call('ZCOUNT', ARGV[2] .. models[i], since, '+inf'))
-end
-return out
-"""
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +40,7 @@ def no_such_model(name: str) -> ModelNotFound:
 
 class ModelCatalog:
     def __init__(self, redis: Redis, settings: Settings) -> None:
-        self._script = redis.register_script(MODELS_SCRIPT)
+        self._script = redis.register_script(lua("models"))
         self._worker_ttl_ms = worker_ttl_ms(settings.heartbeat_s)
         self._default = settings.default_model
         self._retry_after_s = settings.retry_after_s

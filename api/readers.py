@@ -19,24 +19,10 @@ from collections.abc import Awaitable, Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.protocol import READERS_KEY, REDIS_NOW_LUA
+from shared.protocol import READERS_KEY
+from shared.scripts import lua
 
 log = logging.getLogger("sluice.api")
-
-# Marks streams as read now, by Redis's clock; forgets those this process stopped reading, and
-# members no process has refreshed for `keep`. KEYS: readers. ARGV: keep (ms), the number of
-# streams read, those streams, then the streams left.
-_REFRESH = (
-    REDIS_NOW_LUA
-    + """
-local now = redis_now_ms()
-local reading = tonumber(ARGV[2])
-for i = 3, 2 + reading do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
-for i = 3 + reading, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-"""
-)
 
 
 class ReaderRegistry:
@@ -44,7 +30,7 @@ class ReaderRegistry:
         self._redis = redis
         self._period_s = period_s
         self._keep_ms = int(keep_s * 1000)
-        self._refresh = redis.register_script(_REFRESH)
+        self._refresh = redis.register_script(lua("refresh_readers"))
         self._open: Counter[str] = Counter()
         self._left: set[str] = set()
         self._pending: set[asyncio.Task[None]] = set()

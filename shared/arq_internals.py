@@ -21,7 +21,8 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from arq.worker import Worker
 
-from shared.protocol import REDIS_NOW_LUA, meta_key
+from shared.protocol import meta_key
+from shared.scripts import lua
 
 ARQ_VERSION = "0.28.0"
 """The arq these internals were read from (pyproject pins it)."""
@@ -61,52 +62,12 @@ def job_record(function: str, args: tuple[Any, ...], enqueue_time_ms: int) -> by
     return serialize_job(function, args, {}, None, enqueue_time_ms, serializer=job_serializer)
 
 
-# arq's poll reads `max(5 * max_jobs, 100)` due ids from the head of the queue and claims each
-# with WATCH/EXISTS/ZSCORE/MULTI: running jobs stay in the queue, so a worker with a free slot
-# behind 100 running jobs (all workers' together) never sees a waiting one, and a burst costs
-# round trips per running job. This claims in one script, scanning past claimed jobs, by Redis's
-# clock (a worker's own clock may be seconds off). The in-progress key holds when it was
-# claimed. A job whose stream no client reads (its metadata says `unread`) is passed over: it
-# keeps its place, and starts once its reader is back (or is withdrawn).
-# KEYS: the queue. ARGV: in-progress key prefix, free slots, in-progress TTL (ms), most ids to
-# scan, stream metadata prefix. Returns the claimed ids, each followed by its score.
-CLAIM_SCRIPT = (
-    REDIS_NOW_LUA
-    + """
-local queue = KEYS[1]
-local in_progress_prefix, free, claim_ttl, most = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local meta_prefix = ARGV[5]
-local now = redis_now_ms()
-local claimed = {}
-local offset = 0
-local function unread(job)
-  local stream_id = string.match(job, '^(.*)%.%d+$')
-  return stream_id and redis.call('HEXISTS', meta_prefix .. stream_id, 'unread') == 1
-end
-while free > 0 and offset < tonumber(most) do
-  local page = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'WITHSCORES', 'LIMIT', offset, 200)
-  if #page == 0 then break end
-  for i = 1, #page, 2 do
-    local job = page[i]
-    local in_progress = in_progress_prefix .. job
-    if free > 0 and redis.call('EXISTS', in_progress) == 0 and not unread(job) then
-      redis.call('PSETEX', in_progress, claim_ttl, now)
-      table.insert(claimed, job)
-      table.insert(claimed, page[i + 1])
-      free = free - 1
-    end
-  end
-  offset = offset + 200
-end
-return claimed
-"""
-)
 MAX_SCAN = 10_000
 """Queue entries one claim looks at: far more than the jobs running at once in a deployment."""
 
 
 class ClaimingWorker(Worker):
-    """arq's Worker with its poll replaced by one claim script (see `CLAIM_SCRIPT`).
+    """arq's Worker with its poll replaced by one claim script (shared/lua/claim_jobs.lua).
 
     What arq's `_poll_iteration` also does is kept: reaping finished job tasks (re-raising what
     they raised) and arq's health-check record. Job aborts (`allow_abort_jobs`) and burst mode
@@ -134,7 +95,7 @@ class ClaimingWorker(Worker):
 
     async def _claim(self, free: int) -> None:
         if self._claim_script is None:
-            self._claim_script = self.pool.register_script(CLAIM_SCRIPT)
+            self._claim_script = self.pool.register_script(lua("claim_jobs"))
         claimed = await self._claim_script(
             keys=[self.queue_name],
             args=[

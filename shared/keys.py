@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from redis import Redis as SyncRedis
 
 from shared.protocol import PREFIX
+from shared.scripts import lua
 
 KEYS_KEY = PREFIX + "keys"
 """Hash: key name -> its record (JSON: `KeyRecord` less the name)."""
@@ -96,32 +97,12 @@ class UnknownKey(LookupError):
     """`sluice keys revoke` for a name no key has."""
 
 
-# KEYS: key records, key hashes. ARGV: name, hash, record (JSON). 0 if the name is taken.
-_CREATE = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-return 1
-"""
-
-# KEYS: key records, key hashes, last use. ARGV: name. 0 if there is no such key.
-_REVOKE = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-local hashes = redis.call('HGETALL', KEYS[2])
-for i = 1, #hashes, 2 do
-  if hashes[i + 1] == ARGV[1] then redis.call('HDEL', KEYS[2], hashes[i]) end
-end
-redis.call('HDEL', KEYS[3], ARGV[1])
-return 1
-"""
-
-
 def create_key(redis: SyncRedis, name: str, limits: Limits) -> str:
     """A new key named `name`, stored hashed; the key itself is returned once, never stored."""
     key = new_key()
     record = new_record(name, limits)
     digest, record_json = key_hash(key), record.to_json()
-    created = redis.eval(_CREATE, 2, KEYS_KEY, KEY_HASHES_KEY, name, digest, record_json)
+    created = redis.eval(lua("key_create"), 2, KEYS_KEY, KEY_HASHES_KEY, name, digest, record_json)
     if not created:
         raise KeyExists(f"a key named {name!r} exists; revoke it first")
     return key
@@ -139,5 +120,5 @@ def list_keys(redis: SyncRedis) -> list[tuple[KeyRecord, int | None]]:
 
 
 def revoke_key(redis: SyncRedis, name: str) -> None:
-    if not redis.eval(_REVOKE, 3, KEYS_KEY, KEY_HASHES_KEY, KEY_USED_KEY, name):
+    if not redis.eval(lua("key_revoke"), 3, KEYS_KEY, KEY_HASHES_KEY, KEY_USED_KEY, name):
         raise UnknownKey(f"no key named {name!r}")

@@ -86,8 +86,11 @@ def wake_channel(model: str) -> str:
     return WAKE_PREFIX + model
 
 
+STREAM_PREFIX = PREFIX + "stream:"
+
+
 def stream_key(stream_id: str) -> str:
-    return f"{PREFIX}stream:{stream_id}"
+    return STREAM_PREFIX + stream_id
 
 
 def meta_key(stream_id: str) -> str:
@@ -169,76 +172,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-# Liveness is judged by one clock, Redis's, read inside the scripts that compare times: the
-# hosts of API processes and workers may disagree by seconds.
-REDIS_NOW_LUA = """
-local function redis_now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
-
-# A key's sliding window over the last minute (Cloudflare's estimate): this minute's count plus
-# the last minute's, weighted by how much of it the window still covers.
-WINDOW_LUA = """
-local function window_used(key, now)
-  local minute = math.floor(now / 60000)
-  local current = tonumber(redis.call('HGET', key, minute) or '0')
-  local previous = tonumber(redis.call('HGET', key, minute - 1) or '0')
-  return previous * (1 - (now % 60000) / 60000) + current, previous, current
-end
-local function window_add(key, now, amount)
-  local minute = math.floor(now / 60000)
-  redis.call('HINCRBY', key, minute, amount)
-  redis.call('HDEL', key, minute - 2)
-  redis.call('EXPIRE', key, 180)
-end
-"""
-
-# The one way anything is appended to a job's stream, by a worker or by the supervisor.
-# `job` is the appender's attempt: the fencing token. The append is refused (returns 0) unless
-# that attempt is still the stream's current one and the stream has not ended, so a worker
-# presumed dead cannot write after its successor or after the end. A token of a cancelled
-# stream is refused too (returns -1): the worker learns of a cancel at its next token, whatever
-# became of the broadcast. A terminal entry (`f`, `e`) ends the stream, gives it and its
-# metadata their TTL (`keep` where set), closes it for its owner's concurrent streams and
-# charges a finished one's tokens to its owner's tokens per minute.
-FENCED_APPEND_LUA = (
-    REDIS_NOW_LUA
-    + WINDOW_LUA
-    + f"""
-local function fenced_append(stream, meta, job, kind, payload, ttl)
-  local current = redis.call('HMGET', meta, 'job', 'ended', 'owner', 'cap', 'keep', 'cancel')
-  if current[1] ~= job or current[2] then return 0 end
-  if kind == 't' and current[6] then return -1 end
-  local id
-  if current[4] then
-    id = redis.call('XADD', stream, 'MAXLEN', '~', current[4], '*', kind, payload)
-  else
-    id = redis.call('XADD', stream, '*', kind, payload)
-  end
-  if kind == 'f' or kind == 'e' then
-    ttl = current[5] or ttl
-    redis.call('HSET', meta, 'ended', id)
-    redis.call('EXPIRE', meta, ttl)
-    local owner = current[3]
-    if owner then
-      local stream_id = string.sub(stream, {len(stream_key("")) + 1})
-      redis.call('ZREM', '{KEY_STREAMS_PREFIX}' .. owner, stream_id)
-      if kind == 'f' then
-        window_add('{KEY_TOKENS_PREFIX}' .. owner, redis_now_ms(), cjson.decode(payload)['c'])
-      end
-    end
-    if kind == 'f' then window_add('{TOKENS_KEY}', redis_now_ms(), cjson.decode(payload)['c']) end
-  end
-  if ttl ~= '0' then redis.call('EXPIRE', stream, ttl) end
-  return id
-end
-"""
-)
-REFUSED_FENCED = 0
-REFUSED_CANCELLED = -1
-"""What `fenced_append` returns for an append it refuses."""
+REFUSED_FENCED = b"fenced"
+REFUSED_CANCELLED = b"cancelled"
+"""What the fenced append (shared/lua/lib/fenced_append.lua) returns for an append it refuses:
+the attempt is not the stream's current one or the stream has ended; a token of a cancelled
+stream."""
 
 
 FinishReason = Literal["stop", "length"]

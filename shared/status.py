@@ -11,56 +11,17 @@ from shared.protocol import (
     ACTIVE_KEY,
     MODELS_KEY,
     QUEUE_PREFIX,
-    REDIS_NOW_LUA,
     SERVING_PREFIX,
     TOKENS_KEY,
-    WINDOW_LUA,
     WORKER_BUSY_KEY,
     WORKER_LOOPS_KEY,
     WORKER_MODELS_KEY,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
 )
+from shared.scripts import lua
 
-# KEYS: workers, worker slots, worker busy, worker loops, worker models, active streams, tokens,
-# models.
-# ARGV: worker TTL (ms), in-progress key prefix, queue prefix, serving set prefix.
-# Returns {open streams, tokens in the last minute, {per model ever announced: name, queued,
-# running}, {per live worker: id, ms since its heartbeat, slots, busy, failing loops, model,
-# available (1/0)}}.
-STATUS_SCRIPT = (
-    REDIS_NOW_LUA
-    + WINDOW_LUA
-    + """
-local now = redis_now_ms()
-local models = {}
-for _, model in ipairs(redis.call('HKEYS', KEYS[8])) do
-  local queued, running = 0, 0
-  for _, job in ipairs(redis.call('ZRANGE', ARGV[3] .. model, 0, -1)) do
-    if redis.call('EXISTS', ARGV[2] .. job) == 1 then running = running + 1
-    else queued = queued + 1 end
-  end
-  table.insert(models, model)
-  table.insert(models, queued)
-  table.insert(models, running)
-end
-local workers = {}
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf', 'WITHSCORES')
-for i = 1, #live, 2 do
-  local id = live[i]
-  table.insert(workers, id)
-  table.insert(workers, now - tonumber(live[i + 1]))
-  table.insert(workers, tonumber(redis.call('HGET', KEYS[2], id)) or 1)
-  table.insert(workers, tonumber(redis.call('HGET', KEYS[3], id)) or 0)
-  table.insert(workers, redis.call('HGET', KEYS[4], id) or '')
-  local model = redis.call('HGET', KEYS[5], id) or ''
-  table.insert(workers, model)
-  table.insert(workers, redis.call('ZSCORE', ARGV[4] .. model, id) and 1 or 0)
-end
-local streams = redis.call('ZCARD', KEYS[6])
-return {streams, math.floor(window_used(KEYS[7], now)), models, workers}
-"""
-)
+STATUS_SCRIPT = lua("status")
 STATUS_KEYS = [
     WORKERS_KEY,
     WORKER_SLOTS_KEY,

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from api.jobs import RETRY_SCRIPT
 from shared.protocol import Attempt, Entry, Failed, Token, from_fields, job_id
+from shared.scripts import lua
 from tests.procs import RedisServer
 from worker.writer import Fenced, StreamWriter
 
@@ -45,7 +45,7 @@ class Scene:
     async def retry(self, current: int) -> bool:
         old, new = self.attempt(current).job, self.attempt(current + 1).job
         scratch = f"{self.stream_id}:scratch:"  # the queue's and arq's keys, unused here
-        replaced = await self.redis.register_script(RETRY_SCRIPT)(
+        replaced = await self.redis.register_script(lua("retry"))(
             keys=[self.attempt(1).meta_key, *(scratch + k for k in ("queue", "old", "new", "on"))],
             args=[old, new, "{}", 60_000, 60, scratch + "wake", self.stream_id],
         )

@@ -1,4 +1,4 @@
-"""Giving a job back (worker/generate.py's `HAND_BACK_SCRIPT`), against a real Redis, in every
+"""Giving a job back (shared/lua/hand_back.lua), against a real Redis, in every
 state a stream can be in: a worker gives a job back only if the job is still its own current
 attempt, has written no token, has an attempt left and another worker serving the model is
 alive; and only then does the stream's metadata change."""
@@ -23,8 +23,8 @@ from shared.protocol import (
     job_id,
     serving_key,
 )
+from shared.scripts import lua
 from tests.procs import RedisServer
-from worker.generate import HAND_BACK_SCRIPT
 
 ME = "worker-me"
 TTL_MS = 3000
@@ -73,7 +73,7 @@ def hand_back(
             heard = now_ms if presence == "alive" else now_ms - 10 * TTL_MS
             r.zadd(serving_key(model), {worker: heard})
     before = r.hgetall(attempt.meta_key)
-    given_back = r.register_script(HAND_BACK_SCRIPT)(
+    given_back = r.register_script(lua("hand_back"))(
         keys=[attempt.meta_key, attempt.stream_key, serving_key(model)],
         args=[attempt.job, ME, TTL_MS, MAX_ATTEMPTS],
     )

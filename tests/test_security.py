@@ -196,6 +196,7 @@ async def test_a_key_made_with_the_cli_works_on_every_api_process_until_revoked(
 ) -> None:
     stack, replica = secured
     name, key = new_key(stack, "--rpm", "100")
+    _, other = new_key(stack)
     listed = keys(stack, "list").stdout
     worked = [(await post(url, key)).status_code for url in (stack.base_url, replica)]
     assert keys(stack, "revoke", name).returncode == 0
@@ -210,6 +211,7 @@ async def test_a_key_made_with_the_cli_works_on_every_api_process_until_revoked(
     assert worked == [200, 200]
     assert refused == [401, 401]  # on every API process within 2 s
     assert name not in keys(stack, "list").stdout
+    assert (await post(stack.base_url, other)).status_code == 200  # only that key went
 
 
 async def test_requests_per_minute_hold_across_api_processes_at_once(

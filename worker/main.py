@@ -20,7 +20,6 @@ from shared.protocol import (
     HELD_KEY,
     JOB_FUNCTION,
     MODELS_KEY,
-    REDIS_NOW_LUA,
     WORKER_BUSY_KEY,
     WORKER_LOOPS_KEY,
     WORKER_MODELS_KEY,
@@ -33,52 +32,21 @@ from shared.protocol import (
     worker_ttl_ms,
 )
 from shared.redis_url import master_watch, worker_redis
+from shared.scripts import lua
 from shared.settings import Settings
 from worker import metrics
 from worker.backends import Backend, load_backend
+from worker.context import CONTEXT, WorkerContext
 from worker.control import JobControl
-from worker.generate import CLAIM_SCRIPT, HAND_BACK_SCRIPT, generate
+from worker.generate import generate
 from worker.writer import StreamWriter
 
 log = logging.getLogger("sluice.worker")
 REDIS_START_WAIT_S = 30.0
 """How long a starting worker waits for Redis to answer before it gives up (exit 1)."""
 
-# A heartbeat, by Redis's clock: this worker's score, then its slots, the state of its loops,
-# its jobs running and its model, one hash each; workers not heard from for a TTL are dropped
-# (they died without saying goodbye). While its backend can serve it also beats in its model's
-# serving set, and its model is announced in the models table, which never expires.
-# It also says which streams it still runs (`HELD_KEY`), so that one it dropped is noticed.
-# KEYS: workers, the per-worker hashes (slots, loops, busy, models), its model's serving set,
-# models, held streams.
-# ARGV: worker id, TTL (ms), a value per hash (the last: its model), whether its backend can
-# serve ('1' or '0'), the model's context length ('': unknown), then the streams it runs.
 WORKER_HASHES = [WORKER_SLOTS_KEY, WORKER_LOOPS_KEY, WORKER_BUSY_KEY, WORKER_MODELS_KEY]
-HEARTBEAT_SCRIPT = (
-    REDIS_NOW_LUA
-    + """
-local now = redis_now_ms()
-local ttl = tonumber(ARGV[2])
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
-for _, worker in ipairs(dead) do
-  redis.call('ZREM', KEYS[1], worker)
-  for i = 2, 5 do redis.call('HDEL', KEYS[i], worker) end
-end
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-for i = 2, 5 do redis.call('HSET', KEYS[i], ARGV[1], ARGV[i + 1]) end
-if ARGV[7] == '1' then redis.call('ZADD', KEYS[6], now, ARGV[1])
-else redis.call('ZREM', KEYS[6], ARGV[1]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - ttl)
-for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], ttl) end
-local model = {announced = now}
-if ARGV[8] ~= '' then model.n_ctx = tonumber(ARGV[8]) end
-redis.call('HSET', KEYS[7], ARGV[6], cjson.encode(model))
-for i = 9, #ARGV do redis.call('ZADD', KEYS[8], now, ARGV[i]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - ttl)
-redis.call('PEXPIRE', KEYS[8], ttl)
-return #dead
-"""
-)
+"""The per-worker hashes, in the order shared/lua/heartbeat.lua takes them."""
 
 
 class SluiceWorker(ClaimingWorker):
@@ -115,7 +83,6 @@ class SluiceWorker(ClaimingWorker):
             "retry_jobs": False,
             "job_completion_wait": settings.drain_s,
             "poll_delay": 0,
-            "ctx": {"settings": settings, "worker_id": self.worker_id, "backend": backend},
         }
         super().__init__(**{**options, **overrides})
 
@@ -138,15 +105,21 @@ class SluiceWorker(ClaimingWorker):
                 await asyncio.sleep(0.5)
 
     async def _startup(self, ctx: dict[str, Any]) -> None:
-        ctx["writer"] = StreamWriter(ctx["redis"])
+        redis = ctx["redis"]
+        ctx[CONTEXT] = WorkerContext(
+            settings=self.settings,
+            backend=self.backend,
+            worker_id=self.worker_id,
+            writer=StreamWriter(redis),
+            control=self._control,
+            claim=redis.register_script(lua("claim_stream")),
+            hand_back=redis.register_script(lua("hand_back")),
+        )
+        self._heartbeat = redis.register_script(lua("heartbeat"))
         metrics.serve(self.settings.worker_metrics_port)
-        ctx["claim"] = ctx["redis"].register_script(CLAIM_SCRIPT)
-        ctx["hand_back"] = ctx["redis"].register_script(HAND_BACK_SCRIPT)
-        self._heartbeat = ctx["redis"].register_script(HEARTBEAT_SCRIPT)
-        control = ctx["control"] = self._control
         # Alive before it claims anything: the supervisor retries jobs of workers not beating.
         await self._beat_once()
-        self._loops.start("listen", lambda: self._listen(control))
+        self._loops.start("listen", lambda: self._listen(self._control))
         self._loops.start("heartbeat", self._beat)
         if sentinel_pool := master_watch(self.pool):
             self._loops.start("redis-master", sentinel_pool.watch_master)

@@ -8,9 +8,9 @@ entries instead of falling further behind, and one that keeps up writes a token 
 failed write is raised by the next call for that stream (as `TextLost`: text the job produced
 is not in the stream, so it must not end as if complete).
 
-Every append is fenced (see `FENCED_APPEND_LUA`): one refused because the attempt was replaced
-or the stream already ended raises `Fenced`, and the job stops; a token refused because the
-stream was cancelled raises `Cancelled`, and the job ends the stream so.
+Every append is fenced (shared/lua/lib/fenced_append.lua): one refused because the attempt was
+replaced or the stream already ended raises `Fenced`, and the job stops; a token refused because
+the stream was cancelled raises `Cancelled`, and the job ends the stream so.
 """
 
 from __future__ import annotations
@@ -22,31 +22,16 @@ from redis.asyncio import Redis
 
 from shared.errors import Cancelled
 from shared.protocol import (
-    FENCED_APPEND_LUA,
     REFUSED_CANCELLED,
+    REFUSED_FENCED,
     TERMINAL,
     Attempt,
     Entry,
     Token,
     encode,
 )
+from shared.scripts import lua
 
-# Appends a batch of entries, in order, each to its own job's stream: one command for the batch,
-# where a pipeline of XADDs costs this process a command's encoding per token.
-# KEYS: per entry its stream and metadata. ARGV: per entry its attempt, kind, payload and TTL
-# (0: none). Returns per entry its id, or what `fenced_append` returns for a refusal.
-APPEND_SCRIPT = (
-    FENCED_APPEND_LUA
-    + """
-local ids = {}
-for i = 1, #KEYS / 2 do
-  local at = 1 + (i - 1) * 4
-  ids[i] = fenced_append(KEYS[2 * i - 1], KEYS[2 * i], ARGV[at], ARGV[at + 1], ARGV[at + 2],
-                         ARGV[at + 3])
-end
-return ids
-"""
-)
 MIN_WRITE_INTERVAL_S = 0.002
 MAX_UNSENT = 8192
 """Past this many entries not yet written, `send` waits: memory stays bounded if Redis stalls."""
@@ -71,7 +56,7 @@ class _Pending:
 
 class StreamWriter:
     def __init__(self, redis: Redis) -> None:
-        self._append = redis.register_script(APPEND_SCRIPT)
+        self._append = redis.register_script(lua("append"))
         self._pending: list[_Pending] = []
         self._open_token: dict[str, int] = {}
         """Stream key -> index in `_pending` of its token entry, while nothing follows it."""
@@ -168,9 +153,9 @@ class StreamWriter:
         return [_outcome(item, entry_id) for item, entry_id in zip(batch, ids, strict=True)]
 
 
-def _outcome(item: _Pending, entry_id: bytes | int) -> str | BaseException:
-    if isinstance(entry_id, bytes):
-        return entry_id.decode()
+def _outcome(item: _Pending, entry_id: bytes) -> str | BaseException:
     if entry_id == REFUSED_CANCELLED:
         return Cancelled("cancelled by request")
-    return Fenced(f"{item.attempt.job} may no longer append to its stream")
+    if entry_id == REFUSED_FENCED:
+        return Fenced(f"{item.attempt.job} may no longer append to its stream")
+    return entry_id.decode()

@@ -52,6 +52,7 @@ async def test_a_cancel_whose_broadcast_is_lost_still_stops_generation_within_a_
 
     assert answer.status_code == 200
     assert result.errors[-1]["code"] == "cancelled"
+    assert result.errors[-1]["message"] == "cancelled by request"  # by its worker, once running
     assert result.events[-1].data == "[DONE]"
     assert tokens_at_end < 10  # at 10 tokens/s, cancelled within a token or two
     assert took < 2
@@ -62,8 +63,10 @@ async def test_a_queued_job_whose_client_left_does_not_take_a_slot_that_frees_in
 ) -> None:
     """One slot, busy for ~2 s. A queued request's client hangs up; one behind it keeps
     reading. The slot frees well inside the resume grace (5 s): the request still read gets
-    it, and the one nobody reads never starts (it is withdrawn at the end of its grace)."""
-    stack = make_stack(workers=1, synthetic_tokens_per_s="20", worker_max_jobs="1")
+    it, and the one nobody reads never starts (it is withdrawn at the end of its grace). A
+    reader's registration lasts 6 s here (3 heartbeats of 2 s): its leaving must be told at
+    once, not found when its registration lapses."""
+    stack = make_stack(workers=1, synthetic_tokens_per_s="20", worker_max_jobs="1", heartbeat_s="2")
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
         busy = asyncio.create_task(
             stream(client, {"prompt": "busy", "stream": True, "max_tokens": 40})

@@ -1,7 +1,7 @@
 """Jobs deep in the queue still start: arq's poll reads only the first `max(5 * max_jobs, 100)`
 due entries of the queue, and a running job's entry stays there until it ends, so behind 100
-running jobs a one-slot worker with its slot free sees nothing to run (our claim, `CLAIM_SCRIPT`
-in shared/arq_internals.py, scans past claimed entries instead).
+running jobs a one-slot worker with its slot free sees nothing to run (our claim,
+shared/lua/claim_jobs.lua, scans past claimed entries instead).
 
 Fewer than 100 jobs running never hide a waiting one: 40 one-slot workers alone leave 60 waiting
 entries in every worker's window. So the 100 running jobs ahead here are one wide worker's, and

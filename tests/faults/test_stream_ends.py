@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from shared.protocol import Token, from_fields, stream_key
+from shared.protocol import MAX_ATTEMPTS, Token, from_fields, job_id, meta_key, stream_key
 from tests.faults.conftest import StackFactory
 from tests.procs import RedisServer, Stack, eventually
 from tests.sse import stream
@@ -97,6 +97,9 @@ async def test_a_stream_whose_live_worker_let_go_of_it_is_ended_within_heartbeat
     assert "2 times" in result.errors[-1]["message"]
     assert result.events[-1].data == "[DONE]"
     assert time.monotonic() - started < 15
+    with private_redis.client(int(stack.redis_url.rsplit("/", 1)[1])) as r:
+        stream_id = result.headers["x-sluice-stream-id"]
+        assert r.hget(meta_key(stream_id), "job") == job_id(stream_id, MAX_ATTEMPTS).encode()
 
 
 async def test_a_job_whose_claim_redis_refuses_is_retried_then_ended_not_left_queued(
@@ -123,3 +126,31 @@ async def _first_stream(r: redis.Redis) -> str:
 def _tokens(r: redis.Redis, stream_id: str) -> int:
     found = [from_fields(fields) for _, fields in r.xrange(stream_key(stream_id))]
     return sum(isinstance(entry, Token) for entry in found)
+
+
+async def test_a_job_taken_from_the_queue_whose_stream_is_never_claimed_goes_to_another_worker(
+    make_stack: StackFactory, private_redis: RedisServer
+) -> None:
+    """A worker takes the job from the queue (arq's in-progress key), then cannot claim its
+    stream, and keeps trying (Redis refuses it writes to stream metadata, and it retries for a
+    minute). The supervisor does not wait for the in-progress key to lapse (the job timeout):
+    past a worker TTL it tries the job again, and another worker serves it."""
+    stack = make_stack(workers=0, redis=private_redis, **SLOW_QUEUE_AND_JOBS)
+    with_worker_user(
+        stack,
+        private_redis,
+        redis_retry_s="60",
+        worker_max_jobs="1",  # busy with the first attempt: the second is not its to take
+        drain_s="0",
+        **SLOW_QUEUE_AND_JOBS,
+    )
+    acl(private_redis, "resetkeys", "~arq:*", "~sluice:[^m]*", "~sluice:models", "%R~sluice:meta:*")
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
+        reading = asyncio.create_task(stream(client, {"prompt": "hi", "stream": True}))
+        with private_redis.client(int(stack.redis_url.rsplit("/", 1)[1])) as r:
+            await eventually(lambda: next(r.scan_iter("arq:in-progress:*"), None), "a claim")
+        stack.add_worker()  # one whose claims Redis takes
+        result = await asyncio.wait_for(reading, 20)
+
+    assert not result.errors
+    assert result.text.startswith("You asked: hi")

@@ -1,0 +1,89 @@
+"""A worker's claim of a stream (shared/lua/claim_stream.lua) and the API's withdrawal of a queued
+job (shared/lua/withdraw.lua), against a real Redis, in every state a stream can be in."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from shared.arq_internals import in_progress_key, job_key
+from shared.protocol import Attempt, Failed, encode, from_fields, job_id
+from shared.scripts import lua
+from tests.procs import RedisServer
+
+ME = "worker-me"
+GONE = Failed({"message": "withdrawn", "type": "cancelled", "param": None, "code": "cancelled"})
+
+
+@pytest.fixture(scope="module")
+def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    with redis.Redis.from_url(redis_server.url()) as client:
+        yield client
+
+
+def a_stream(r: redis.Redis, replaced: bool, ended: bool, cancelled: bool) -> Attempt:
+    """A stream whose first attempt is `attempt`; its current one is the second if `replaced`."""
+    stream_id = f"claim-{uuid.uuid4().hex}"
+    attempt = Attempt(stream_id, job_id(stream_id, 1))
+    meta = {"job": job_id(stream_id, 2 if replaced else 1)}
+    if ended:
+        meta["ended"] = "1-0"
+    if cancelled:
+        meta["cancel"] = "1"
+    r.hset(attempt.meta_key, mapping=meta)
+    return attempt
+
+
+def test_a_claim_takes_a_stream_exactly_when_its_attempt_is_current(r: redis.Redis) -> None:
+    for replaced, ended, cancelled in itertools.product([False, True], repeat=3):
+        state = (replaced, ended, cancelled)
+        attempt = a_stream(r, replaced, ended, cancelled)
+        before = r.hgetall(attempt.meta_key)
+        outcome, *when = r.register_script(lua("claim_stream"))(
+            keys=[attempt.meta_key], args=[attempt.job, ME]
+        )
+        after = r.hgetall(attempt.meta_key)
+        r.delete(attempt.meta_key)
+
+        if replaced or ended:
+            assert (outcome, after) == (b"gone", before), state
+        else:
+            assert outcome == (b"cancelled" if cancelled else b"claimed"), state
+            assert after == {**before, b"worker": ME.encode(), b"started": str(when[0]).encode()}
+
+
+def test_a_withdrawal_ends_a_stream_exactly_when_its_attempt_still_waits(r: redis.Redis) -> None:
+    _, payload = encode(GONE)
+    for replaced, ended, claimed in itertools.product([False, True], repeat=3):
+        state = (replaced, ended, claimed)
+        attempt = a_stream(r, replaced, ended, cancelled=False)
+        queue = f"queue-{attempt.stream_id}"
+        r.zadd(queue, {attempt.job: 1})
+        r.set(job_key(attempt.job), "record")
+        if claimed:
+            r.set(in_progress_key(attempt.job), "1")
+        withdrawn = r.register_script(lua("withdraw"))(
+            keys=[
+                in_progress_key(attempt.job),
+                queue,
+                job_key(attempt.job),
+                attempt.stream_key,
+                attempt.meta_key,
+            ],
+            args=[attempt.job, payload, 60],
+        )
+        entries = [from_fields(fields) for _, fields in r.xrange(attempt.stream_key)]
+        still_queued = r.zscore(queue, attempt.job) is not None
+        r.delete(attempt.meta_key, attempt.stream_key, queue, job_key(attempt.job))
+        r.delete(in_progress_key(attempt.job))
+
+        if claimed:  # a worker has it: nothing changes
+            assert (withdrawn, entries, still_queued) == (0, [], True), state
+        elif replaced or ended:  # out of arq's hands, but the fence refuses the end
+            assert (withdrawn, entries, still_queued) == (0, [], False), state
+        else:
+            assert (withdrawn, entries, still_queued) == (1, [GONE], False), state
