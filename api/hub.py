@@ -32,6 +32,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from api.replicas import ReplicaWait
 from api.xread import MultiStreamReader
 from shared.errors import RedisFailover, RedisUnavailable, StreamReaderFailed
 from shared.loops import LoopGroup
@@ -62,8 +63,11 @@ class StreamHub:
         block_ms: int = 5000,
         read_timeout_s: float = 5.0,
         hold_s: float = 0.0,
+        replicas: ReplicaWait | None = None,
     ) -> None:
         self._redis = redis
+        self.replicas = replicas
+        """With Sentinels: what a relay asks before it tells a stream's end (api/replicas.py)."""
         self.count = count
         """The most entries one read returns for a stream."""
         self._reader = MultiStreamReader(
@@ -99,6 +103,8 @@ class StreamHub:
         """After its loops have stopped."""
         self._fail_all(RedisUnavailable("the API is shutting down"))
         await self._reader.close()
+        if self.replicas is not None:
+            await self.replicas.close()
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(self._wake_key)
 

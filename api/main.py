@@ -20,6 +20,7 @@ from api.jobs import JobQueue
 from api.metrics import DeploymentState, StampArrival
 from api.openapi import SluiceAPI
 from api.readers import ReaderRegistry
+from api.replicas import ReplicaWait
 from api.routes import chat, completions, health, models, playground, responses, streams
 from api.supervisor import Supervisor
 from shared.loops import LoopGroup
@@ -45,6 +46,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis,
             read_timeout_s=settings.redis_socket_timeout_s,
             hold_s=settings.redis_failover_s if settings.redis_sentinels else 0,
+            replicas=(
+                ReplicaWait(redis, settings.redis_wait_ms)
+                if settings.redis_sentinels and settings.redis_wait_ms
+                else None
+            ),
         )
         readers = ReaderRegistry(redis, period_s=settings.heartbeat_s, keep_s=60)
         queue = JobQueue(redis, settings)

@@ -6,16 +6,24 @@ A token: backend → worker → stream entry → `follow` → `sse_events` → t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import anyio
+from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
 from api.hub import StreamHub
-from shared.errors import GenerationFailed, RemoteError, ShuttingDown, SluiceError
+from shared.errors import (
+    GenerationFailed,
+    RedisFailover,
+    RemoteError,
+    ShuttingDown,
+    SluiceError,
+)
 from shared.protocol import (
     TERMINAL,
     Entry,
@@ -24,9 +32,12 @@ from shared.protocol import (
     Started,
     Token,
     check_complete,
+    check_continuous,
     decode,
     entry_id_key,
+    entry_number,
     from_fields,
+    meta_key,
     stream_key,
 )
 from shared.schema import ChunkEncoder, completion_body, error_envelope
@@ -74,10 +85,20 @@ async def follow(
     tick = min(RELAY_TICK_S, settings.ping_s)
     from_start = after == "0-0"
     if not from_start:
-        await _check_kept_after(hub, key, after)
+        await _check_kept_after(hub, stream_id, after)
+    # Entries are numbered (`<ms>-<n>`): each must be the one after the last sent, or a
+    # failover lost some (issue 24). A reader that waited across a failover (`hub.epoch`)
+    # also checks that its last entry is still there: entries the new master numbers alike
+    # may sort before it, and would never come.
+    number = entry_number(after)
+    epoch = hub.epoch
     tokens_sent = not from_start
     started = tokens_sent
     while True:
+        if hub.epoch != epoch:
+            with contextlib.suppress(RedisError, OSError):  # Redis still away: the hub says
+                await _check_still_there(hub, stream_id, after)
+                epoch = hub.epoch
         try:
             # Not wait_for: on Python 3.11 it can swallow a cancel that arrives as the read
             # completes, and a relay whose client left would go on.
@@ -90,12 +111,16 @@ async def follow(
         if from_start:
             check_complete(batch[0][1])
             from_start = False
+        number = check_continuous(number, (entry_id for entry_id, _ in batch))
         after = batch[-1][0]
         started = started or any(isinstance(e, Started) for _, e in batch)
         tokens_sent = tokens_sent or any(isinstance(e, Token) for _, e in batch)
-        yield batch
         if isinstance(batch[-1][1], TERMINAL):
+            if hub.replicas is not None:  # the end is told once a replica has it
+                await hub.replicas.acknowledged()
+            yield batch
             return
+        yield batch
         # Behind (entries wait in Redis longer than a read takes), a relay that sent every
         # entry at once would send many small events and fall further behind; it waits instead,
         # and sends what piled up meanwhile as one. One that keeps up sends every token, and one
@@ -106,15 +131,33 @@ async def follow(
                 await asyncio.sleep(min(lag, settings.max_hold_s))
 
 
-async def _check_kept_after(hub: StreamHub, key: str, after: str) -> None:
+async def _check_kept_after(hub: StreamHub, stream_id: str, after: str) -> None:
     """Raises `StreamTruncated` if entries after `after` may be gone: the stream's head was
-    trimmed (it no longer starts as every stream does) past `after`."""
-    first = await hub.redis.xrange(key, count=1)
-    if not first:
-        return
-    first_id, fields = first[0]
-    if entry_id_key(first_id.decode()) > entry_id_key(after):
-        check_complete(from_fields(fields))
+    trimmed (it no longer starts as every stream does) past `after`; `RedisFailover` if the
+    stream does not hold `after` itself (a failover lost it)."""
+    first = await hub.redis.xrange(stream_key(stream_id), count=1)
+    if first:
+        first_id, fields = first[0]
+        if entry_id_key(first_id.decode()) > entry_id_key(after):
+            check_complete(from_fields(fields))
+            return
+    await _check_still_there(hub, stream_id, after)
+
+
+async def _check_still_there(hub: StreamHub, stream_id: str, after: str) -> None:
+    """Raises `RedisFailover` unless the stream holds the entry `after` or, before its first
+    ("0-0"), unless the stream is known: a request admitted by a master that lost it before a
+    replica had it (a graceful failover's last moment) would otherwise be waited for for ever."""
+    if after == "0-0":
+        if not await hub.redis.exists(meta_key(stream_id)):
+            raise RedisFailover(
+                "Redis failed over and lost this request before it started; send it again"
+            )
+    elif not await hub.redis.xrange(stream_key(stream_id), min=after, max=after, count=1):
+        raise RedisFailover(
+            f"Redis failed over and this stream no longer holds entry {after}, the last one"
+            " this reader had; it cannot go on exactly"
+        )
 
 
 class EventEncoder:

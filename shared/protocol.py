@@ -11,13 +11,13 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from redis.typing import EncodableT, FieldT
 
-from shared.errors import ErrorBody, StreamTruncated
+from shared.errors import ErrorBody, RedisFailover, StreamTruncated
 
 PREFIX = "sluice:"
 QUEUE_PREFIX = PREFIX + "queue:"
@@ -100,7 +100,10 @@ def meta_key(stream_id: str) -> str:
     terminal entry, once written). Set at submit: `cap` (the most entries its stream keeps,
     `entry_cap`), `pinned` (a background response: it runs whoever reads it) and `keep` (the
     TTL its stream and metadata get at the end, where it is not the stream TTL: a stored
-    response's). Set by a cancel: `cancel`, which the next append of a token sees."""
+    response's). Set by a cancel: `cancel`, which the next append of a token sees. Kept by
+    every append (shared/lua/lib/fenced_append.lua): `n` (how many entries the stream has: the
+    last one's number), `ms` (the millisecond part of its id) and `wn` (the number of the last
+    entry a worker appended, checked)."""
     return f"{PREFIX}meta:{stream_id}"
 
 
@@ -140,6 +143,12 @@ def hub_wake_key(instance_id: str) -> str:
     return f"{PREFIX}hub:{instance_id}"
 
 
+def hub_ack_key(instance_id: str) -> str:
+    """A string per API process (60 s TTL), written just before it `WAIT`s for a replica to
+    have a stream's end (api/replicas.py)."""
+    return f"{PREFIX}ack:{instance_id}"
+
+
 def new_worker_id() -> str:
     """`<host>-<pid>-<nonce>`: a probe on the worker's host (its pod, its container) finds it
     by `worker_host`."""
@@ -174,9 +183,12 @@ def now_ms() -> int:
 
 REFUSED_FENCED = b"fenced"
 REFUSED_CANCELLED = b"cancelled"
+REFUSED_LOST = b"lost"
 """What the fenced append (shared/lua/lib/fenced_append.lua) returns for an append it refuses:
 the attempt is not the stream's current one or the stream has ended; a token of a cancelled
-stream."""
+stream; the stream lacks entries its writer had stored (a Redis failover lost them)."""
+ALREADY_STORED = b"stored"
+"""What the fenced append returns for an entry that an earlier try stored (its answer lost)."""
 
 
 FinishReason = Literal["stop", "length"]
@@ -318,6 +330,27 @@ def entry_id_key(entry_id: str) -> tuple[int, int]:
     """Stream ids compare as (milliseconds, sequence)."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def entry_number(entry_id: str) -> int:
+    """Which entry of its stream an id names: a job stream's n-th entry is `<ms>-<n>`
+    (shared/lua/lib/fenced_append.lua), and "0-0", before the first, is 0."""
+    return int(entry_id.partition("-")[2] or 0)
+
+
+def check_continuous(last: int, entry_ids: Iterable[str]) -> int:
+    """The number of the last of `entry_ids`, which must follow entry number `last` one by one;
+    else `RedisFailover`: entries between are missing (a failover lost them, and the writer
+    went on after the hole) or come again (the reader saw entries a failover then lost)."""
+    for entry_id in entry_ids:
+        n = entry_number(entry_id)
+        if n != last + 1:
+            raise RedisFailover(
+                f"Redis failed over and this stream lost entries after entry {last} (next: "
+                f"{n}); it cannot go on without a gap"
+            )
+        last = n
+    return last
 
 
 def response_key(stream_id: str) -> str:

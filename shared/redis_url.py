@@ -41,7 +41,7 @@ import redis.sentinel
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
 from shared.settings import Settings
@@ -87,6 +87,17 @@ SENTINEL_TIMEOUT_S = 1.0
 """How long a Sentinel may take to connect or answer before the next one is asked."""
 MASTER_CHECK_S = 0.5
 """How often a pool asks the Sentinels which node is the master (`watch_master`)."""
+FAILOVER_STARTS = ("+try-failover",)
+FAILOVER_ENDS = (
+    "+switch-master",
+    "+failover-end",
+    "-failover-abort-not-elected",
+    "-failover-abort-no-good-slave",
+    "-failover-abort-slave-timeout",
+)
+"""Sentinel's Pub/Sub events that begin and end a failover."""
+FAILOVER_HOLD_S = 10.0
+"""The longest a pool holds off after a failover began, if no Sentinel says it ended."""
 
 
 class RedisURLError(ValueError):
@@ -130,9 +141,35 @@ def _data_node_options(settings: Settings) -> dict[str, Any]:
     return {"ssl": tls, "socket_timeout": settings.redis_socket_timeout_s, **options}
 
 
-def _sentinels(settings: Settings) -> Sentinel:
+class Sentinels(Sentinel):
+    """redis-py's Sentinel client, that believes the Sentinel with the newest configuration.
+
+    redis-py takes the first Sentinel's answer; right after a failover the Sentinels that did
+    not lead it may name the old master for a second or two (they learn of the new one from the
+    leader's hello messages), and a client that asked one of them would go back to a node that
+    is about to be made a replica. Here every Sentinel is asked, at once, and the answer with
+    the highest `config-epoch` (each failover's is higher) wins."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        answers = await asyncio.gather(
+            *(sentinel.sentinel_master(service_name) for sentinel in self.sentinels),  # type: ignore[no-untyped-call]
+            return_exceptions=True,
+        )
+        states = [
+            state
+            for state in answers
+            if isinstance(state, dict) and self.check_master_state(state, service_name)
+        ]
+        if not states:
+            errors = [repr(a) for a in answers if isinstance(a, BaseException)]
+            raise MasterNotFoundError(f"No master found for {service_name!r}: {errors}")
+        newest = max(states, key=lambda state: state["config-epoch"])
+        return newest["ip"], int(newest["port"])
+
+
+def _sentinels(settings: Settings) -> Sentinels:
     password = settings.redis_sentinel_password
-    return Sentinel(  # type: ignore[no-untyped-call]
+    return Sentinels(  # type: ignore[no-untyped-call]
         settings.sentinel_addresses,
         sentinel_kwargs={
             "password": password.get_secret_value() if password else None,
@@ -148,11 +185,17 @@ class SentinelBlockingPool(SentinelConnectionPool, BlockingConnectionPool):
 
     def __init__(self, service_name: str, sentinels: Sentinel, **options: Any) -> None:
         super().__init__(service_name, sentinels, **options)  # type: ignore[no-untyped-call]
+        self.master_changes = 0
+        """How many times the Sentinels have named another master since this pool began."""
+        self._failing_over_until = 0.0
 
     async def get_master_address(self) -> tuple[str, int]:
+        if asyncio.get_running_loop().time() < self._failing_over_until:
+            raise MasterNotFoundError(f"a failover of {self.service_name!r} is under way")
         address: tuple[str, int] = await self.sentinel_manager.discover_master(self.service_name)
         if self.master_address is not None and address != self.master_address:
             log.warning("Redis master moved to %s:%s; reconnecting", *address)
+            self.master_changes += 1
         self.master_address = address
         await self._drop_stale()
         return address
@@ -172,12 +215,57 @@ class SentinelBlockingPool(SentinelConnectionPool, BlockingConnectionPool):
         await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
 
     async def watch_master(self) -> None:
-        """Asks the Sentinels for the master every `MASTER_CHECK_S`, for ever: connections to
-        a node that is no longer the master are closed as soon as the Sentinels say so."""
+        """Follows the Sentinels, for ever: each one's failover events as they are published
+        (`_listen`), and which node is the master every `MASTER_CHECK_S`. Connections to a node
+        that is no longer the master are closed as soon as the Sentinels say so."""
+        listeners = [
+            asyncio.create_task(self._listen(sentinel))
+            for sentinel in self.sentinel_manager.sentinels
+        ]
+        try:
+            while True:
+                with contextlib.suppress(RedisError, OSError):
+                    await self.get_master_address()
+                await asyncio.sleep(MASTER_CHECK_S)
+        finally:
+            for listener in listeners:
+                listener.cancel()
+            await asyncio.gather(*listeners, return_exceptions=True)
+
+    async def _listen(self, sentinel: redis.asyncio.Redis) -> None:
+        """A Sentinel's failover events. From `+try-failover` (a Sentinel starts one: the replica
+        it promotes stops replicating moments later) to `+switch-master` or an abort, every
+        connection is closed and none opened: what would be written to the old master then
+        would be lost when it is made a replica. Commands fail at once and are tried again by
+        their callers, requests get 503, and the workers' text waits for the new master."""
         while True:
+            try:
+                async with sentinel.pubsub() as pubsub:
+                    await pubsub.subscribe(*FAILOVER_STARTS, *FAILOVER_ENDS)
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None:
+                            await self._failover_event(message["channel"], message["data"])
+            except (RedisError, OSError):
+                await asyncio.sleep(1.0)
+
+    async def _failover_event(self, channel: bytes, data: bytes) -> None:
+        event, words = channel.decode(), data.decode().split()
+        name = words[0] if event == "+switch-master" else [*words, ""][1]
+        if name != self.service_name:
+            return
+        loop = asyncio.get_running_loop()
+        if event in FAILOVER_STARTS:
+            log.warning("Sentinel: %s of %s; holding writes", event, self.service_name)
+            self._failing_over_until = loop.time() + FAILOVER_HOLD_S
+            await self.disconnect(inuse_connections=True)
+        elif self._failing_over_until:
+            log.warning("Sentinel: %s of %s", event, self.service_name)
+            self._failing_over_until = 0.0
             with contextlib.suppress(RedisError, OSError):
                 await self.get_master_address()
-            await asyncio.sleep(MASTER_CHECK_S)
 
     async def aclose(self) -> None:
         await super().aclose()

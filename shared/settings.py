@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(5.0, gt=0)
     """With Sentinels: how long a command may wait for the master's answer before its
     connection is dropped and the master asked for again (a frozen master cannot hang one)."""
+    redis_wait_ms: int = Field(500, ge=0)
+    """With Sentinels: how long a relay waits for a replica to have a stream's end before it
+    tells the client (`WAIT`), so an end a client was told survives a failover; 0: never."""
     redis_failover_s: float = Field(30.0, ge=0)
     """With Sentinels: how long open streams wait for Redis to answer again (a failover: the
     Sentinels' `down-after-milliseconds` and their election) before they end with

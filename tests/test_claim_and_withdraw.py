@@ -44,7 +44,7 @@ def test_a_claim_takes_a_stream_exactly_when_its_attempt_is_current(r: redis.Red
         attempt = a_stream(r, replaced, ended, cancelled)
         before = r.hgetall(attempt.meta_key)
         outcome, *when = r.register_script(lua("claim_stream"))(
-            keys=[attempt.meta_key], args=[attempt.job, ME]
+            keys=[attempt.meta_key], args=[attempt.job, ME, "run-1"]
         )
         after = r.hgetall(attempt.meta_key)
         r.delete(attempt.meta_key)
@@ -53,7 +53,13 @@ def test_a_claim_takes_a_stream_exactly_when_its_attempt_is_current(r: redis.Red
             assert (outcome, after) == (b"gone", before), state
         else:
             assert outcome == (b"cancelled" if cancelled else b"claimed"), state
-            assert after == {**before, b"worker": ME.encode(), b"started": str(when[0]).encode()}
+            assert when[1] == 0  # entries in the stream: none yet
+            assert after == {
+                **before,
+                b"worker": ME.encode(),
+                b"started": str(when[0]).encode(),
+                b"claim": b"run-1",
+            }
 
 
 def test_a_withdrawal_ends_a_stream_exactly_when_its_attempt_still_waits(r: redis.Redis) -> None:

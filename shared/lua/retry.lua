@@ -17,7 +17,7 @@ local wake, stream_id = ARGV[6], ARGV[7]
 
 if not if_current(meta, dead) then return 0 end
 redis.call('HSET', meta, 'job', new)
-redis.call('HDEL', meta, 'worker', 'started')
+redis.call('HDEL', meta, 'worker', 'started', 'claim')
 redis.call('ZREM', queue, dead)
 redis.call('DEL', dead_key)
 enqueue(meta, queue, new_key, active, stream_id, new, record, job_ttl_ms, meta_ttl_s, wake,
