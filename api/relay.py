@@ -16,7 +16,7 @@ import anyio
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
-from api.hub import StreamHub
+from api.hub import RawEntry, StreamHub
 from shared.errors import (
     GenerationFailed,
     RedisFailover,
@@ -92,12 +92,13 @@ async def follow(
     # may sort before it, and would never come.
     number = entry_number(after)
     epoch = hub.epoch
+    last: RawEntry | None = None  # the last entry sent, as Redis gave it
     tokens_sent = not from_start
     started = tokens_sent
     while True:
         if hub.epoch != epoch:
             with contextlib.suppress(RedisError, OSError):  # Redis still away: the hub says
-                await _check_still_there(hub, stream_id, after)
+                await _check_still_there(hub, stream_id, after, last)
                 epoch = hub.epoch
         try:
             # Not wait_for: on Python 3.11 it can swallow a cancel that arrives as the read
@@ -112,7 +113,7 @@ async def follow(
             check_complete(batch[0][1])
             from_start = False
         number = check_continuous(number, (entry_id for entry_id, _ in batch))
-        after = batch[-1][0]
+        after, last = batch[-1][0], raw[-1]
         started = started or any(isinstance(e, Started) for _, e in batch)
         tokens_sent = tokens_sent or any(isinstance(e, Token) for _, e in batch)
         if isinstance(batch[-1][1], TERMINAL):
@@ -144,20 +145,31 @@ async def _check_kept_after(hub: StreamHub, stream_id: str, after: str) -> None:
     await _check_still_there(hub, stream_id, after)
 
 
-async def _check_still_there(hub: StreamHub, stream_id: str, after: str) -> None:
-    """Raises `RedisFailover` unless the stream holds the entry `after` or, before its first
-    ("0-0"), unless the stream is known: a request admitted by a master that lost it before a
-    replica had it (a graceful failover's last moment) would otherwise be waited for for ever."""
+async def _check_still_there(
+    hub: StreamHub, stream_id: str, after: str, sent: RawEntry | None = None
+) -> None:
+    """Raises `RedisFailover` unless the stream holds the entry `after` (as it was `sent`, if
+    known: a new master whose clock is behind may give a new entry a lost one's id) or, before
+    its first ("0-0"), unless the stream is known: a request admitted by a master that lost it
+    before a replica had it would otherwise be waited for for ever."""
     if after == "0-0":
         if not await hub.redis.exists(meta_key(stream_id)):
             raise RedisFailover(
                 "Redis failed over and lost this request before it started; send it again"
             )
-    elif not await hub.redis.xrange(stream_key(stream_id), min=after, max=after, count=1):
+        return
+    found = await hub.redis.xrange(stream_key(stream_id), min=after, max=after, count=1)
+    if not found or (sent is not None and dict(found[0][1]) != _fields(sent)):
         raise RedisFailover(
             f"Redis failed over and this stream no longer holds entry {after}, the last one"
             " this reader had; it cannot go on exactly"
         )
+
+
+def _fields(raw: RawEntry) -> dict[bytes, bytes]:
+    """An entry's fields as redis-py's XRANGE gives them, from an entry as the hub gives it."""
+    values = raw[1]
+    return dict(zip(values[::2], values[1::2], strict=True))
 
 
 class EventEncoder:

@@ -86,7 +86,9 @@ class StreamWriter:
         """Stream key -> the claim of the run of its attempt that writes it (`begin`)."""
         self._unchecked: set[str] = set()
         """Streams whose entries are no longer checked: a failover lost some (`EntriesLost`),
-        and only their error entry is still to come."""
+        and only their error entry is still to come, numbered after `_highest`."""
+        self._highest: dict[str, int] = {}
+        """Stream key -> the highest number this writer gave one of its entries."""
         self._pending: list[_Pending] = []
         self._open_token: dict[str, int] = {}
         """Stream key -> index in `_pending` of its token entry, while nothing follows it."""
@@ -101,12 +103,14 @@ class StreamWriter:
         on is checked to follow them one by one, and to come from this run."""
         self._numbers[attempt.stream_key] = entries
         self._claims[attempt.stream_key] = claim
+        self._highest.pop(attempt.stream_key, None)
         self._unchecked.discard(attempt.stream_key)
 
     def end(self, attempt: Attempt) -> None:
         """The attempt is done with its stream."""
         self._numbers.pop(attempt.stream_key, None)
         self._claims.pop(attempt.stream_key, None)
+        self._highest.pop(attempt.stream_key, None)
         self._unchecked.discard(attempt.stream_key)
 
     def append(
@@ -197,13 +201,17 @@ class StreamWriter:
             args.append(item.attempt.job)
             args.extend(encode(item.entry))
             args.append(item.expire_s or 0)
-            if key in self._numbers and key not in self._unchecked:
+            if key in self._unchecked:  # after a hole: numbered past every entry it sent
+                expected.append(None)
+                args += [-self._highest[key], self._claims.get(key, "")]
+            elif key in self._numbers:
                 numbered[key] = numbered.get(key, self._numbers[key]) + 1
+                self._highest[key] = max(self._highest.get(key, 0), numbered[key])
                 expected.append(numbered[key])
+                args += [numbered[key], self._claims.get(key, "")]
             else:
                 expected.append(None)
-            args.append("" if expected[-1] is None else expected[-1])
-            args.append("" if expected[-1] is None else self._claims.get(key, ""))
+                args += ["", ""]
         ids = await self._call(keys, args)
         outcomes: list[str | BaseException] = []
         refused: dict[str, int] = {}

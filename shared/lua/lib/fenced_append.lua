@@ -19,10 +19,15 @@
 -- is at least `seq`, the entry was stored by an earlier try whose answer was lost (a connection
 -- cut by a failover), and it is 'stored' again only in name. If the stream holds fewer entries
 -- than the appender has written (`n` < `seq` - 1), a failover lost some: 'lost', and nothing is
--- appended after the hole. `claim` (with `seq`) names the run of the attempt that appends
--- (shared/lua/claim_stream.lua): another run's is 'fenced'; one whose claim a failover lost
--- renews it.
+-- appended after the hole. A negative `seq` is a writer's entry after such a hole (its error):
+-- not checked, but numbered after -`seq`, the last number that writer gave an entry, so that it
+-- cannot be taken for one of the entries lost (their numbers, on a new master whose clock is
+-- behind, could come with the same milliseconds). `claim` (with `seq`) names the run of the
+-- attempt that appends (shared/lua/claim_stream.lua): another run's is 'fenced'; one whose
+-- claim a failover lost renews it.
 local function fenced_append(stream, meta, job, kind, payload, ttl, seq, claim)
+  local after = 0
+  if seq and seq < 0 then after, seq = -seq, nil end
   local current = redis.call('HMGET', meta, 'job', 'ended', 'owner', 'cap', 'keep', 'cancel', 'n',
                              'ms', 'wn', 'claim')
   if current[1] ~= job or (claim and current[10] and current[10] ~= claim) then
@@ -32,7 +37,7 @@ local function fenced_append(stream, meta, job, kind, payload, ttl, seq, claim)
   if current[2] then return 'fenced' end
   local owner, cap, keep, cancelled = current[3], current[4], current[5], current[6]
   if kind == 't' and cancelled then return 'cancelled' end
-  local n = tonumber(current[7] or '0') + 1
+  local n = math.max(tonumber(current[7] or '0'), after) + 1
   if seq and n ~= seq then return 'lost' end
   local ms = math.max(redis_now_ms(), tonumber(current[8] or '0'))
   local id = ms .. '-' .. n
