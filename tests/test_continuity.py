@@ -16,6 +16,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
+import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -23,7 +24,7 @@ from redis.asyncio import Redis
 from api.hub import StreamHub
 from api.relay import Waiting, follow
 from shared.errors import RedisFailover, StreamTruncated
-from shared.protocol import Attempt, Failed, Started, Token, job_id
+from shared.protocol import Attempt, Failed, Started, Token, encode, job_id
 from shared.settings import Settings
 from tests.hubs import running_hub
 from tests.procs import RedisServer
@@ -37,13 +38,15 @@ READ_S = 2.0
 
 
 @contextlib.asynccontextmanager
-async def scene(redis_server: RedisServer) -> AsyncIterator[tuple[Redis, StreamHub, Attempt]]:
+async def scene(
+    redis_server: RedisServer, **hub_options: float
+) -> AsyncIterator[tuple[Redis, StreamHub, Attempt]]:
     redis = Redis.from_url(redis_server.url())
     stream_id = f"continuity-{uuid.uuid4().hex}"
     attempt = Attempt(stream_id, job_id(stream_id, 1))
     await redis.hset(attempt.meta_key, "job", attempt.job)
     try:
-        async with running_hub(redis, count=PAGE) as (hub, _):
+        async with running_hub(redis, count=PAGE, **hub_options) as (hub, _):
             yield redis, hub, attempt
     finally:
         await redis.delete(attempt.stream_key, attempt.meta_key)
@@ -172,3 +175,44 @@ async def fail_over(
             pipe.xadd(attempt.stream_key, fields, id=entry_id)
         pipe.hset(attempt.meta_key, mapping={**meta, b"n": n, b"wn": n, b"ms": ms})
         await pipe.execute()
+
+
+async def test_a_reader_waiting_across_a_failover_checks_its_last_entry_by_what_it_was(
+    redis_server: RedisServer,
+) -> None:
+    """A reader has entry 3, a token, and waits. The hub's connection is cut (as a failover
+    cuts it) and, meanwhile, the stream became what a new master whose clock is behind would
+    hold: entries 1 and 2, then the supervisor's end, which got the lost token's id. Its id is
+    there; the entry is not the one the reader had: `redis_failover`, not a wait for ever."""
+    async with scene(redis_server, hold_s=5) as (redis, hub, attempt):
+        writer = StreamWriter(redis)
+        writer.begin(attempt, 0, "run")
+        ids = await write(writer, attempt, 2)
+        got: list[str] = []
+        has_all = asyncio.Event()
+
+        async def reader() -> None:
+            async for batch in follow(hub, SETTINGS, attempt.stream_id):
+                if not isinstance(batch, Waiting):
+                    got.extend(entry_id for entry_id, _ in batch)
+                    if got == ids:
+                        has_all.set()
+
+        reading = asyncio.create_task(reader())
+        async with asyncio.timeout(READ_S):
+            await has_all.wait()
+        entries = await redis.xrange(attempt.stream_key)
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.delete(attempt.stream_key)
+            for entry_id, fields in entries[:2]:
+                pipe.xadd(attempt.stream_key, fields, id=entry_id)
+            pipe.xadd(attempt.stream_key, dict([encode(END)]), id=ids[2])
+            await pipe.execute()
+        for client in await redis.client_list():
+            if client["cmd"] == "xread":
+                await redis.client_kill_filter(_id=client["id"])
+        with pytest.raises(RedisFailover):
+            async with asyncio.timeout(READ_S + 2):
+                await reading
+
+    assert got == ids
