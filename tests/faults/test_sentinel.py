@@ -15,14 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.faults.conftest import FAST_LIVENESS
 from tests.procs import (
@@ -37,6 +43,7 @@ from tests.sse import SSEResult, parse_sse, stream
 from tests.tls import make_certificates
 from worker.backends.synthetic import PASSAGE, words
 
+ROOT = Path(__file__).parents[2]
 STREAMS = 8
 TOKENS = 60
 RATE = "20"  # tokens/s: each stream takes 3 s, so a failover falls in the middle of all eight
@@ -230,6 +237,23 @@ async def settle(
         "admitted_then_lost": served.lost,
         "not_ready": sorted({r for reasons in served.not_ready for r in reasons}),
     }
+
+
+def test_the_workers_health_checks_find_their_worker_through_the_sentinels(
+    cluster: SentinelCluster, stack: Stack
+) -> None:
+    """compose's healthcheck and the k8s probe, run as the containers run them, with the
+    stack's settings, where SLUICE_REDIS_URL's host and port lead nowhere: with Sentinels they
+    are not used."""
+    nowhere = re.sub(r"@127\.0\.0\.1:\d+/", "@127.0.0.1:1/", stack.redis_url)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    environment |= {**stack.env, "SLUICE_REDIS_URL": nowhere, "PYTHONPATH": str(ROOT)}
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    healthcheck = compose["services"]["worker"]["healthcheck"]["test"][3]
+    probe = ROOT / "deploy" / "k8s" / "base" / "worker_alive.py"
+    for command in ([sys.executable, "-c", healthcheck], [sys.executable, str(probe)]):
+        done = subprocess.run(command, env=environment, timeout=30, check=False)
+        assert done.returncode == 0, command
 
 
 async def test_master_killed_with_streams_open_then_it_comes_back_as_a_replica(
