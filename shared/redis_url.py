@@ -14,19 +14,25 @@ opens a connection for every command sent while the others are busy, and a worke
 burst of jobs sends a few per job at once (arq's read of the job and its finish, the stream's
 claim), so its connections grew with its jobs (46 to 93 for 1000 jobs, bench/worker_connections.py).
 
-**Sentinel** (`SLUICE_REDIS_SENTINELS`). The data nodes are the URL's (password, user,
-database, TLS and its options), at the address the Sentinels give for the master; the URL's own
-host and port are not used. arq's `RedisSettings(sentinel=True, …)` would drop the bound, the
-retry and TLS, so the pool is redis-py's `SentinelConnectionPool` made blocking
+**Sentinel** (`SLUICE_REDIS_SENTINELS`, issue 24). The data nodes are the URL's (password,
+user, database, TLS and its options), at the address the Sentinels give for the master; the
+URL's own host and port are not used. arq's `RedisSettings(sentinel=True, …)` would drop the
+bound, the retry and TLS, so the pool is redis-py's `SentinelConnectionPool` made blocking
 (`SentinelBlockingPool`): the same bound, TLS on the data nodes, and, as a Sentinel client
 must, no connection kept to a master that is no longer the master. redis-py asks the Sentinels
-only when it opens a connection; a connection already open to a master that the Sentinels have
-replaced (a graceful failover, or a frozen master that wakes) would go on reading and writing
-there, where every write is lost when it is made a replica. So `watch_master` asks every
-`MASTER_CHECK_S`, and on a change every connection to the old address is closed, in use or not:
-a blocked read ends with a connection error at once, and whatever was in flight is retried on
-the new master by its caller. Each command also gives up after `SLUICE_REDIS_SOCKET_TIMEOUT_S`,
-so one sent to a frozen master cannot hang.
+only when it opens a connection, and believes the first that answers; a connection already open
+to a master that the Sentinels have replaced (a graceful failover, or a frozen master that
+wakes) would go on reading and writing there, where every write is lost when it is made a
+replica, and a Sentinel that has not yet heard of a failover names the old master. So:
+- every Sentinel is asked, and the answer with the newest `config-epoch` wins (`Sentinels`);
+- `watch_master` follows each Sentinel's events: from `+try-failover` (the replica about to be
+  promoted stops copying the master moments later) to `+switch-master`, every connection is
+  closed and none opened, so nothing is written where it would be lost; and it asks every
+  `MASTER_CHECK_S`, closing every connection to an address that is no longer the master's, in
+  use or not (a blocked read ends with a connection error at once). Whatever was in flight is
+  tried again by its caller, on the new master;
+- each command gives up after `SLUICE_REDIS_SOCKET_TIMEOUT_S`, so one sent to a frozen master
+  cannot hang.
 """
 
 from __future__ import annotations
