@@ -44,6 +44,7 @@ from tests.tls import make_certificates
 from worker.backends.synthetic import PASSAGE, words
 
 ROOT = Path(__file__).parents[2]
+SYNTHETIC_DB = 1
 STREAMS = 8
 TOKENS = 60
 RATE = "20"  # tokens/s: each stream takes 3 s, so a failover falls in the middle of all eight
@@ -77,7 +78,9 @@ def sentinel_stack(cluster: SentinelCluster, name: str, db: int, **settings: str
 
 @pytest.fixture(scope="module")
 def stack(cluster: SentinelCluster) -> Iterator[Stack]:
-    stack = sentinel_stack(cluster, "sentinel", 1, backend="synthetic", synthetic_tokens_per_s=RATE)
+    stack = sentinel_stack(
+        cluster, "sentinel", SYNTHETIC_DB, backend="synthetic", synthetic_tokens_per_s=RATE
+    )
     yield stack
     stack.stop()
 
@@ -207,6 +210,7 @@ async def resume(client: httpx.AsyncClient, result: SSEResult, whole: str) -> st
 
 async def settle(
     client: httpx.AsyncClient,
+    cluster: SentinelCluster,
     stack: Stack,
     tasks: list[asyncio.Task[SSEResult]],
     tag: str,
@@ -223,6 +227,11 @@ async def settle(
     outcomes = [outcome(r, whole) for r, whole in zip(results, wholes, strict=True)]
     resumes = [await resume(client, r, w) for r, w in zip(results, wholes, strict=True)]
     assert all(proc.alive() for proc in (stack.api, *stack.workers))
+    # What the clients were told is on the new master, whole: nothing was written elsewhere.
+    with cluster.client(cluster.master_port(), db=SYNTHETIC_DB) as new_master:
+        for result in results:
+            stored = new_master.xrange(f"sluice:stream:{result.headers['x-sluice-stream-id']}")
+            assert [e.id for e in result.events if e.id][-1] in [i.decode() for i, _ in stored]
     assert served.refused, "no request was refused during the election"
     for status, retry_after, code in served.refused:
         assert status == 503, (status, code)
@@ -263,7 +272,7 @@ async def test_master_killed_with_streams_open_then_it_comes_back_as_a_replica(
     tasks = await open_streams(client, "killed")
     cluster.nodes[old].signal(signal.SIGKILL)
     fault_at = time.monotonic()
-    figures = await settle(client, stack, tasks, "killed", fault_at)
+    figures = await settle(client, cluster, stack, tasks, "killed", fault_at)
     new = cluster.master_port()
     measured["SIGKILL of the master"] = figures
 
@@ -296,7 +305,7 @@ async def test_a_graceful_failover_with_streams_open(
     with cluster.sentinels[0].client() as sentinel:
         sentinel.execute_command("SENTINEL", "FAILOVER", SENTINEL_MASTER)
     fault_at = time.monotonic()
-    figures = await settle(client, stack, tasks, "graceful", fault_at)
+    figures = await settle(client, cluster, stack, tasks, "graceful", fault_at)
     measured["SENTINEL FAILOVER"] = figures
 
     new = cluster.master_port()
@@ -386,7 +395,7 @@ async def test_a_master_frozen_past_down_after_with_streams_open(
 
     freezing = asyncio.create_task(asyncio.to_thread(freeze))
     fault_at = time.monotonic()
-    figures = await settle(client, stack, tasks, "frozen", fault_at)
+    figures = await settle(client, cluster, stack, tasks, "frozen", fault_at)
     await freezing
     measured["DEBUG SLEEP past down-after"] = figures
 
@@ -397,7 +406,7 @@ async def test_a_master_frozen_past_down_after_with_streams_open(
     late = await asyncio.gather(*await open_streams(client, "awake"))
     late_outcomes = [outcome(r, answer(f"awake {n}")) for n, r in enumerate(late)]
     assert late_outcomes == ["complete"] * STREAMS
-    with cluster.client(old, db=1) as awake:
+    with cluster.client(old, db=SYNTHETIC_DB) as awake:
         if cluster.role(old) == "master":  # (not yet told otherwise)
             ids = [r.headers["x-sluice-stream-id"] for r in late]
             assert not any(awake.exists(f"sluice:meta:{i}") for i in ids)
