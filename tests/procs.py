@@ -389,6 +389,8 @@ class SentinelCluster:
         args = [
             *(require("redis-server"), "--bind", "127.0.0.1", "--port", str(port)),
             *("--databases", str(DATABASES), *NO_PERSISTENCE, "--enable-debug-command", "local"),
+            # A replica writes what its master sends it to disk: not into the repository.
+            *("--dir", str(self.directory), "--dbfilename", f"dump-{port}.rdb"),
         ]
         if secured := self.secured:
             certs = secured.certificates
