@@ -495,6 +495,7 @@ class SentinelCluster:
         """The node on `port` again (it was killed): empty, as a node without persistence
         comes back, with redis-server's `options`."""
         self.nodes.pop(port).stop()
+        (self.directory / f"dump-{port}.rdb").unlink(missing_ok=True)  # what it last synced
         self._node(*options, port=port)
 
     def _sentinels_see_everyone(self) -> bool:
