@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: install llama-server run test lint fmt bench clean
+.PHONY: install llama-server run test lint fmt bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +43,18 @@ test: lint llama-server
 	$(BIN)/coverage report
 
 # Each writes bench/results/<name>.json (and .png) and prints its table; see README, Benchmarks.
-BENCHES := seed_acceptance peers overhead concurrency scaling batching worker_connections upstream
+BENCHES := seed_acceptance peers overhead concurrency supervision scaling batching worker_connections upstream gateways
 
 bench: install
 	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done
+
+# What a change to the token path re-runs before it lands (about 3 minutes): 1000 streams once,
+# the per-request and per-token overhead in short, supervision with quiet streams. Results go to
+# bench/results/quick/, beside the full runs'.
+bench-quick: install
+	SLUICE_BENCH_RESULTS=bench/results/quick $(BIN)/python -m bench.concurrency --levels 1000 --rounds 1
+	SLUICE_BENCH_RESULTS=bench/results/quick $(BIN)/python -m bench.overhead --requests 20 --bursts 4
+	SLUICE_BENCH_RESULTS=bench/results/quick $(BIN)/python -m bench.supervision --levels 0,2000 --seconds 3
 
 clean:
 	rm -rf $(VENV) .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache

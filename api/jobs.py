@@ -20,7 +20,6 @@ from shared.errors import (
     UpstreamUnavailable,
 )
 from shared.protocol import (
-    ACTIVE_KEY,
     CANCEL_CHANNEL,
     JOB_FUNCTION,
     KEY_REQUESTS_PREFIX,
@@ -44,6 +43,7 @@ from shared.protocol import (
     queue_name,
     serving_key,
     stream_key,
+    waiting_key,
     wake_channel,
     worker_ttl_ms,
 )
@@ -117,7 +117,7 @@ class JobQueue:
                 job_key(meta.job),
                 meta_key(job.stream_id),
                 READERS_KEY,
-                ACTIVE_KEY,
+                waiting_key(model),
                 KEY_REQUESTS_PREFIX + owner.name,
                 KEY_TOKENS_PREFIX + owner.name,
                 KEY_STREAMS_PREFIX + owner.name,
@@ -138,6 +138,7 @@ class JobQueue:
                 limits.tpm or 0,
                 limits.max_streams or 0,
                 model,
+                self._queue_timeout_ms,
                 *(item for pair in fields.items() for item in pair),
             ],
         )
@@ -165,6 +166,10 @@ class JobQueue:
     @staticmethod
     def _record(job: GenerationJob) -> bytes:
         return job_record(JOB_FUNCTION, (job.model_dump(),), now_ms())
+
+    @property
+    def _queue_timeout_ms(self) -> int:
+        return int(self._settings.queue_timeout_s * 1000)
 
     @property
     def _job_ttl_ms(self) -> int:
@@ -199,6 +204,7 @@ class JobQueue:
             keys=[
                 in_progress_key(arq_job_id),
                 queue_name(meta.model),
+                waiting_key(meta.model),
                 job_key(arq_job_id),
                 stream_key(stream_id),
                 meta_key(stream_id),
@@ -219,9 +225,9 @@ class JobQueue:
             keys=[
                 meta_key(stream_id),
                 queue_name(model),
+                waiting_key(model),
                 job_key(dead_job),
                 job_key(new_job),
-                ACTIVE_KEY,
             ],
             args=[
                 dead_job,
@@ -231,6 +237,7 @@ class JobQueue:
                 self._meta_ttl_s,
                 wake_channel(model),
                 stream_id,
+                self._queue_timeout_ms,
             ],
         )
         return bool(retried)

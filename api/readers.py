@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Iterator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.protocol import READERS_KEY
+from shared.protocol import READERS_KEY, worker_ttl_ms
 from shared.scripts import lua
 
 log = logging.getLogger("sluice.api")
@@ -30,6 +30,7 @@ class ReaderRegistry:
         self._redis = redis
         self._period_s = period_s
         self._keep_ms = int(keep_s * 1000)
+        self._ttl_ms = worker_ttl_ms(period_s)
         self._refresh = redis.register_script(lua("refresh_readers"))
         self._open: Counter[str] = Counter()
         self._left: set[str] = set()
@@ -67,7 +68,8 @@ class ReaderRegistry:
 
     def _mark(self, reading: list[str], left: list[str]) -> Awaitable[object]:
         return self._refresh(
-            keys=[READERS_KEY], args=[self._keep_ms, len(reading), *reading, *left]
+            keys=[READERS_KEY],
+            args=[self._keep_ms, self._ttl_ms, len(reading), *reading, *left],
         )
 
     async def refresh_forever(self) -> None:

@@ -22,22 +22,19 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.jobs import JobQueue
-from shared.arq_internals import in_progress_key, job_key
+from shared.arq_internals import job_key
 from shared.errors import Cancelled, GenerationFailed, QueueTimeout, SluiceError, WorkerLost
 from shared.protocol import (
-    ACTIVE_KEY,
     CANCEL_CHANNEL,
-    HELD_KEY,
     MAX_ATTEMPTS,
     QUEUE_PREFIX,
     READERS_KEY,
     SUPERVISOR_KEY,
-    WORKERS_KEY,
+    WAITING_PREFIX,
     Failed,
     attempt_number,
     encode,
-    meta_key,
-    stream_key,
+    job_deadline_ms,
     worker_ttl_ms,
 )
 from shared.redis_url import master_watch
@@ -45,6 +42,10 @@ from shared.scripts import lua
 from shared.settings import Settings
 
 log = logging.getLogger("sluice.api")
+TELL_AGAIN_MS = 1000
+"""How often the worker of a running stream nobody reads is told again to stop."""
+MOST_PER_TICK = 1000
+"""Streams one tick takes from each of its indexes: a tick never holds Redis for long."""
 
 
 def _payload(error: SluiceError) -> str:
@@ -69,13 +70,14 @@ class Supervisor:
             worker_ttl,  # readers refresh as often as workers beat
             int(settings.resume_grace_s * 1000),
             int(settings.queue_timeout_s * 1000),
-            int(settings.job_timeout_s * 1000) + worker_ttl,
+            job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s),
+            TELL_AGAIN_MS,
             settings.stream_ttl_s,
             MAX_ATTEMPTS,
-            meta_key(""),
-            stream_key(""),
-            in_progress_key(""),
+            MOST_PER_TICK,
             job_key(""),
+            QUEUE_PREFIX,
+            WAITING_PREFIX,
             CANCEL_CHANNEL,
             _payload(Cancelled("no client was reading; the request was withdrawn")),
             _payload(
@@ -92,7 +94,6 @@ class Supervisor:
             _payload(
                 WorkerLost(f"the worker generating this stream stopped, {MAX_ATTEMPTS} times")
             ),
-            QUEUE_PREFIX,
         ]
 
     async def run(self) -> None:
@@ -129,7 +130,7 @@ class Supervisor:
 
     async def tick(self) -> None:
         retry = await self._script(
-            keys=[SUPERVISOR_KEY, ACTIVE_KEY, WORKERS_KEY, READERS_KEY, HELD_KEY],
+            keys=[SUPERVISOR_KEY, READERS_KEY],
             args=self._args,
         )
         for raw_id, raw_job, raw_model in zip(retry[::3], retry[1::3], retry[2::3], strict=True):

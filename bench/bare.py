@@ -1,6 +1,8 @@
 """The anchor for the pipeline benchmarks: the synthetic backend's tokens, as the same chunks,
 streamed by FastAPI + sse-starlette straight from the request handler, with no queue, no
-Redis and no worker. What sluice adds is measured against this.
+Redis and no worker. What sluice adds is measured against this. It also serves as a scripted
+engine that gateways stand in front of (bench/gateways.py): it lists its model, and sends usage
+when asked, as an OpenAI-compatible engine does.
 
     python -m bench.bare --port 8090 [--tokens-per-s 30]
 """
@@ -24,6 +26,10 @@ from worker.text import TextAssembler
 def create_app(tokens_per_s: float) -> FastAPI:
     app = FastAPI()
     backend = SyntheticBackend(tokens_per_s)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, object]:
+        return {"object": "list", "data": [{"id": "synthetic", "object": "model"}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> EventSourceResponse:
@@ -50,6 +56,8 @@ def create_app(tokens_per_s: float) -> FastAPI:
                 if produced >= job.max_tokens:
                     break
             yield event(chunks.finish("length" if produced >= job.max_tokens else "stop"))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield event(chunks.usage(generation.prompt_tokens, produced))
             yield DONE
 
         return EventSourceResponse(events(), headers={"Cache-Control": "no-cache"}, sep="\n")

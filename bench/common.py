@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -23,11 +24,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import psutil
+import redis
 
 from tests.procs import Proc, RedisServer, Stack, answers, free_port, start_stack, wait_until
 
 ROOT = Path(__file__).parents[1]
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / os.environ.get("SLUICE_BENCH_RESULTS", "bench/results")
+"""Where results go (`make bench-quick` sends its short runs elsewhere)."""
 
 
 def machine() -> dict[str, Any]:
@@ -157,7 +160,9 @@ async def timed_stream(client: httpx.AsyncClient, path: str, body: dict[str, Any
     return timing
 
 
-async def lean_stream(url: str, path: str, body: dict[str, Any]) -> Timing:
+async def lean_stream(
+    url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Timing:
     """`timed_stream` for a load generator that shares a core with what it measures: the same
     request and timings on a connection of its own, in plain asyncio streams (HTTP/1.1, `http:`
     only). An httpx client per stream costs about 1.5 ms of CPU per request here, four times
@@ -168,9 +173,10 @@ async def lean_stream(url: str, path: str, body: dict[str, Any]) -> Timing:
     if where.scheme != "http" or not where.hostname or not where.port:
         raise ValueError(f"lean_stream speaks plain HTTP to a host and port, not {url}")
     payload = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\n"
-        f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n"
+        f"Accept: text/event-stream\r\n{extra}Content-Length: {len(payload)}\r\n\r\n"
     )
     try:
         reader, writer = await asyncio.open_connection(where.hostname, where.port)
@@ -184,13 +190,13 @@ async def lean_stream(url: str, path: str, body: dict[str, Any]) -> Timing:
         head_in = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
         status_line, *lines = head_in.split("\r\n")
         fields = (line.partition(":") for line in lines if line)
-        headers = {name.strip().lower(): value.strip() for name, _, value in fields}
-        timing.headers = {k: headers.get(k, "") for k in HEADERS_KEPT}
+        received = {name.strip().lower(): value.strip() for name, _, value in fields}
+        timing.headers = {k: received.get(k, "") for k in HEADERS_KEPT}
         status = int(status_line.split(" ", 2)[1])
         if status != 200:
             timing.error = f"HTTP {status}: {(await reader.read(200))!r}"
             return timing
-        async for line in _body_lines(reader, headers):
+        async for line in _body_lines(reader, received):
             if take_line(timing, line, start):
                 break
     except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -229,13 +235,16 @@ async def _body_lines(reader: asyncio.StreamReader, headers: dict[str, str]) -> 
 
 
 async def concurrent_streams(
-    url: str, bodies: Sequence[dict[str, Any]], path: str = "/v1/chat/completions"
+    url: str,
+    bodies: Sequence[dict[str, Any]],
+    path: str = "/v1/chat/completions",
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[Timing], float]:
     """Every body streamed at once, each on a connection of its own (as separate users would,
     by `lean_stream`);
     returns their timings and the wall time from the first request to the last end."""
     start = time.perf_counter()
-    timings = await asyncio.gather(*(lean_stream(url, path, body) for body in bodies))
+    timings = await asyncio.gather(*(lean_stream(url, path, body, headers) for body in bodies))
     return list(timings), time.perf_counter() - start
 
 
@@ -366,3 +375,68 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+class RedisCommandTime:
+    """Redis's own time in commands over a window: `INFO commandstats` (reset when the window
+    opens; as Redis counts, a script's commands count in their own lines and again in the
+    script's), and from `SLOWLOG` the calls that held Redis for over 1 ms, scripts named from
+    `scripts`. With `trace`, SLOWLOG records every call (at some cost to Redis) and the time is
+    also given by call, each script apart."""
+
+    SLOW_US = 1000
+    MAX_CALLS = 500_000
+
+    def __init__(
+        self, url: str, scripts: dict[str, str] | None = None, trace: bool = False
+    ) -> None:
+        self._redis = redis.Redis.from_url(url)
+        self._trace = trace
+        self._names = {
+            hashlib.sha1(text.encode()).hexdigest(): name for name, text in (scripts or {}).items()
+        }
+
+    def open(self) -> None:
+        self._redis.config_set("slowlog-log-slower-than", 0 if self._trace else self.SLOW_US)
+        self._redis.config_set("slowlog-max-len", self.MAX_CALLS)
+        self._redis.slowlog_reset()
+        self._redis.config_resetstat()
+
+    def close(self) -> dict[str, Any]:
+        stats = self._redis.info("commandstats")
+        log = self._redis.slowlog_get(self.MAX_CALLS)
+        self._redis.config_set("slowlog-log-slower-than", 10_000)
+        self._redis.slowlog_reset()
+        by_command = {name.removeprefix("cmdstat_"): int(s["usec"]) for name, s in stats.items()}
+        by_call: dict[str, int] = {}
+        calls: dict[str, int] = {}
+        longest: dict[str, int] = {}
+        slow = 0
+        for entry in log:
+            name, duration = self._call(bytes(entry["command"])), int(entry["duration"])
+            by_call[name] = by_call.get(name, 0) + duration
+            calls[name] = calls.get(name, 0) + 1
+            longest[name] = max(longest.get(name, 0), duration)
+            slow += duration > self.SLOW_US
+        return {
+            "usec": sum(by_command.values()),
+            "by_command_us": dict(sorted(by_command.items(), key=lambda kv: -kv[1])[:6]),
+            "calls_over_1ms": slow,
+            "longest_us": dict(sorted(longest.items(), key=lambda kv: -kv[1])[:4]),
+            **(
+                {
+                    "by_call_us": dict(sorted(by_call.items(), key=lambda kv: -kv[1])),
+                    "calls": calls,
+                    "longest_by_call_us": longest,
+                }
+                if self._trace
+                else {}
+            ),
+        }
+
+    def _call(self, command: bytes) -> str:
+        name, _, rest = command.partition(b" ")
+        if name.upper() != b"EVALSHA":
+            return name.decode().lower()
+        sha = rest.partition(b" ")[0].decode()
+        return "script " + self._names.get(sha, sha[:8])

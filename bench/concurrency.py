@@ -11,7 +11,10 @@ peak RSS, the CPU of all server processes (for sluice: API, worker and Redis) an
 generator, and the Redis connections the API holds. The sluice/bare ratio is the median of the
 rounds' ratios.
 
-    python -m bench.concurrency [--levels 1,10,100,500,1000,2000] [--rounds 3]
+Redis's own time in commands is reported per stream (`INFO commandstats`), with the calls
+that held it for over 1 ms.
+
+    python -m bench.concurrency [--levels 1,10,100,500,1000,2000] [--rounds 3] [--trace-redis]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import redis
 
 from api.main import API_CLIENT_NAME
 from bench.common import (
+    RedisCommandTime,
     Timing,
     anchor_server,
     median,
@@ -43,6 +47,7 @@ from bench.common import (
     table,
     timed_stream,
 )
+from shared.scripts import lua
 
 TOKENS = 60
 RATE = 30
@@ -103,8 +108,25 @@ class Target:
     redis_url: str | None = None
 
 
-async def level(target: Target, n: int) -> dict[str, Any]:
+SCRIPTS = {
+    name: lua(name)
+    for name in (
+        "append",
+        "submit",
+        "supervise",
+        "claim_jobs",
+        "claim_stream",
+        "heartbeat",
+        "refresh_readers",
+    )
+}
+
+
+async def level(target: Target, n: int, trace: bool = False) -> dict[str, Any]:
     sampler = Sampler(target.pids, target.redis_url)
+    redis_time = RedisCommandTime(target.redis_url, SCRIPTS, trace) if target.redis_url else None
+    if redis_time is not None:
+        redis_time.open()
     stop = asyncio.Event()
     # A client (so a connection pool) per stream: httpcore's pool looks at every connection
     # whenever a response closes, so one pool for all streams made the load generator's own
@@ -125,6 +147,7 @@ async def level(target: Target, n: int) -> dict[str, Any]:
     await watcher
     client_cpu = time.process_time() - client_before
     front_after, all_after = sampler.cpu_s()
+    redis_stats = redis_time.close() if redis_time is not None else None
     ok = [t for t in timings if t.ok and t.chars]
     gaps = [g for t in ok for g in t.gaps_s]
     return {
@@ -144,11 +167,17 @@ async def level(target: Target, n: int) -> dict[str, Any]:
         "server_rss_mb": sampler.peak_rss_mb,
         "redis_connections": sampler.peak_connections if target.redis_url else None,
         "first_error": next((t.error for t in timings if t.error), ""),
+        "redis_ms_per_stream": redis_stats["usec"] / 1000 / n if redis_stats else None,
+        "redis_calls_over_1ms": redis_stats["calls_over_1ms"] if redis_stats else None,
+        "redis_longest_ms": max(redis_stats["longest_us"].values(), default=0) / 1000
+        if redis_stats
+        else None,
+        "redis": redis_stats,
     }
 
 
 def sweep(
-    targets: tuple[Target, Target], levels: list[int], rounds: int
+    targets: tuple[Target, Target], levels: list[int], rounds: int, trace: bool = False
 ) -> tuple[list[dict[str, Any]], dict[int, dict[str, float]]]:
     """Every round of every level on both targets, taking turns; the median round per system
     and level, and per level the median of the rounds' sluice/bare ratios."""
@@ -159,7 +188,7 @@ def sweep(
         runs: dict[str, list[dict[str, Any]]] = {t.label: [] for t in targets}
         for r in range(rounds):
             for target in targets if r % 2 == 0 else targets[::-1]:
-                runs[target.label].append({**asyncio.run(level(target, n)), "round": r})
+                runs[target.label].append({**asyncio.run(level(target, n, trace)), "round": r})
                 done += 1
                 progress(done, total, f"concurrency {n} streams")
         sluice, bare = (runs[t.label] for t in targets)
@@ -201,7 +230,13 @@ def plot(rows: list[dict[str, Any]]) -> Any:
 
 
 def main() -> None:
-    args = sweep_arguments(__doc__, levels="1,10,100,500,1000,2000").parse_args()
+    parser = sweep_arguments(__doc__, levels="1,10,100,500,1000,2000")
+    parser.add_argument(
+        "--trace-redis",
+        action="store_true",
+        help="record every Redis call, to give Redis's time by call (slows Redis a little)",
+    )
+    args = parser.parse_args()
     levels: list[int] = args.levels
     workers = max(1, -(-max(levels) // WORKER_SLOTS))
     with ExitStack() as stack:
@@ -228,7 +263,7 @@ def main() -> None:
             ),
             Target("bare", bare_url, [bare_pid]),
         )
-        rows, ratios = sweep(targets, levels, args.rounds)
+        rows, ratios = sweep(targets, levels, args.rounds, args.trace_redis)
     save("concurrency", {"rounds": args.rounds, "levels": rows, "ratios": ratios}, plot(rows))
     columns = [
         "system",
@@ -245,6 +280,9 @@ def main() -> None:
         "load_generator_cpu_pct",
         "server_rss_mb",
         "redis_connections",
+        "redis_ms_per_stream",
+        "redis_calls_over_1ms",
+        "redis_longest_ms",
     ]
     print(table(rows, columns))
     print(

@@ -21,7 +21,6 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from arq.worker import Worker
 
-from shared.protocol import meta_key
 from shared.scripts import lua
 
 ARQ_VERSION = "0.28.0"
@@ -67,7 +66,9 @@ MAX_SCAN = 10_000
 
 
 class ClaimingWorker(Worker):
-    """arq's Worker with its poll replaced by one claim script (shared/lua/claim_jobs.lua).
+    """arq's Worker with its poll replaced by one claim script (shared/lua/claim_jobs.lua), over
+    `waiting_key`: the jobs of its queue no worker has taken, which sluice's enqueue writes
+    beside arq's queue (a job arq's own `enqueue_job` writes is not in it).
 
     What arq's `_poll_iteration` also does is kept: reaping finished job tasks (re-raising what
     they raised) and arq's health-check record. Job aborts (`allow_abort_jobs`) and burst mode
@@ -75,7 +76,10 @@ class ClaimingWorker(Worker):
     serializer but JSON's.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, waiting_key: str, orphan_after_ms: int, **kwargs: Any) -> None:
+        self.waiting_key = waiting_key
+        self.orphan_after_ms = orphan_after_ms
+        """A job taken whose stream is not claimed by then is an orphan (shared/lua)."""
         if {"job_serializer", "job_deserializer"} & set(kwargs):
             raise ValueError("ClaimingWorker reads JSON job records only (see job_deserializer)")
         super().__init__(job_serializer=job_serializer, job_deserializer=job_deserializer, **kwargs)
@@ -97,13 +101,13 @@ class ClaimingWorker(Worker):
         if self._claim_script is None:
             self._claim_script = self.pool.register_script(lua("claim_jobs"))
         claimed = await self._claim_script(
-            keys=[self.queue_name],
+            keys=[self.waiting_key],
             args=[
                 in_progress_key_prefix,
                 free,
                 int(self.in_progress_timeout_s * 1000),
                 MAX_SCAN,
-                meta_key(""),
+                self.orphan_after_ms,
             ],
         )
         for raw_id, score in zip(claimed[::2], claimed[1::2], strict=True):

@@ -22,6 +22,9 @@ from shared.errors import ErrorBody, RedisFailover, StreamTruncated
 PREFIX = "sluice:"
 QUEUE_PREFIX = PREFIX + "queue:"
 """Followed by a model's name: that model's arq queue (see `queue_name`)."""
+WAITING_PREFIX = PREFIX + "waiting:"
+"""Followed by a model's name: the jobs of its queue that no worker has taken yet (arq keeps a
+running job in its queue until it ends), so that a worker's claim looks at those only."""
 WAKE_PREFIX = PREFIX + "wake:"
 """Followed by a model's name: the Pub/Sub channel its workers listen on (see `wake_channel`)."""
 JOB_FUNCTION = "generate"
@@ -39,15 +42,22 @@ by every heartbeat of its workers and never expired, so that a model whose worke
 (503) can be told from one never served (404)."""
 READERS_KEY = PREFIX + "readers"
 """Sorted set: stream id -> when an API process last saw a client reading it (ms)."""
-HELD_KEY = PREFIX + "held"
-"""Sorted set: job id (an attempt) -> when its worker last said it still runs it (Redis's
-clock, ms), written by every heartbeat for each running job. A live worker that no longer lists
-an attempt it claimed has dropped it, and the supervisor acts as for a dead worker."""
+ORPHANS_KEY = PREFIX + "orphans"
+"""Sorted set: job id (an attempt) -> from when it may have no worker (Redis's clock, ms): a job
+a worker took from the queue, a worker TTL after it was taken, until the worker claims its
+stream; and at once (score 0) the attempts of a worker that died (see `jobs_key`), let go of
+them, or gave them back. The supervisor looks at those whose time has come, and only those."""
+JOBS_PREFIX = PREFIX + "jobs:"
+"""Followed by a worker id: the set of attempts it runs (see `jobs_key`)."""
 CANCEL_CHANNEL = PREFIX + "cancel"
 """Pub/Sub channel: `<stream id> <reason>` for a generation to stop (see `StopReason`)."""
 ACTIVE_KEY = PREFIX + "active"
-"""Sorted set: stream id -> when it was submitted (Redis's clock, ms), until its stream ends.
-The supervisor's worklist."""
+"""Sorted set: stream id -> when it was submitted (Redis's clock, ms), until its stream ends:
+the streams open in the deployment."""
+DUE_KEY = PREFIX + "due"
+"""Sorted set: stream id -> when the supervisor must next decide what becomes of it (Redis's
+clock, ms): its queue timeout while queued, its job deadline while running, the end of its
+resume grace while unread. The supervisor looks only at streams that are due."""
 SUPERVISOR_KEY = PREFIX + "supervisor"
 """The supervisor's lease: the id of the one API process that supervises jobs, with a TTL."""
 WORKER_BUSY_KEY = PREFIX + "worker-busy"
@@ -73,6 +83,16 @@ def queue_name(model: str) -> str:
     return QUEUE_PREFIX + model
 
 
+def jobs_key(worker_id: str) -> str:
+    """Set: the attempts `worker_id` runs, from its claim of a stream to the stream's end. A
+    worker gone quiet for a TTL is buried: its attempts become orphans."""
+    return JOBS_PREFIX + worker_id
+
+
+def waiting_key(model: str) -> str:
+    return WAITING_PREFIX + model
+
+
 def serving_key(model: str) -> str:
     """Sorted set: worker id -> last heartbeat (ms), for the workers of `model` whose backend
     can serve. One whose backend cannot (an upstream that does not answer) leaves it but still
@@ -93,6 +113,9 @@ def stream_key(stream_id: str) -> str:
     return STREAM_PREFIX + stream_id
 
 
+META_PREFIX = PREFIX + "meta:"
+
+
 def meta_key(stream_id: str) -> str:
     """Hash: what a resumed relay needs (`StreamMeta`), which job attempt is current (`job`,
     the fencing token of every append), and the supervisor's facts: `queued` and `started`
@@ -102,9 +125,9 @@ def meta_key(stream_id: str) -> str:
     TTL its stream and metadata get at the end, where it is not the stream TTL: a stored
     response's). Set by a cancel: `cancel`, which the next append of a token sees. Kept by
     every append (shared/lua/lib/fenced_append.lua): `n` (how many entries the stream has: the
-    last one's number), `ms` (the millisecond part of its id) and `wn` (the number of the last
-    entry a worker appended, checked)."""
-    return f"{PREFIX}meta:{stream_id}"
+    last one's number), `ms` (the millisecond part of its id), `wn` (the number of the last
+    entry a worker appended, checked) and `claim` (the run of the attempt that claimed it)."""
+    return META_PREFIX + stream_id
 
 
 def job_id(stream_id: str, attempt: int) -> str:
@@ -164,6 +187,12 @@ def worker_host(worker_id: str) -> str:
 def worker_ttl_ms(heartbeat_s: float) -> int:
     """A worker (or a reader) not heard from for three periods is gone."""
     return int(heartbeat_s * 3 * 1000)
+
+
+def job_deadline_ms(job_timeout_s: float, heartbeat_s: float) -> int:
+    """How long after its claim the supervisor ends a stream still generating: the job timeout,
+    and a worker TTL more, so that the worker's own timeout comes first."""
+    return int(job_timeout_s * 1000) + worker_ttl_ms(heartbeat_s)
 
 
 ENTRY_CAP_SLACK = 8

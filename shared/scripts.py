@@ -20,7 +20,22 @@ _INCLUDE = re.compile(r"^--! include (\w+)[ \t]*$", re.M)
 _CONSTANT = re.compile(r"\$\{(\w+)\}")
 CONSTANTS = {
     name: getattr(protocol, name)
-    for name in ("KEY_STREAMS_PREFIX", "KEY_TOKENS_PREFIX", "TOKENS_KEY", "STREAM_PREFIX")
+    for name in (
+        "ACTIVE_KEY",
+        "DUE_KEY",
+        "JOBS_PREFIX",
+        "KEY_STREAMS_PREFIX",
+        "KEY_TOKENS_PREFIX",
+        "META_PREFIX",
+        "ORPHANS_KEY",
+        "STREAM_PREFIX",
+        "TOKENS_KEY",
+        "WORKER_BUSY_KEY",
+        "WORKER_LOOPS_KEY",
+        "WORKER_MODELS_KEY",
+        "WORKER_SLOTS_KEY",
+        "WORKERS_KEY",
+    )
 }
 """What `${NAME}` may stand for."""
 

@@ -6,13 +6,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from shared.arq_internals import in_progress_key
 from shared.protocol import (
     ACTIVE_KEY,
     MODELS_KEY,
     QUEUE_PREFIX,
     SERVING_PREFIX,
     TOKENS_KEY,
+    WAITING_PREFIX,
     WORKER_BUSY_KEY,
     WORKER_LOOPS_KEY,
     WORKER_MODELS_KEY,
@@ -115,7 +115,7 @@ class Status:
 
 
 def status_args(heartbeat_ttl_ms: int) -> list[int | str]:
-    return [heartbeat_ttl_ms, in_progress_key(""), QUEUE_PREFIX, SERVING_PREFIX]
+    return [heartbeat_ttl_ms, WAITING_PREFIX, QUEUE_PREFIX, SERVING_PREFIX]
 
 
 def _groups(items: list[Any], size: int) -> Iterator[tuple[Any, ...]]:

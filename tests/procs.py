@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -43,6 +43,17 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def answered(
+    request: Callable[[], Awaitable[httpx.Response]], within_s: float = 10
+) -> httpx.Response:
+    """`request` again until it answers 200, for up to `within_s`."""
+    deadline = time.monotonic() + within_s
+    while (response := await request()).status_code != 200:
+        assert time.monotonic() < deadline, response.text
+        await asyncio.sleep(0.2)
+    return response
 
 
 async def eventually(check: Callable[[], T], what: str) -> T:

@@ -106,6 +106,8 @@ def new_worker(settings: RedisSettings, queue: str, gate: Gate) -> WorkerFactory
         return ClaimingWorker(
             functions=[func(gate.hold, name=FUNCTION)],
             queue_name=queue,
+            waiting_key=waiting(queue),
+            orphan_after_ms=3000,
             redis_settings=settings,
             handle_signals=False,
             job_timeout=JOB_TIMEOUT_S,
@@ -264,22 +266,22 @@ async def test_claiming_worker_refuses_arq_features_its_claim_does_not_handle(
         new_worker(**{option: True})
 
 
+def waiting(queue: str) -> str:
+    """The set of the queue's jobs no worker has taken (shared/lua/lib/enqueue.lua)."""
+    return f"{queue}:waiting"
+
+
 async def enqueue_as_sluice_api(pool: ArqRedis, queue: str) -> Job:
-    """The API's way (api/jobs.py `_SUBMIT`): the record, then the queue entry."""
+    """The API's way (shared/lua/lib/enqueue.lua): the record, then the queue entry, and the
+    job among those no worker has taken, which is where the claim looks."""
     arq_job_id = new_job_id(queue)
     now = timestamp_ms()
     await pool.psetex(job_key(arq_job_id), 60_000, job_record(FUNCTION, ARGS, now))
     await pool.zadd(queue, {arq_job_id: now})
+    await pool.zadd(waiting(queue), {arq_job_id: now})
     return Job(arq_job_id, pool, _queue_name=queue, _deserializer=job_deserializer)
 
 
-async def enqueue_as_arq(pool: ArqRedis, queue: str) -> Job:
-    job = await pool.enqueue_job(FUNCTION, *ARGS, _job_id=new_job_id(queue), _queue_name=queue)
-    assert job is not None
-    return job
-
-
-@pytest.mark.parametrize("enqueue", [enqueue_as_arq, enqueue_as_sluice_api])
 @pytest.mark.parametrize(
     ("keep_result", "final_status"), [(0, JobStatus.not_found), (60, JobStatus.complete)]
 )
@@ -288,11 +290,10 @@ async def test_claiming_worker_runs_a_queued_job_and_leaves_no_queue_entry_or_cl
     queue: str,
     gate: Gate,
     start_worker: StartedWorkerFactory,
-    enqueue: Callable[[ArqRedis, str], Awaitable[Job]],
     keep_result: int,
     final_status: JobStatus,
 ) -> None:
-    job = await enqueue(pool, queue)
+    job = await enqueue_as_sluice_api(pool, queue)
     assert await job.status() == JobStatus.queued
 
     worker = await start_worker(keep_result=keep_result)
@@ -311,7 +312,7 @@ async def test_claiming_worker_runs_a_queued_job_and_leaves_no_queue_entry_or_cl
     assert await job.status() == final_status
     assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)
     assert worker.job_counter == 0
-    assert await pool.zcard(queue) == 0
+    assert await pool.zcard(queue) == await pool.zcard(waiting(queue)) == 0
     assert not await pool.exists(in_progress_key(job.job_id), job_key(job.job_id))
     if final_status == JobStatus.complete:
         assert await job.result(timeout=1) == "done"

@@ -11,11 +11,21 @@ import pytest
 import redis
 
 from shared.arq_internals import in_progress_key, job_key
-from shared.protocol import Attempt, Failed, encode, from_fields, job_id
+from shared.protocol import (
+    DUE_KEY,
+    ORPHANS_KEY,
+    Attempt,
+    Failed,
+    encode,
+    from_fields,
+    job_id,
+    jobs_key,
+)
 from shared.scripts import lua
 from tests.procs import RedisServer
 
 ME = "worker-me"
+DEADLINE_MS = 600_000
 GONE = Failed({"message": "withdrawn", "type": "cancelled", "param": None, "code": "cancelled"})
 
 
@@ -43,14 +53,21 @@ def test_a_claim_takes_a_stream_exactly_when_its_attempt_is_current(r: redis.Red
         state = (replaced, ended, cancelled)
         attempt = a_stream(r, replaced, ended, cancelled)
         before = r.hgetall(attempt.meta_key)
+        r.zadd(ORPHANS_KEY, {attempt.job: 1})  # taken from the queue: an orphan unless claimed
         outcome, *when = r.register_script(lua("claim_stream"))(
-            keys=[attempt.meta_key], args=[attempt.job, ME, "run-1"]
+            keys=[attempt.meta_key, jobs_key(ME)],
+            args=[attempt.job, ME, attempt.stream_id, DEADLINE_MS, "run-1"],
         )
         after = r.hgetall(attempt.meta_key)
-        r.delete(attempt.meta_key)
+        due = r.zscore(DUE_KEY, attempt.stream_id)
+        mine = r.sismember(jobs_key(ME), attempt.job)
+        orphan = r.zscore(ORPHANS_KEY, attempt.job) is not None
+        r.delete(attempt.meta_key, jobs_key(ME))
+        r.zrem(DUE_KEY, attempt.stream_id)
+        r.zrem(ORPHANS_KEY, attempt.job)
 
         if replaced or ended:
-            assert (outcome, after) == (b"gone", before), state
+            assert (outcome, after, due, mine, orphan) == (b"gone", before, None, 0, True), state
         else:
             assert outcome == (b"cancelled" if cancelled else b"claimed"), state
             assert when[1] == 0  # entries in the stream: none yet
@@ -60,6 +77,8 @@ def test_a_claim_takes_a_stream_exactly_when_its_attempt_is_current(r: redis.Red
                 b"started": str(when[0]).encode(),
                 b"claim": b"run-1",
             }
+            assert due == when[0] + DEADLINE_MS  # the supervisor looks again at its deadline
+            assert (mine, orphan) == (1, False), state
 
 
 def test_a_withdrawal_ends_a_stream_exactly_when_its_attempt_still_waits(r: redis.Redis) -> None:
@@ -67,8 +86,9 @@ def test_a_withdrawal_ends_a_stream_exactly_when_its_attempt_still_waits(r: redi
     for replaced, ended, claimed in itertools.product([False, True], repeat=3):
         state = (replaced, ended, claimed)
         attempt = a_stream(r, replaced, ended, cancelled=False)
-        queue = f"queue-{attempt.stream_id}"
+        queue, waiting = f"queue-{attempt.stream_id}", f"waiting-{attempt.stream_id}"
         r.zadd(queue, {attempt.job: 1})
+        r.zadd(waiting, {attempt.job: 1})
         r.set(job_key(attempt.job), "record")
         if claimed:
             r.set(in_progress_key(attempt.job), "1")
@@ -76,6 +96,7 @@ def test_a_withdrawal_ends_a_stream_exactly_when_its_attempt_still_waits(r: redi
             keys=[
                 in_progress_key(attempt.job),
                 queue,
+                waiting,
                 job_key(attempt.job),
                 attempt.stream_key,
                 attempt.meta_key,
@@ -84,7 +105,8 @@ def test_a_withdrawal_ends_a_stream_exactly_when_its_attempt_still_waits(r: redi
         )
         entries = [from_fields(fields) for _, fields in r.xrange(attempt.stream_key)]
         still_queued = r.zscore(queue, attempt.job) is not None
-        r.delete(attempt.meta_key, attempt.stream_key, queue, job_key(attempt.job))
+        assert still_queued == (r.zscore(waiting, attempt.job) is not None), state
+        r.delete(attempt.meta_key, attempt.stream_key, queue, waiting, job_key(attempt.job))
         r.delete(in_progress_key(attempt.job))
 
         if claimed:  # a worker has it: nothing changes

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from shared.protocol import Attempt, Entry, Failed, Token, from_fields, job_id
+from shared.protocol import ACTIVE_KEY, DUE_KEY, Attempt, Entry, Failed, Token, from_fields, job_id
 from shared.scripts import lua
 from tests.procs import RedisServer
 from worker.writer import Fenced, StreamWriter
@@ -46,8 +46,11 @@ class Scene:
         old, new = self.attempt(current).job, self.attempt(current + 1).job
         scratch = f"{self.stream_id}:scratch:"  # the queue's and arq's keys, unused here
         replaced = await self.redis.register_script(lua("retry"))(
-            keys=[self.attempt(1).meta_key, *(scratch + k for k in ("queue", "old", "new", "on"))],
-            args=[old, new, "{}", 60_000, 60, scratch + "wake", self.stream_id],
+            keys=[
+                self.attempt(1).meta_key,
+                *(scratch + key for key in ("queue", "waiting", "old", "new")),
+            ],
+            args=[old, new, "{}", 60_000, 60, scratch + "wake", self.stream_id, 60_000],
         )
         return bool(replaced)
 
@@ -65,6 +68,8 @@ async def with_scene(redis_url: str, play: Callable[[Scene], Awaitable[None]]) -
     finally:
         scratch = [key async for key in redis.scan_iter(f"{scene.stream_id}:scratch:*")]
         await redis.delete(first.stream_key, first.meta_key, *scratch)
+        await redis.zrem(ACTIVE_KEY, scene.stream_id)
+        await redis.zrem(DUE_KEY, scene.stream_id)
         await redis.aclose()
 
 

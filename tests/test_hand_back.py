@@ -15,12 +15,14 @@ import redis
 
 from shared.protocol import (
     MAX_ATTEMPTS,
+    ORPHANS_KEY,
     Attempt,
     Failed,
     Started,
     Token,
     encode,
     job_id,
+    jobs_key,
     serving_key,
 )
 from shared.scripts import lua
@@ -73,12 +75,17 @@ def hand_back(
             heard = now_ms if presence == "alive" else now_ms - 10 * TTL_MS
             r.zadd(serving_key(model), {worker: heard})
     before = r.hgetall(attempt.meta_key)
+    r.sadd(jobs_key(ME), attempt.job)
     given_back = r.register_script(lua("hand_back"))(
-        keys=[attempt.meta_key, attempt.stream_key, serving_key(model)],
+        keys=[attempt.meta_key, attempt.stream_key, serving_key(model), jobs_key(ME)],
         args=[attempt.job, ME, TTL_MS, MAX_ATTEMPTS],
     )
     after = r.hgetall(attempt.meta_key)
-    r.delete(attempt.meta_key, attempt.stream_key, serving_key(model))
+    orphaned = r.zscore(ORPHANS_KEY, attempt.job) == 0
+    still_mine = r.sismember(jobs_key(ME), attempt.job)
+    assert (orphaned, still_mine) == ((True, False) if given_back else (False, True))
+    r.delete(attempt.meta_key, attempt.stream_key, serving_key(model), jobs_key(ME))
+    r.zrem(ORPHANS_KEY, attempt.job)
     return bool(given_back), before, after
 
 

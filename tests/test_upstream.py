@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from api.gateway import STREAM_ID_HEADER
 from bench import common
 from bench.upstream import engine_first_token_ms, proxy_server
 from shared.protocol import ACTIVE_KEY, Failed, from_fields, stream_key
-from tests.procs import RedisServer, Stack, eventually, start_stack
+from tests.procs import RedisServer, Stack, answered, eventually, start_stack
 from tests.sse import SSEResult, parse_sse, stream
 from tests.upstreams import LlamaServer
 
@@ -439,23 +439,12 @@ async def test_a_worker_whose_engine_is_down_serves_once_the_engine_is_up(
         back = LlamaServer(llama_server_binary, port=engine.port, slots=1).start()
         try:
             # The worker finds out by itself (it probes its engine) and claims jobs again.
-            served = await eventually_async(lambda: client.post("/v1/completions", json=body))
+            served = await answered(lambda: client.post("/v1/completions", json=body))
         finally:
             back.stop()
 
     assert refused.status_code == 503
     assert served.json()["choices"][0]["text"]
-
-
-async def eventually_async(
-    request: Callable[[], Awaitable[httpx.Response]], within_s: float = 10
-) -> httpx.Response:
-    """`request` again until it answers 200, for up to `within_s`."""
-    deadline = time.monotonic() + within_s
-    while (response := await request()).status_code != 200:
-        assert time.monotonic() < deadline, response.text
-        await asyncio.sleep(0.2)
-    return response
 
 
 # --- sluice in front of sluice ---

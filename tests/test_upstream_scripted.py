@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from shared.protocol import meta_key, serving_key
-from tests.procs import LOGS, RedisServer, Stack, eventually, free_port, start_stack
+from tests.procs import LOGS, RedisServer, Stack, answered, eventually, free_port, start_stack
 from tests.sse import SSEResult, stream
 from tests.upstreams import ScriptedEngine
 
@@ -80,31 +80,21 @@ def chat(**fields: Any) -> dict[str, Any]:
 # --- an engine that hangs (SLUICE_UPSTREAM_TIMEOUT_S) ---
 
 
-async def test_an_engine_silent_after_its_headers_ends_the_stream_upstream_timeout(
-    engine: ScriptedEngine, make_stack: Make
+@pytest.mark.parametrize(
+    ("mode", "text"), [("headers", ""), ("chunks", "word0 word1 word2 ")], ids=["headers", "chunks"]
+)
+async def test_an_engine_silent_after_its_headers_or_some_chunks_ends_the_stream_upstream_timeout(
+    engine: ScriptedEngine, make_stack: Make, mode: str, text: str
 ) -> None:
-    engine.mode = "headers"
+    engine.mode = mode
     stack = make_stack(engine.v1, upstream_timeout_s="1")
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
         result, took = await timed_stream(client, chat())
 
     assert result.status == 200
+    assert result.text == text
     assert result.errors[-1]["code"] == "upstream_timeout"
     assert "127.0.0.1" not in result.errors[-1]["message"]
-    assert result.events[-1].data == "[DONE]"
-    assert took < 5
-
-
-async def test_an_engine_silent_after_three_chunks_ends_the_stream_upstream_timeout(
-    engine: ScriptedEngine, make_stack: Make
-) -> None:
-    engine.mode = "chunks"
-    stack = make_stack(engine.v1, upstream_timeout_s="1")
-    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
-        result, took = await timed_stream(client, chat())
-
-    assert result.text == "word0 word1 word2 "
-    assert result.errors[-1]["code"] == "upstream_timeout"
     assert result.events[-1].data == "[DONE]"
     assert took < 5
 
@@ -134,17 +124,6 @@ async def test_a_hung_engine_gets_no_job_until_it_answers_a_probe(
     assert {r.headers["retry-after"] for r in refused} == {"7"}
     assert asked_while_hung == 1  # the first request's, and none since
     assert "word4" in served.text
-
-
-async def answered(
-    request: Callable[[], Awaitable[httpx.Response]], within_s: float = 10
-) -> httpx.Response:
-    """`request` again until it answers 200, for up to `within_s`."""
-    deadline = time.monotonic() + within_s
-    while (response := await request()).status_code != 200:
-        assert time.monotonic() < deadline, response.text
-        await asyncio.sleep(0.2)
-    return response
 
 
 async def test_a_job_whose_engine_hangs_before_its_first_token_goes_to_another_worker(

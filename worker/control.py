@@ -101,21 +101,26 @@ class JobControl:
 
     def __init__(self) -> None:
         self._running: dict[str, StopSignal] = {}
-        self._attempts: dict[str, str] = {}
+        self._let_go: set[str] = set()
 
-    def watch(self, stream_id: str, attempt: str) -> StopSignal:
-        """`attempt`: the job's arq id, which the heartbeat lists as held (`running`)."""
+    def watch(self, stream_id: str) -> StopSignal:
         signal = self._running[stream_id] = StopSignal()
-        self._attempts[stream_id] = attempt
         return signal
 
     def release(self, stream_id: str) -> None:
         self._running.pop(stream_id, None)
-        self._attempts.pop(stream_id, None)
 
-    def running(self) -> list[str]:
-        """The job ids (attempts) running here."""
-        return list(self._attempts.values())
+    def let_go(self, attempt: str) -> None:
+        """`attempt` (a job id) ended here without its stream's end: the next heartbeat says
+        so, and the supervisor retries or ends the stream."""
+        self._let_go.add(attempt)
+
+    def to_report(self) -> list[str]:
+        """The attempts let go of, for a heartbeat; `reported` once it has told Redis."""
+        return sorted(self._let_go)
+
+    def reported(self, attempts: list[str]) -> None:
+        self._let_go.difference_update(attempts)
 
     def stop(self, message: str) -> None:
         """Act on a `CANCEL_CHANNEL` message, `<stream id> <reason>`."""

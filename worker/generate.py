@@ -16,7 +16,16 @@ from redis.exceptions import RedisError
 from shared import tracing
 from shared.errors import GenerationFailed, RedisFailover, RemoteError, SluiceError
 from shared.logs import bind
-from shared.protocol import Attempt, Entry, Failed, Finished, FinishReason, Started
+from shared.protocol import (
+    Attempt,
+    Entry,
+    Failed,
+    Finished,
+    FinishReason,
+    Started,
+    job_deadline_ms,
+    jobs_key,
+)
 from shared.schema import GenerationJob
 from shared.settings import Settings
 from worker.backends import BackendError, Generation
@@ -57,6 +66,8 @@ class Job:
         claim): shared/lua/claim_stream.lua lets one run have it."""
         self.enqueued = enqueued
         self.first_piece_ms: float | None = None
+        self.settled = False
+        """Nothing more is this attempt's to do: it wrote the stream's end, or lost the stream."""
         self.engine_counts_prompt = False
         """Its backend's engine says how long the prompt was only at the end (`ends_itself`)."""
 
@@ -73,7 +84,7 @@ class Job:
         span = tracing.start_span("generate", parent=parent)
         if span is not None:
             span.set_attribute("sluice.worker", self.worker.worker_id)
-        signal = self.worker.control.watch(self.request.stream_id, self.attempt.job)
+        signal = self.worker.control.watch(self.request.stream_id)
         if cancelled:
             signal.stop("cancelled")
         try:
@@ -82,12 +93,16 @@ class Job:
             # The supervisor ended the stream or gave it to a newer attempt while this one was
             # presumed dead (a frozen process, a long pause): it has nothing more to say.
             log.warning("job %s lost its stream to the supervisor; stopped", self.attempt.job)
+            self.settled = True
         except HandedBack:
             log.warning(
                 "job %s given back: its engine does not answer, another worker's does",
                 self.attempt.job,
             )
+            self.settled = True
         finally:
+            if not self.settled:  # it stops without its stream's end: the supervisor sees to it
+                self.worker.control.let_go(self.attempt.job)
             self.worker.control.release(self.request.stream_id)
             self.worker.writer.end(self.attempt)
             if span is not None:
@@ -100,12 +115,15 @@ class Job:
         start_ns = int(self.enqueued.timestamp() * 1_000_000_000)
         queue_span = tracing.start_span("queue", parent=parent, start_ns=start_ns)
         worker, attempt = self.worker, self.attempt
+        settings = worker.settings
+        deadline_ms = job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s)
         outcome, *claimed = await persist(
             f"claiming {attempt.job}",
             lambda: worker.claim(
-                keys=[attempt.meta_key], args=[attempt.job, worker.worker_id, self.claim_id]
+                keys=[attempt.meta_key, jobs_key(worker.worker_id)],
+                args=[attempt.job, worker.worker_id, attempt.stream_id, deadline_ms, self.claim_id],
             ),
-            worker.settings,
+            settings,
         )
         if queue_span is not None:
             queue_span.end()
@@ -205,6 +223,7 @@ class Job:
             return writer.append(self.attempt, entry, expire_s=settings.stream_ttl_s)
 
         await asyncio.shield(persist(f"ending {self.attempt.job}", append, settings))
+        self.settled = True
 
     def log_finished(self, end: Finished) -> None:
         # The backend's own time to first token (an engine's, seen from here): what a client's

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from redis.exceptions import RedisError
 
 from shared.errors import SluiceError
-from shared.protocol import MAX_ATTEMPTS, Attempt, serving_key, worker_ttl_ms
+from shared.protocol import MAX_ATTEMPTS, Attempt, jobs_key, serving_key, worker_ttl_ms
 from worker.context import WorkerContext
 from worker.control import HandedBack, StopSignal
 
@@ -67,7 +67,12 @@ class GiveBack:
         worker, attempt = self._worker, self._attempt
         try:
             given = await worker.hand_back(
-                keys=[attempt.meta_key, attempt.stream_key, serving_key(worker.backend.model)],
+                keys=[
+                    attempt.meta_key,
+                    attempt.stream_key,
+                    serving_key(worker.backend.model),
+                    jobs_key(worker.worker_id),
+                ],
                 args=[
                     attempt.job,
                     worker.worker_id,

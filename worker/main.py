@@ -17,7 +17,6 @@ from shared.arq_internals import ClaimingWorker
 from shared.loops import LoopGroup
 from shared.protocol import (
     CANCEL_CHANNEL,
-    HELD_KEY,
     JOB_FUNCTION,
     MODELS_KEY,
     WORKER_BUSY_KEY,
@@ -25,9 +24,12 @@ from shared.protocol import (
     WORKER_MODELS_KEY,
     WORKER_SLOTS_KEY,
     WORKERS_KEY,
+    job_deadline_ms,
+    jobs_key,
     new_worker_id,
     queue_name,
     serving_key,
+    waiting_key,
     wake_channel,
     worker_ttl_ms,
 )
@@ -70,9 +72,14 @@ class SluiceWorker(ClaimingWorker):
         self._wake = asyncio.Event()
         self._loops = LoopGroup(log)
         self._control = JobControl()
+        # Its set of attempts, and the workers' set, outlive its last beat: the supervisor buries
+        # a worker that died, and its attempts become orphans.
+        self._jobs_ttl_ms = 2 * job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s)
         options: dict[str, Any] = {
             "functions": [func(generate, name=JOB_FUNCTION)],
             "queue_name": queue_name(backend.model),
+            "waiting_key": waiting_key(backend.model),
+            "orphan_after_ms": worker_ttl_ms(settings.heartbeat_s),
             "redis_pool": worker_redis(settings, self.worker_id),
             "on_startup": self._startup,
             "on_shutdown": self._shutdown,
@@ -85,6 +92,11 @@ class SluiceWorker(ClaimingWorker):
             "poll_delay": 0,
         }
         super().__init__(**{**options, **overrides})
+        self._sentinel_pool = master_watch(self.pool)
+        self._masters_seen = 0
+        self._redis_lost = False
+        self._bury_from = 0.0
+        """Before this (the loop's clock), its heartbeats bury no worker (`_beat_once`)."""
 
     async def main(self) -> None:
         await self._wait_for_redis()
@@ -121,8 +133,8 @@ class SluiceWorker(ClaimingWorker):
         await self._beat_once()
         self._loops.start("listen", lambda: self._listen(self._control))
         self._loops.start("heartbeat", self._beat)
-        if sentinel_pool := master_watch(self.pool):
-            self._loops.start("redis-master", sentinel_pool.watch_master)
+        if self._sentinel_pool is not None:
+            self._loops.start("redis-master", self._sentinel_pool.watch_master)
         log.info(
             "worker %s ready: backend %s, model %s",
             self.worker_id,
@@ -138,6 +150,7 @@ class SluiceWorker(ClaimingWorker):
                 for key in WORKER_HASHES:
                     pipe.hdel(key, self.worker_id)
                 pipe.zrem(serving_key(self.backend.model), self.worker_id)
+                pipe.delete(jobs_key(self.worker_id))
                 await pipe.execute()
         self.backend.close()
 
@@ -179,8 +192,23 @@ class SluiceWorker(ClaimingWorker):
 
     async def _beat_once(self) -> None:
         backend = self.backend
+        loop = asyncio.get_running_loop()
+        ttl_s = worker_ttl_ms(self.settings.heartbeat_s) / 1000
+        changes = self._sentinel_pool.master_changes if self._sentinel_pool else 0
+        if self._redis_lost or changes != self._masters_seen:
+            # Redis came back, or is a promoted replica: the beats it has of other workers (and
+            # of this one) may be older than they are. It buries nobody until all had a TTL.
+            self._masters_seen = changes
+            self._bury_from = loop.time() + ttl_s
+        let_go = self._control.to_report()
         await self._heartbeat(
-            keys=[WORKERS_KEY, *WORKER_HASHES, serving_key(backend.model), MODELS_KEY, HELD_KEY],
+            keys=[
+                WORKERS_KEY,
+                *WORKER_HASHES,
+                serving_key(backend.model),
+                MODELS_KEY,
+                jobs_key(self.worker_id),
+            ],
             args=[
                 self.worker_id,
                 worker_ttl_ms(self.settings.heartbeat_s),
@@ -190,9 +218,15 @@ class SluiceWorker(ClaimingWorker):
                 backend.model,
                 int(backend.available),
                 "" if backend.n_ctx is None else backend.n_ctx,
-                *self._control.running(),
+                self._jobs_ttl_ms,
+                int(loop.time() >= self._bury_from),
+                *let_go,
             ],
         )
+        if self._redis_lost:
+            self._redis_lost = False
+            self._bury_from = loop.time() + ttl_s  # from the first beat that landed
+        self._control.reported(let_go)
 
     async def _beat(self) -> None:
         while True:
@@ -200,6 +234,7 @@ class SluiceWorker(ClaimingWorker):
                 await self._beat_once()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+                self._redis_lost = True
             await asyncio.sleep(self.settings.heartbeat_s)
 
 

@@ -4,23 +4,20 @@
 -- The deployment as Redis sees it, in one round trip (`/metrics` gauges, `sluice status`).
 -- KEYS: 1 workers, 2 worker slots, 3 worker busy, 4 worker loops, 5 worker models, 6 active
 --       streams, 7 tokens, 8 models.
--- ARGV: 1 worker TTL (ms), 2 in-progress key prefix, 3 queue prefix, 4 serving set prefix.
+-- ARGV: 1 worker TTL (ms), 2 waiting set prefix, 3 queue prefix, 4 serving set prefix.
 -- Returns {open streams, tokens in the last minute, {per model ever announced: name, queued,
 -- running}, {per live worker: id, ms since its heartbeat, slots, busy, failing loops, model,
 -- can serve (1/0)}}.
 local workers, slots_of, busy_of, loops_of, model_of = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local active, tokens, announced = KEYS[6], KEYS[7], KEYS[8]
-local worker_ttl, in_progress_prefix, queue_prefix, serving_prefix =
+local worker_ttl, waiting_prefix, queue_prefix, serving_prefix =
   tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 
 local now = redis_now_ms()
 local models = {}
 for _, model in ipairs(redis.call('HKEYS', announced)) do
-  local queued, running = 0, 0
-  for _, job in ipairs(redis.call('ZRANGE', queue_prefix .. model, 0, -1)) do
-    if redis.call('EXISTS', in_progress_prefix .. job) == 1 then running = running + 1
-    else queued = queued + 1 end
-  end
+  local queued = redis.call('ZCARD', waiting_prefix .. model)
+  local running = redis.call('ZCARD', queue_prefix .. model) - queued  -- arq keeps them there
   table.insert(models, model)
   table.insert(models, queued)
   table.insert(models, running)

@@ -1,27 +1,39 @@
 --! include redis_now
 --! include fenced_append
 --! include attempts
+--! include bury
 
--- The supervisor's tick: decides, by Redis's clock, what becomes of every active stream. Only
--- the holder of the lease decides; another API process takes over within a lease TTL.
--- KEYS: 1 lease, 2 active streams, 3 workers, 4 readers, 5 held attempts.
+-- The supervisor's tick: decides, by Redis's clock, what becomes of the streams that need it, and
+-- only those, so that its cost does not grow with the streams that are fine. Workers not heard
+-- from for a TTL are buried (their attempts become orphans), then three indexes say which
+-- (README, "The life of a stream"):
+--   orphans  attempts whose time without a worker has come: lost (a worker died, froze, let go
+--            of one, gave one back, or never claimed the stream of a job it took);
+--   readers  streams no client has read for a reader TTL: unread from now, due at the end of
+--            their resume grace (a background response, `pinned`, is always read);
+--   due      streams whose time has come: a queue timeout, a job deadline, a grace's end.
+-- Each index is read at most `most` at a time: a tick never holds Redis for long, and what is
+-- left waits for the next. Only the holder of the lease decides; another API process takes
+-- over within a lease TTL.
+-- KEYS: 1 lease, 2 readers.
 -- ARGV: 1 this process's id, 2 lease TTL (ms), 3 worker TTL (ms), 4 reader TTL (ms), 5 resume
---       grace (ms), 6 queue timeout (ms), 7 job deadline (ms), 8 stream TTL (s), 9 max attempts,
---       10-13 key prefixes: metadata, stream, in-progress, arq job; 14 cancel channel,
---       15-19 error payloads: unread while queued, queue timeout, worker lost, job timeout,
---       worker lost on every attempt; 20 queue prefix.
+--       grace (ms), 6 queue timeout (ms), 7 job deadline (ms), 8 how often the worker of an
+--       unread running stream is told again (ms), 9 stream TTL (s), 10 max attempts, 11 most
+--       streams per index and tick, 12-14 key prefixes: arq job, queue, waiting set;
+--       15 cancel channel, 16-20 error payloads: unread while queued, queue timeout, worker
+--       lost, job timeout, worker lost on every attempt.
 -- Returns {} if another process holds the lease; else the lost attempts to retry, as stream id,
 -- job id, model triples (the retry itself is a script of its own, `retry`).
-local lease, active, workers, readers, held = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local lease, readers = KEYS[1], KEYS[2]
 local me, lease_ms = ARGV[1], ARGV[2]
 local worker_ttl, reader_ttl, grace = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local queue_timeout, job_deadline = tonumber(ARGV[6]), tonumber(ARGV[7])
-local stream_ttl, max_attempts = ARGV[8], tonumber(ARGV[9])
-local meta_prefix, stream_prefix, in_progress_prefix, job_prefix =
-  ARGV[10], ARGV[11], ARGV[12], ARGV[13]
-local cancel_channel, queue_prefix = ARGV[14], ARGV[20]
+local queue_timeout, job_deadline, tell_again = tonumber(ARGV[6]), tonumber(ARGV[7]),
+  tonumber(ARGV[8])
+local stream_ttl, max_attempts, most = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
+local job_prefix, queue_prefix, waiting_prefix = ARGV[12], ARGV[13], ARGV[14]
+local cancel_channel = ARGV[15]
 local unread_while_queued, queue_timed_out, worker_lost, job_timed_out, lost_every_time =
-  ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19]
+  ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20]
 
 local holder = redis.call('GET', lease)
 if holder and holder ~= me then return {} end
@@ -29,41 +41,36 @@ redis.call('SET', lease, me, 'PX', lease_ms)
 local now = redis_now_ms()
 local retry = {}
 
--- One stream as the tick sees it.
+-- One stream as the tick sees it, in its state: queued, running or ended (or expired).
 local function read(id)
-  local meta = meta_prefix .. id
+  local meta = '${META_PREFIX}' .. id
   local m = redis.call('HMGET', meta, 'job', 'worker', 'ended', 'queued', 'started', 'unread',
                        'model', 'pinned')
-  return {
-    id = id, meta = meta, stream = stream_prefix .. id,
-    job = m[1], worker = m[2], ended = m[3], queued = tonumber(m[4]), started = tonumber(m[5]),
-    unread = tonumber(m[6]), model = m[7] or '', pinned = m[8],
+  local s = {
+    id = id, meta = meta, stream = '${STREAM_PREFIX}' .. id, job = m[1], queued = tonumber(m[4]),
+    started = tonumber(m[5]), unread = tonumber(m[6]), model = m[7] or '', pinned = m[8],
   }
+  if not s.job or m[3] then s.state = 'ended'
+  elseif not m[2] then s.state = 'queued'
+  else s.state = 'running' end
+  return s
 end
 
 local function forget(s)
-  redis.call('ZREM', active, s.id)
+  redis.call('ZREM', '${ACTIVE_KEY}', s.id)
+  redis.call('ZREM', '${DUE_KEY}', s.id)
 end
 
 local function finish(s, payload)
-  fenced_append(s.stream, s.meta, s.job, 'e', payload, stream_ttl)
-  forget(s)
+  fenced_append(s.stream, s.meta, s.job, 'e', payload, stream_ttl)  -- and it is forgotten
+  s.state = 'ended'
 end
 
--- Whether nobody has read it for the resume grace. Whether it is read is noted in its metadata
--- (`unread`: since when not), where the workers' claims look too. A background response
--- (`pinned`) is always read.
-local function abandoned(s)
-  local seen = redis.call('ZSCORE', readers, s.id)
-  if s.pinned or (seen and now - tonumber(seen) <= reader_ttl) then
-    if s.unread then redis.call('HDEL', s.meta, 'unread') end
-    return false
-  end
-  if not s.unread then
-    s.unread = now
-    redis.call('HSET', s.meta, 'unread', now)
-  end
-  return now - s.unread >= grace
+local function withdraw(s, payload)
+  redis.call('ZREM', queue_prefix .. s.model, s.job)
+  redis.call('ZREM', waiting_prefix .. s.model, s.job)
+  redis.call('DEL', job_prefix .. s.job)
+  finish(s, payload)
 end
 
 -- Its attempt is lost: tried again while no token was written and attempts are left, else ended.
@@ -77,7 +84,15 @@ local function lost(s)
   end
 end
 
--- What becomes of a stream, by its state (README, "The life of a stream").
+-- When it must be looked at again: its timeout, or its grace's end while unread.
+local function schedule(s)
+  if s.state == 'ended' then return forget(s) end
+  local at = s.state == 'queued' and s.queued + queue_timeout or s.started + job_deadline
+  if s.unread then at = math.min(at, s.unread + grace) end
+  redis.call('ZADD', '${DUE_KEY}', at, s.id)
+end
+
+-- What becomes of a stream whose time has come, by its state.
 local decide = {}
 
 function decide.ended(s)
@@ -85,41 +100,41 @@ function decide.ended(s)
 end
 
 function decide.queued(s)
-  local unread = abandoned(s)
-  local claimed = redis.call('GET', in_progress_prefix .. s.job)
-  if claimed then
-    -- A worker took it from the queue; its claim of the stream names it in a moment, unless the
-    -- worker died or failed in between.
-    if now - tonumber(claimed) > worker_ttl then lost(s) end
-  elseif not redis.call('ZSCORE', queue_prefix .. s.model, s.job) then
-    lost(s)  -- arq let go of an attempt no worker claimed (a failed claim, say)
-  elseif unread or now - s.queued >= queue_timeout then
-    redis.call('ZREM', queue_prefix .. s.model, s.job)
-    redis.call('DEL', job_prefix .. s.job)
-    finish(s, unread and unread_while_queued or queue_timed_out)
-  end
+  if s.unread and now - s.unread >= grace then withdraw(s, unread_while_queued)
+  elseif now - s.queued >= queue_timeout then withdraw(s, queue_timed_out)
+  else schedule(s) end
 end
 
 function decide.running(s)
-  local unread = abandoned(s)
-  local beat = redis.call('ZSCORE', workers, s.worker)
-  local listed = tonumber(redis.call('ZSCORE', held, s.job)) or s.started
-  if not beat or now - tonumber(beat) > worker_ttl then
-    lost(s)  -- its worker died (or gave it back: its worker field names no live worker)
-  elseif now - math.max(listed, s.started) > worker_ttl then
-    lost(s)  -- its worker lives, but no longer runs it
-  elseif now - s.started > job_deadline then
-    finish(s, job_timed_out)
-  elseif unread then
-    redis.call('PUBLISH', cancel_channel, s.id .. ' unread')  -- again each tick until it stops
+  if now - s.started >= job_deadline then finish(s, job_timed_out)
+  elseif s.unread and now - s.unread >= grace then
+    redis.call('PUBLISH', cancel_channel, s.id .. ' unread')  -- again until its worker stops
+    redis.call('ZADD', '${DUE_KEY}', now + tell_again, s.id)
+  else schedule(s) end
+end
+
+local function stale(index, older_than)
+  return redis.call('ZRANGEBYSCORE', index, '-inf', older_than, 'LIMIT', 0, most)
+end
+
+bury_the_dead(now, worker_ttl)
+for _, job in ipairs(stale('${ORPHANS_KEY}', now)) do
+  redis.call('ZREM', '${ORPHANS_KEY}', job)
+  local s = read(string.match(job, '^(.*)%.%d+$'))
+  if s.state ~= 'ended' and s.job == job then lost(s) end
+end
+
+for _, id in ipairs(stale(readers, now - reader_ttl)) do
+  redis.call('ZREM', readers, id)
+  local s = read(id)
+  if s.state ~= 'ended' and not s.pinned and not s.unread then
+    redis.call('HSET', s.meta, 'unread', now)
+    redis.call('ZADD', '${DUE_KEY}', 'LT', now + grace, id)
   end
 end
 
-for _, id in ipairs(redis.call('ZRANGE', active, 0, -1)) do
+for _, id in ipairs(stale('${DUE_KEY}', now)) do
   local s = read(id)
-  local state = 'running'
-  if not s.job or s.ended then state = 'ended'
-  elseif not s.worker then state = 'queued' end
-  decide[state](s)
+  decide[s.state](s)
 end
 return retry

@@ -6,9 +6,11 @@
 -- (not the current attempt, or the stream has ended) or 'cancelled' (a token of a cancelled
 -- stream: the worker learns of a cancel at its next token, whatever became of the broadcast).
 -- A stream keeps at most its metadata's `cap` entries. A terminal entry (`f`, `e`) ends the
--- stream, gives it and its metadata their TTL (the metadata's `keep` where set), closes it for
--- its owner's concurrent streams and charges a finished one's tokens to its owner and to the
--- deployment's tokens per minute. `ttl` '0': the stream's TTL is left as it is.
+-- stream: gives it and its metadata their TTL (the metadata's `keep` where set), closes it
+-- (open streams, its owner's concurrent streams, its worker's attempts, the supervisor's due
+-- and orphan marks) and
+-- charges a finished one's tokens to its owner and to the deployment's tokens per minute.
+-- `ttl` '0': the stream's TTL is left as it is.
 --
 -- Ids number the entries (issue 24): the n-th entry of a stream is `<ms>-<n>`, `n` counted in
 -- the metadata (`n`), `ms` Redis's clock but never less than the last entry's (`ms`), so ids
@@ -29,13 +31,14 @@ local function fenced_append(stream, meta, job, kind, payload, ttl, seq, claim)
   local after = 0
   if seq and seq < 0 then after, seq = -seq, nil end
   local current = redis.call('HMGET', meta, 'job', 'ended', 'owner', 'cap', 'keep', 'cancel', 'n',
-                             'ms', 'wn', 'claim')
+                             'ms', 'wn', 'claim', 'worker')
   if current[1] ~= job or (claim and current[10] and current[10] ~= claim) then
     return 'fenced'
   end
   if seq and tonumber(current[9] or '0') >= seq then return 'stored' end
   if current[2] then return 'fenced' end
-  local owner, cap, keep, cancelled = current[3], current[4], current[5], current[6]
+  local owner, cap, keep, cancelled, worker = current[3], current[4], current[5], current[6],
+    current[11]
   if kind == 't' and cancelled then return 'cancelled' end
   local n = math.max(tonumber(current[7] or '0'), after) + 1
   if seq and n ~= seq then return 'lost' end
@@ -53,9 +56,14 @@ local function fenced_append(stream, meta, job, kind, payload, ttl, seq, claim)
     ttl = keep or ttl
     redis.call('HSET', meta, 'ended', id)
     redis.call('EXPIRE', meta, ttl)
+    local stream_id = string.sub(stream, #'${STREAM_PREFIX}' + 1)
+    redis.call('ZREM', '${ACTIVE_KEY}', stream_id)
+    redis.call('ZREM', '${DUE_KEY}', stream_id)
+    redis.call('ZREM', '${ORPHANS_KEY}', job)
+    if worker then redis.call('SREM', '${JOBS_PREFIX}' .. worker, job) end
     local tokens = kind == 'f' and cjson.decode(payload)['c']
     if owner then
-      redis.call('ZREM', '${KEY_STREAMS_PREFIX}' .. owner, string.sub(stream, #'${STREAM_PREFIX}' + 1))
+      redis.call('ZREM', '${KEY_STREAMS_PREFIX}' .. owner, stream_id)
       if tokens then window_add('${KEY_TOKENS_PREFIX}' .. owner, redis_now_ms(), tokens) end
     end
     if tokens then window_add('${TOKENS_KEY}', redis_now_ms(), tokens) end
