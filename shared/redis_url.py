@@ -263,6 +263,8 @@ class SentinelBlockingPool(SentinelConnectionPool, BlockingConnectionPool):
         if name != self.service_name:
             return
         loop = asyncio.get_running_loop()
+        if event in FAILOVER_STARTS and not self._is_master(words[2:4]):
+            return  # a Sentinel that has not heard of the last failover, trying the one before
         if event in FAILOVER_STARTS:
             log.warning("Sentinel: %s of %s; holding writes", event, self.service_name)
             self._failing_over_until = loop.time() + FAILOVER_HOLD_S
@@ -272,6 +274,13 @@ class SentinelBlockingPool(SentinelConnectionPool, BlockingConnectionPool):
             self._failing_over_until = 0.0
             with contextlib.suppress(RedisError, OSError):
                 await self.get_master_address()
+
+    def _is_master(self, address: list[str]) -> bool:
+        """Whether `[ip, port]` is the master this pool uses (or it knows of none yet)."""
+        if self.master_address is None:
+            return True
+        host, port = self.master_address
+        return address == [str(host), str(port)]
 
     async def aclose(self) -> None:
         await super().aclose()
