@@ -47,6 +47,7 @@ BENCHES := seed_acceptance peers overhead concurrency supervision scaling batchi
 
 bench: install
 	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done
+	$(BIN)/python -m bench.batching --sampling
 
 # What a change to the token path re-runs before it lands (about 3 minutes): 1000 streams once,
 # the per-request and per-token overhead in short, supervision with quiet streams. Results go to

@@ -102,7 +102,7 @@ class JobQueue:
         fields: dict[str, str | int] = {
             **meta.fields(),
             "payload": job.model_dump_json(),
-            "cap": entry_cap(job.max_tokens),
+            "cap": entry_cap(job.max_tokens, job.n),
         }
         if pinned:
             fields["pinned"] = 1

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.relay import Batch, Waiting
 from shared.protocol import (
+    Delta,
     Failed,
     Finished,
     Started,
@@ -155,7 +156,7 @@ class RequestClock:
     def observe(self, batch: Batch, age_s: float) -> None:
         """`batch` is about to be written to the client; its newest entry is `age_s` old."""
         now = time.monotonic()
-        tokens = [entry_id for entry_id, entry in batch if isinstance(entry, Token)]
+        tokens = [entry_id for entry_id, entry in batch if isinstance(entry, Token | Delta)]
         for _, entry in batch:
             match entry:
                 case Started(_, _, claimed_ms) if self.queued_ms is not None:

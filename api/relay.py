@@ -26,6 +26,7 @@ from shared.errors import (
 )
 from shared.protocol import (
     TERMINAL,
+    Delta,
     Entry,
     Failed,
     Finished,
@@ -40,7 +41,7 @@ from shared.protocol import (
     meta_key,
     stream_key,
 )
-from shared.schema import ChunkEncoder, completion_body, error_envelope
+from shared.schema import ChunkEncoder, CollectedChoice, completion_body, error_envelope
 from shared.settings import Settings
 
 log = logging.getLogger("sluice.api")
@@ -115,7 +116,7 @@ async def follow(
         number = check_continuous(number, (entry_id for entry_id, _ in batch))
         after, last = batch[-1][0], raw[-1]
         started = started or any(isinstance(e, Started) for _, e in batch)
-        tokens_sent = tokens_sent or any(isinstance(e, Token) for _, e in batch)
+        tokens_sent = tokens_sent or any(isinstance(e, Token | Delta) for _, e in batch)
         if isinstance(batch[-1][1], TERMINAL):
             if hub.replicas is not None:  # the end is told once a replica has it
                 await hub.replicas.acknowledged()
@@ -197,12 +198,16 @@ class EventEncoder:
                 yield event(self.chunks.content("".join(text)), id=last_id)
                 text = []
             match entry:
-                case Started():
+                case Started(choices=choices):
                     if self.chunks.is_chat and not self.role_sent:
                         self.role_sent = True
-                        yield event(self.chunks.role(), id=entry_id)
-                case Finished(reason, prompt_tokens, completion_tokens):
-                    yield event(self.chunks.finish(reason), id=entry_id)
+                        yield event(self.chunks.role(choices), id=entry_id)
+                case Delta():
+                    yield event(self.chunks.delta(entry), id=entry_id)
+                case Finished(reason, prompt_tokens, completion_tokens, choices):
+                    # Several choices' finish reasons went out with their last deltas.
+                    if choices == 1:
+                        yield event(self.chunks.finish(reason), id=entry_id)
                     if self.include_usage:
                         yield event(self.chunks.usage(prompt_tokens, completion_tokens))
                 case Failed(error):
@@ -279,17 +284,21 @@ async def collect(
     entries: AsyncIterator[Batch | Waiting], chunks: ChunkEncoder
 ) -> dict[str, object]:
     """The non-streaming response: the whole stream, gathered into one body."""
-    text: list[str] = []
+    choices = [CollectedChoice()]
     async for batch in entries:
         if isinstance(batch, Waiting):
             continue
         for _, entry in batch:
             match entry:
+                case Started(choices=n):
+                    choices += [CollectedChoice() for _ in range(n - len(choices))]
                 case Token(piece):
-                    text.append(piece)
+                    choices[0].text.append(piece)
+                case Delta(index=index) if index < len(choices):
+                    choices[index].add(entry)
                 case Finished(reason, prompt_tokens, completion_tokens):
                     return completion_body(
-                        chunks, "".join(text), reason, prompt_tokens, completion_tokens
+                        chunks, choices, reason, prompt_tokens, completion_tokens
                     )
                 case Failed(error, status):
                     raise RemoteError(error, status)

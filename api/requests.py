@@ -98,14 +98,19 @@ def check_token_limits(request: SamplingRequest, n_ctx: int | None) -> int | Non
     return limit
 
 
-def template_message(role: str, content: str) -> dict[str, str]:
+def template_message(role: str, content: Any) -> dict[str, Any]:
     """A message as the chat template takes it; `developer` is the newer name for `system`."""
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def message_dicts(messages: list[ChatMessage], settings: Settings) -> list[dict[str, str]]:
-    out = [template_message(m.role, m.text(i)) for i, m in enumerate(messages)]
-    check_text("".join(m["content"] for m in out), "messages", settings)
+def message_dicts(messages: list[ChatMessage], settings: Settings) -> list[dict[str, Any]]:
+    """The messages as a job carries them: text, or parts that are not all text (for an
+    engine; the llama worker refuses them)."""
+    out = [template_message(m.role, m.payload) for m in messages]
+    text = "".join(m.text for m in messages)
+    with_parts = any(isinstance(m["content"], list) for m in out)
+    if text.strip() or not with_parts:  # an image may be the whole question
+        check_text(text, "messages", settings)
     return out
 
 
@@ -120,7 +125,7 @@ def build_job(
     n_ctx: int | None,
     default_max_tokens: int,
     min_tokens: int | None = None,
-    messages: list[dict[str, str]] | None = None,
+    messages: list[dict[str, Any]] | None = None,
     prompt: str | None = None,
 ) -> GenerationJob:
     """The job for `request`: what the client gave, and nothing it did not (sampling it left out
@@ -128,6 +133,7 @@ def build_job(
     given, sluice's own `min_tokens` (the seed format's), never above the cap."""
     request.refuse_unsupported()
     max_tokens = check_token_limits(request, n_ctx) or default_max_tokens
+    logprobs, top_logprobs = request.logprob_options()
     given = request.model_fields_set
     return GenerationJob(
         stream_id=new_stream_id(),
@@ -142,4 +148,9 @@ def build_job(
         seed=request.seed,
         presence_penalty=request.presence_penalty if "presence_penalty" in given else None,
         frequency_penalty=request.frequency_penalty if "frequency_penalty" in given else None,
+        n=request.n,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        logit_bias=request.token_biases,
+        extra=request.extra,
     )

@@ -30,6 +30,7 @@ from api.metrics import RequestClock
 from api.relay import Waiting, follow
 from shared.errors import ErrorBody, SluiceError, StreamNotFound
 from shared.protocol import (
+    Delta,
     Entry,
     Failed,
     Finished,
@@ -80,7 +81,7 @@ class ResponseRecord:
     top_p: float | None
     metadata: dict[str, str]
     previous_response_id: str | None
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     """The conversation without the instructions: what `previous_response_id` continues."""
 
     def to_json(self) -> str:
@@ -100,6 +101,7 @@ class ResponseEvents:
     status: Status = "queued"
     started: bool = False
     text: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
     usage: tuple[int, int] | None = None
     error: ErrorBody | None = None
 
@@ -140,12 +142,22 @@ class ResponseEvents:
             case Token(text):
                 self.text.append(text)
                 return [self._content_event("response.output_text.delta", delta=text, logprobs=[])]
+            case Delta(0, text, logprobs):
+                self.text.append(text)
+                self.logprobs += logprobs or []
+                return [
+                    self._content_event(
+                        "response.output_text.delta", delta=text, logprobs=logprobs or []
+                    )
+                ]
             case Finished(reason, prompt_tokens, completion_tokens):
                 self.usage = (prompt_tokens, completion_tokens)
                 self.status = "completed" if reason == "stop" else "incomplete"
                 text = self.output_text
                 return [
-                    self._content_event("response.output_text.done", text=text, logprobs=[]),
+                    self._content_event(
+                        "response.output_text.done", text=text, logprobs=self.logprobs
+                    ),
                     self._part_event("response.content_part.done", text),
                     self._event(
                         "response.output_item.done", output_index=0, item=self._output()[0]
@@ -230,9 +242,9 @@ class ResponseEvents:
             "content": content,
         }
 
-    @staticmethod
-    def _part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": []}
+    def _part(self, text: str) -> dict[str, Any]:
+        part = {"type": "output_text", "text": text, "annotations": []}
+        return part | {"logprobs": self.logprobs} if self.logprobs else part
 
     def _part_event(self, kind: str, text: str) -> Event:
         return self._content_event(kind, part=self._part(text))

@@ -14,7 +14,15 @@ stream's tokens over the time from the first request to the last end), per-strea
 (first token to last), time to first token p50/p95, and the server's RSS. Then, on sluice:
 whether a greedy answer is the same alone and inside a batch of 8.
 
+With `--sampling`, instead, what issue 28's parameters cost on sluice alone (one worker, 8
+sequences; greedy, 128 tokens per answer, none ending early; the arms take turns, `--rounds`
+times, the median round shown): 8 streams plain vs 8 with `logprobs` and `top_logprobs=5`; 4
+concurrent streams of one prompt vs one request for `n=4` of it (a prompt new to every round),
+by aggregate tokens/s and by when every answer has its first token; and one stream of it alone,
+the first-token time `n=4` is held to. Ratios are taken within each round, then their median.
+
     python -m bench.batching [--levels 1,2,4,8,16] [--rounds 3]
+    python -m bench.batching --sampling [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -265,8 +273,149 @@ def plot(rows: list[dict[str, Any]]) -> Any:
     return fig
 
 
+SAMPLING_STREAMS = 8
+CHOICES = 4
+ARMS = ["8 streams", "8 streams, top_logprobs=5", "4 streams, one prompt", "n=4", "1 stream"]
+
+
+def full_length(body: dict[str, Any]) -> dict[str, Any]:
+    """Every answer exactly `MAX_TOKENS` long: arms compare equal work."""
+    return body | {"min_tokens": MAX_TOKENS}
+
+
+def arm_bodies(arm: str, round_number: int) -> list[dict[str, Any]]:
+    if arm.startswith("8 streams"):
+        bodies = [full_length(request(TOPICS[i])) for i in range(SAMPLING_STREAMS)]
+        if "top_logprobs" in arm:
+            return [b | {"logprobs": True, "top_logprobs": 5} for b in bodies]
+        return bodies
+    # A prompt of the same length for each arm and round, new to the worker's cache but for
+    # the chat template's head: no arm answers from another's cached prompt.
+    part = f"part {round_number}-{ARMS.index(arm)}"
+    shared = full_length(request(f"{TOPICS[round_number % len(TOPICS)]}, {part}"))
+    if arm == "n=4":
+        return [shared | {"n": CHOICES}]
+    return [shared] * (CHOICES if arm.startswith("4 streams") else 1)
+
+
+async def run_arm(url: str, arm: str, round_number: int) -> dict[str, Any]:
+    timings, wall = await common.concurrent_streams(url, arm_bodies(arm, round_number))
+    ok = [t for t in timings if t.ok]
+    firsts = [first for t in ok for first in t.first_by_choice_s.values()]
+    return {
+        "arm": arm,
+        "round": round_number,
+        "answers": len(firsts),
+        "completed": len(ok) == len(timings),
+        "tokens": sum(t.tokens for t in ok),
+        "aggregate_tokens_per_s": sum(t.tokens for t in ok) / wall,
+        "first_token_ms": min(firsts) * 1000 if firsts else float("nan"),
+        "every_first_token_ms": max(firsts) * 1000 if firsts else float("nan"),
+        "wall_s": wall,
+    }
+
+
+def sampling(rounds: int, threads: int) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    with (
+        common.redis_server() as redis,
+        common.sluice_stack(
+            redis,
+            1,
+            db=1,
+            backend="llama",
+            worker_max_jobs=str(SAMPLING_STREAMS),
+            n_threads=str(threads),
+            access_log="false",
+        ) as stack,
+    ):
+        asyncio.run(warm_up([Target("sluice", stack.base_url, stack.workers[0].pid)]))
+        for r in range(rounds):
+            for n, arm in enumerate(ARMS if r % 2 == 0 else ARMS[::-1]):
+                rows.append(asyncio.run(run_arm(stack.base_url, arm, r)))
+                common.progress(r * len(ARMS) + n + 1, rounds * len(ARMS), "sampling arms")
+    medians = {}
+    for arm in ARMS:
+        mine = sorted((row for row in rows if row["arm"] == arm), key=_by_tokens_per_s)
+        medians[arm] = mine[len(mine) // 2]
+
+    def ratio(over: str, under: str, key: str) -> float:
+        per_round = [
+            next(a for a in rows if a["arm"] == over and a["round"] == r)[key]
+            / next(b for b in rows if b["arm"] == under and b["round"] == r)[key]
+            for r in range(rounds)
+        ]
+        return common.median(per_round)
+
+    ratios = {
+        "top_logprobs_5_over_plain_tokens_per_s": ratio(ARMS[1], ARMS[0], "aggregate_tokens_per_s"),
+        "n4_over_4_streams_tokens_per_s": ratio(ARMS[3], ARMS[2], "aggregate_tokens_per_s"),
+        "n4_every_first_token_over_1_stream": ratio(ARMS[3], ARMS[4], "every_first_token_ms"),
+        "4_streams_every_first_token_over_1_stream": ratio(
+            ARMS[2], ARMS[4], "every_first_token_ms"
+        ),
+    }
+    goals = {
+        "logprobs_cost_at_most_15_percent": ratios["top_logprobs_5_over_plain_tokens_per_s"]
+        >= 0.85,
+        "n4_tokens_per_s_at_least_4_streams": ratios["n4_over_4_streams_tokens_per_s"] >= 1.0,
+        "n4_first_tokens_within_1.2x_one_stream": ratios["n4_every_first_token_over_1_stream"]
+        <= 1.2,
+        "every_arm_complete": all(row["completed"] for row in rows),
+    }
+    return {"rows": rows, "medians": [medians[a] for a in ARMS], "ratios": ratios, "goals": goals}
+
+
+def _by_tokens_per_s(row: dict[str, Any]) -> float:
+    value: float = row["aggregate_tokens_per_s"]
+    return value
+
+
+def plot_sampling(medians: list[dict[str, Any]], threads: int) -> Any:
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    names = [row["arm"] for row in medians]
+    axes[0].barh(names, [row["aggregate_tokens_per_s"] for row in medians])
+    axes[0].set_title("aggregate tokens/s (median round)")
+    axes[1].barh(names, [row["every_first_token_ms"] for row in medians])
+    axes[1].set_title("every answer's first token (ms, median round)")
+    for ax in axes:
+        ax.invert_yaxis()
+    fig.suptitle(
+        f"issue 28 on sluice: SmolLM2-135M Q4_1, {os.cpu_count()} cores, llama.cpp on {threads} "
+        f"thread(s), 8 sequences, greedy, {MAX_TOKENS} tokens per answer",
+        y=1.03,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def main_sampling(rounds: int, threads: int) -> None:
+    result = sampling(rounds, threads)
+    common.save(
+        "sampling",
+        {"rounds": rounds, "threads": threads, "max_tokens": MAX_TOKENS, **result},
+        plot_sampling(result["medians"], threads),
+    )
+    columns = ["arm", "answers", "tokens", "aggregate_tokens_per_s", "first_token_ms"]
+    print(common.table(result["medians"], [*columns, "every_first_token_ms"]))
+    print(result["ratios"])
+    print(result["goals"])
+
+
 def main() -> None:
-    args = common.sweep_arguments(__doc__, levels="1,2,4,8,16").parse_args()
+    parser = common.sweep_arguments(__doc__, levels="1,2,4,8,16")
+    parser.add_argument("--sampling", action="store_true", help="issue 28's arms instead")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=Settings(backend="llama").n_threads,
+        help="llama.cpp's threads for --sampling (1 holds up on a machine others load)",
+    )
+    args = parser.parse_args()
+    if args.sampling:
+        main_sampling(args.rounds, args.threads)
+        return
     result = sweep(args.levels, args.rounds)
     result["goals"] = goals(result)
     common.save(

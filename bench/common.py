@@ -71,6 +71,8 @@ class Timing:
     chunks: int = 0
     content_events: int = 0
     completion_tokens: int | None = None
+    first_by_choice_s: dict[int, float] = field(default_factory=dict)
+    """When each choice's first content came (a request with `n` > 1 has several)."""
     gaps_s: list[float] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
     _last: float = field(default=0.0, repr=False)
@@ -91,9 +93,10 @@ class Timing:
         span = sum(self.gaps_s)
         return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else float("nan")
 
-    def record(self, text: str, start: float) -> None:
-        """A piece of content arrived now; `start` is when the request was sent."""
+    def record(self, text: str, start: float, choice: int = 0) -> None:
+        """A piece of content of `choice` arrived now; `start` is when the request was sent."""
         now = time.perf_counter()
+        self.first_by_choice_s.setdefault(choice, now - start)
         if self.content_events == 0:
             self.ttft_s = now - start
         else:
@@ -129,10 +132,10 @@ def take_line(timing: Timing, line: str, start: float) -> bool:
     if not chunk.get("choices"):
         return False
     timing.chunks += 1
-    choice = chunk["choices"][0]
-    text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-    if text:
-        timing.record(text, start)
+    for choice in chunk["choices"]:
+        text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+        if text:
+            timing.record(text, start, choice.get("index", 0))
     return False
 
 

@@ -1,7 +1,7 @@
 """The stream protocol: every Redis key sluice writes, the entries of a job's stream, their TTLs.
 
-A job's stream holds, in order: one `Started`, any number of `Token`s, then exactly one
-terminal entry, `Finished` or `Failed`. The API relays entries; the worker appends them.
+A job's stream holds, in order: one `Started`, any number of `Token`s and `Delta`s, then exactly
+one terminal entry, `Finished` or `Failed`. The API relays entries; the worker appends them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from redis.typing import EncodableT, FieldT
 
@@ -198,11 +198,13 @@ def job_deadline_ms(job_timeout_s: float, heartbeat_s: float) -> int:
 ENTRY_CAP_SLACK = 8
 
 
-def entry_cap(max_tokens: int) -> int:
-    """The most entries a stream of at most `max_tokens` tokens can need: a token entry holds
-    at least one token, and `Started` and the terminal entry are one each. A stream is capped
-    there (XADD MAXLEN), so trimming never takes an entry of its own."""
-    return max_tokens + ENTRY_CAP_SLACK
+def entry_cap(max_tokens: int, choices: int = 1) -> int:
+    """The most entries a stream of `choices` answers of at most `max_tokens` tokens each can
+    need: a token entry (or delta) holds at least one token, each choice's finish reason may
+    come in a delta of its own, and `Started` and the terminal entry are one each. A stream is
+    capped there (XADD MAXLEN), so trimming never takes an entry of its own."""
+    extra_finishes = choices if choices > 1 else 0
+    return choices * max_tokens + extra_finishes + ENTRY_CAP_SLACK
 
 
 def now_ms() -> int:
@@ -220,7 +222,8 @@ ALREADY_STORED = b"stored"
 """What the fenced append returns for an entry that an earlier try stored (its answer lost)."""
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "tool_calls")
 StreamKind = Literal["chat.completion.chunk", "text_completion"]
 
 
@@ -277,6 +280,8 @@ class Started:
     prompt_tokens: int
     claimed_ms: int | None = None
     """When the worker claimed the job (Redis's clock): the end of its wait in the queue."""
+    choices: int = 1
+    """How many answers the stream holds (`n`): each gets its role chunk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,10 +290,29 @@ class Token:
 
 
 @dataclass(frozen=True, slots=True)
+class Delta:
+    """A rich delta of one choice: text with what plain `Token`s cannot carry (tool-call deltas
+    in OpenAI's canonical shape, logprobs, a choice's own finish reason). Computed by the worker
+    and stored, so that a resume or a replay re-encodes exactly the same events."""
+
+    index: int = 0
+    text: str = ""
+    logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: FinishReason | None = None
+    offset: int | None = None
+    """Where `text` starts in its choice's answer (characters), given with `logprobs`: the
+    legacy completions shape counts each token's `text_offset` from it."""
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     reason: FinishReason
+    """Choice 0's; with several choices, each one's came in its last `Delta`."""
     prompt_tokens: int
     completion_tokens: int
+    """Summed over the choices."""
+    choices: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +323,7 @@ class Failed:
     (an upstream engine's 4xx)."""
 
 
-Entry = Started | Token | Finished | Failed
+Entry = Started | Token | Delta | Finished | Failed
 TERMINAL = (Finished, Failed)
 
 # An entry is one field: its name is the entry's kind, its value the payload (a token's text as
@@ -312,25 +336,64 @@ def encode(entry: Entry) -> EntryFields:
     match entry:
         case Token(text):
             return "t", text
-        case Started(worker, prompt_tokens, claimed_ms):
-            return "s", json.dumps({"w": worker, "p": prompt_tokens, "c": claimed_ms})
-        case Finished(reason, prompt_tokens, completion_tokens):
-            return "f", json.dumps({"r": reason, "p": prompt_tokens, "c": completion_tokens})
+        case Delta():
+            return "d", _delta_json(entry)
+        case Started(worker, prompt_tokens, claimed_ms, choices):
+            started: dict[str, Any] = {"w": worker, "p": prompt_tokens, "c": claimed_ms}
+            if choices > 1:
+                started["n"] = choices
+            return "s", json.dumps(started)
+        case Finished(reason, prompt_tokens, completion_tokens, choices):
+            finished: dict[str, Any] = {"r": reason, "p": prompt_tokens, "c": completion_tokens}
+            if choices > 1:
+                finished["n"] = choices
+            return "f", json.dumps(finished)
         case Failed(error, None):
             return "e", json.dumps(error)
         case Failed(error, status):
             return "e", json.dumps({"error": error, "status": status})
 
 
+def _delta_json(delta: Delta) -> str:
+    fields: dict[str, Any] = {}
+    if delta.index:
+        fields["i"] = delta.index
+    if delta.text:
+        fields["c"] = delta.text
+    if delta.logprobs:
+        fields["lp"] = delta.logprobs
+    if delta.tool_calls:
+        fields["tc"] = delta.tool_calls
+    if delta.finish_reason is not None:
+        fields["r"] = delta.finish_reason
+    if delta.offset is not None:
+        fields["o"] = delta.offset
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+def finish_reason(value: str | None) -> FinishReason:
+    """A finish reason as sluice names it; an unknown one is an ordinary stop."""
+    return next((r for r in FINISH_REASONS if r == value), "stop")
+
+
 def decode(kind: bytes, payload: bytes) -> Entry:
     if kind == b"t":
         return Token(payload.decode())
     data = json.loads(payload)
+    if kind == b"d":
+        reason = data.get("r")
+        return Delta(
+            data.get("i", 0),
+            data.get("c", ""),
+            data.get("lp"),
+            data.get("tc"),
+            None if reason is None else finish_reason(reason),
+            data.get("o"),
+        )
     if kind == b"s":
-        return Started(data["w"], data["p"], data.get("c"))
+        return Started(data["w"], data["p"], data.get("c"), data.get("n", 1))
     if kind == b"f":
-        reason: FinishReason = "length" if data["r"] == "length" else "stop"
-        return Finished(reason, data["p"], data["c"])
+        return Finished(finish_reason(data["r"]), data["p"], data["c"], data.get("n", 1))
     if kind == b"e":
         return Failed(data["error"], data["status"]) if "status" in data else Failed(data)
     raise ValueError(f"unknown stream entry kind {kind!r}")

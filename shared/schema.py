@@ -19,8 +19,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from shared.errors import ErrorBody, UnsupportedParameter
-from shared.protocol import FinishReason, StreamKind
+from shared.errors import ErrorBody, InvalidRequest, UnsupportedParameter
+from shared.protocol import Delta, FinishReason, StreamKind
 
 
 def _encodable(text: str) -> str:
@@ -44,6 +44,11 @@ MAX_CONTENT_PARTS = 64
 """Content parts per message (only `text` parts are served)."""
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
+MAX_CHOICES = 8
+"""`n`: a job's choices each take a sequence of the worker's batch."""
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's and vLLM's cap on `top_logprobs` (and on the legacy `logprobs`)."""
+MAX_LOGIT_BIAS = 100.0
 
 
 def _at_most(limit: int, what: str) -> AfterValidator:
@@ -81,7 +86,9 @@ class OpenAIModel(BaseModel):
 
 
 class ContentPart(OpenAIModel):
-    """One part of a message's content. Any type validates; all but `text` are refused by name."""
+    """One part of a message's content. Any type validates: `text` is read here, the others
+    (`image_url`, `input_audio`, …) go to engines as they came, and the llama worker refuses
+    them by name."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     # The examples also lead tests/test_fuzz.py to the one type with rules of its own.
@@ -104,20 +111,22 @@ class ChatMessage(OpenAIModel):
     ] = None
     name: Text | None = None
 
-    def text(self, index: int) -> str:
+    @property
+    def text(self) -> str:
+        """The text of its content (of its text parts)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        texts = []
-        for n, part in enumerate(self.content):
-            if part.type != "text":
-                raise UnsupportedParameter(
-                    f"content parts of type {part.type!r} are not supported; only 'text'",
-                    param=f"messages[{index}].content[{n}].type",
-                )
-            texts.append(part.text or "")
-        return "".join(texts)
+        return "".join(part.text or "" for part in self.content if part.type == "text")
+
+    @property
+    def payload(self) -> str | list[dict[str, Any]]:
+        """Its content as a job carries it: the text, or, with a part that is not text (an
+        image, audio), every part as the client sent it."""
+        if isinstance(self.content, list) and any(p.type != "text" for p in self.content):
+            return [part.model_dump(exclude_unset=True) for part in self.content]
+        return self.text
 
 
 StopString = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
@@ -133,8 +142,37 @@ class StreamOptions(OpenAIModel):
     include_usage: StrictBool = False
 
 
+def _check_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
+    for token in bias or {}:
+        if not token.isdigit():  # JSON keys are strings: each a token id
+            raise PydanticCustomError(
+                "token_id",
+                "keys must be token ids (integers from 0), not {token!r}",
+                {"token": token},
+            )
+    return bias
+
+
+def _encodable_json(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, TypeError, ValueError):
+        return False
+    return True
+
+
+LogitBias = Annotated[
+    dict[Text, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None,
+    AfterValidator(_check_logit_bias),
+]
+TopLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+
+
 class SamplingRequest(OpenAIModel):
-    """What every endpoint accepts to steer generation."""
+    """What every endpoint accepts to steer generation. Fields it does not know are kept
+    (`model_extra`), for engines: an `openai` worker sends them on as they came."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: Text | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
@@ -148,11 +186,11 @@ class SamplingRequest(OpenAIModel):
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     stream_options: StreamOptions | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
+    logprobs: StrictBool | None = None
+    top_logprobs: TopLogprobs | None = None
+    logit_bias: LogitBias = None
     # Accepted only with the value that means "what sluice does anyway".
-    n: Annotated[StrictInt, Field(ge=1)] = 1
-    logprobs: StrictBool | StrictInt | None = None
-    top_logprobs: StrictInt | None = None
-    logit_bias: dict[str, Any] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -162,11 +200,10 @@ class SamplingRequest(OpenAIModel):
     modalities: list[Text] | None = None
 
     def refuse_unsupported(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if not _encodable_json(value):
+                raise InvalidRequest(f"'{name}' must be valid Unicode JSON", param=name)
         refusals = {
-            "n": self.n != 1,
-            "logprobs": bool(self.logprobs),
-            "top_logprobs": bool(self.top_logprobs),
-            "logit_bias": bool(self.logit_bias),
             "tools": bool(self.tools),
             "functions": bool(self.functions),
             "response_format": self.response_format is not None
@@ -179,6 +216,21 @@ class SamplingRequest(OpenAIModel):
         for param, refused in refusals.items():
             if refused:
                 raise UnsupportedParameter(f"sluice does not support '{param}'", param=param)
+
+    def logprob_options(self) -> tuple[bool, int]:
+        """Whether each token's logprob is asked for, and how many alternatives with it."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return bool(self.logprobs), self.top_logprobs or 0
+
+    @property
+    def token_biases(self) -> dict[int, float]:
+        return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The fields sluice does not interpret, as the client sent them."""
+        return dict(self.model_extra or {})
 
     def token_limits(self) -> dict[str, int]:
         """The caps on generated tokens that the client gave, by parameter; the last one applies."""
@@ -219,6 +271,16 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     prompt: Text
     stream: StrictBool = False
+    logprobs: TopLogprobs | None = None  # type: ignore[assignment]
+    """The legacy form: how many alternatives to give with each token's logprob."""
+
+    def logprob_options(self) -> tuple[bool, int]:
+        if self.top_logprobs is not None:
+            raise InvalidRequest(
+                "'top_logprobs' is the chat form: give '/v1/completions' 'logprobs' as a number",
+                param="top_logprobs",
+            )
+        return self.logprobs is not None, self.logprobs or 0
 
 
 class GenerationJob(BaseModel):
@@ -231,9 +293,12 @@ class GenerationJob(BaseModel):
     """The API key's name when authentication is on, for the worker's log lines."""
     trace: dict[str, str] | None = None
     """The request's trace context (W3C `traceparent`), when tracing is on."""
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    """`role` and `content`: the text, or a list of parts where one is not text (see
+    `ChatMessage.payload`)."""
     prompt: str | None = None
     max_tokens: int
+    """Per choice."""
     min_tokens: int = 0
     min_tokens_default: bool = False
     """`min_tokens` is sluice's own (the seed format's), not the client's: an engine that refuses
@@ -246,6 +311,13 @@ class GenerationJob(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    """Alternatives per token, with `logprobs`."""
+    logit_bias: dict[int, float] = {}
+    extra: dict[str, Any] = {}
+    """Every request field sluice does not interpret, as the client sent it: for engines."""
 
 
 ChunkObject = StreamKind
@@ -274,8 +346,36 @@ class ChunkEncoder:
     def is_chat(self) -> bool:
         return self.object == "chat.completion.chunk"
 
-    def role(self) -> str:
-        return self._head + '"delta":{"role":"assistant","content":""},"finish_reason":null}]}'
+    def role(self, choices: int = 1) -> str:
+        if choices == 1:
+            return self._head + '"delta":{"role":"assistant","content":""},"finish_reason":null}]}'
+        roles = [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            for i in range(choices)
+        ]
+        return self._with_choices(roles)
+
+    def delta(self, delta: Delta) -> str:
+        """A rich delta: its choice's index, text, logprobs, tool calls, finish reason."""
+        lp = delta.logprobs
+        choice: dict[str, Any] = {"index": delta.index}
+        if self.is_chat:
+            content: dict[str, Any] = {"content": delta.text}
+            if delta.tool_calls:
+                content = {"tool_calls": delta.tool_calls} | (
+                    {"content": delta.text} if delta.text else {}
+                )
+            choice["delta"] = content
+            choice["logprobs"] = {"content": lp} if lp else None
+        else:
+            choice["text"] = delta.text
+            choice["logprobs"] = legacy_logprobs(lp, delta.offset or 0) if lp else None
+        choice["finish_reason"] = delta.finish_reason
+        return self._with_choices([choice])
+
+    def _with_choices(self, choices: list[dict[str, Any]]) -> str:
+        quoted = json.dumps(choices, ensure_ascii=False, separators=(",", ":"))
+        return f'{self._base},"choices":{quoted}}}'
 
     def content(self, text: str) -> str:
         quoted = json.dumps(text, ensure_ascii=False)
@@ -291,6 +391,54 @@ class ChunkEncoder:
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
         counts = Usage.of(prompt_tokens, completion_tokens).model_dump_json()
         return f'{self._base},"choices":[],"usage":{counts}}}'
+
+
+def legacy_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, list[Any]]:
+    """Chat `logprobs.content` entries in `/v1/completions`' shape: `tokens`, `token_logprobs`,
+    `top_logprobs` (each token's alternatives and itself, by token) and `text_offset` (where
+    each token starts in the answer; the first at `offset`)."""
+    legacy: dict[str, list[Any]] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    at = offset
+    for entry in entries:
+        legacy["tokens"].append(entry["token"])
+        legacy["token_logprobs"].append(entry["logprob"])
+        top = {alt["token"]: alt["logprob"] for alt in entry.get("top_logprobs") or ()}
+        legacy["top_logprobs"].append(top | {entry["token"]: entry["logprob"]})
+        legacy["text_offset"].append(at)
+        at += len(entry["token"])
+    return legacy
+
+
+@dataclass
+class CollectedChoice:
+    """One choice of a non-streaming answer, gathered from its stream's entries."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[tuple[list[dict[str, Any]], int]] = field(default_factory=list)
+    """Per delta with logprobs: its entries and its text's offset."""
+    reason: FinishReason | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        if delta.logprobs:
+            self.logprobs.append((delta.logprobs, delta.offset or 0))
+        self.reason = delta.finish_reason or self.reason
+
+    def logprobs_body(self, chat: bool) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        if chat:
+            return {"content": [entry for entries, _ in self.logprobs for entry in entries]}
+        legacy: dict[str, list[Any]] = {}
+        for entries, offset in self.logprobs:
+            for key, values in legacy_logprobs(entries, offset).items():
+                legacy.setdefault(key, []).extend(values)
+        return legacy
 
 
 class Usage(BaseModel):
@@ -310,7 +458,7 @@ class Usage(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -351,24 +499,43 @@ class TextCompletion(Completion[Literal["text_completion"], TextChoice]):
 
 def completion_body(
     encoder: ChunkEncoder,
-    text: str,
+    choices: list[CollectedChoice],
     reason: FinishReason,
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
+    """The non-streaming body: each choice's text and logprobs, and its finish reason (`reason`
+    where its deltas gave none: a single choice's comes with the stream's end)."""
     head = {"id": encoder.id, "created": encoder.created, "model": encoder.model}
     usage = Usage.of(prompt_tokens, completion_tokens)
-    if encoder.is_chat:
+    chat = encoder.is_chat
+    if chat:
         return ChatCompletion(
             **head,
             object="chat.completion",
-            choices=[ChatChoice(finish_reason=reason, message=AssistantMessage(content=text))],
+            choices=[
+                ChatChoice(
+                    index=i,
+                    finish_reason=c.reason or reason,
+                    logprobs=c.logprobs_body(chat),
+                    message=AssistantMessage(content="".join(c.text)),
+                )
+                for i, c in enumerate(choices)
+            ],
             usage=usage,
         ).model_dump()
     return TextCompletion(
         **head,
         object="text_completion",
-        choices=[TextChoice(finish_reason=reason, text=text)],
+        choices=[
+            TextChoice(
+                index=i,
+                finish_reason=c.reason or reason,
+                logprobs=c.logprobs_body(chat),
+                text="".join(c.text),
+            )
+            for i, c in enumerate(choices)
+        ],
         usage=usage,
     ).model_dump()
 
@@ -404,6 +571,8 @@ class StreamCancelled(BaseModel):
 # --- OpenAI's Responses API (issue 17) ---
 
 MAX_INPUT_ITEMS = MAX_MESSAGES
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
+"""The one `include` served: each output token's logprobs, with `top_logprobs` alternatives."""
 
 
 class ResponseInputPart(OpenAIModel):
@@ -468,8 +637,12 @@ class ResponsesRequest(SamplingRequest):
         super().refuse_unsupported()
         text_format = (self.text or {}).get("format") or {"type": "text"}
         refusals = {
+            # Chat's forms, not the Responses API's: it has one output, and logprobs come
+            # with `top_logprobs` and `include`.
+            "n": self.n != 1,
+            "logprobs": self.logprobs is not None,
             "reasoning": bool(self.reasoning),
-            "include": bool(self.include),
+            "include": any(item != INCLUDE_LOGPROBS for item in self.include or ()),
             "tool_choice": self.tool_choice not in (None, "none", "auto"),
             "text": not isinstance(text_format, dict) or text_format.get("type") != "text",
             "truncation": self.truncation not in (None, "disabled"),
@@ -481,6 +654,9 @@ class ResponsesRequest(SamplingRequest):
         if refused:
             names = ", ".join(f"'{p}'" for p in refused)
             raise UnsupportedParameter(f"sluice does not support {names}", param=refused[0])
+
+    def logprob_options(self) -> tuple[bool, int]:
+        return INCLUDE_LOGPROBS in (self.include or ()), self.top_logprobs or 0
 
     def token_limits(self) -> dict[str, int]:
         limits = super().token_limits()

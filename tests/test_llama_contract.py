@@ -54,6 +54,8 @@ FUNCTIONS: dict[str, tuple[tuple[Any, ...], Any]] = {
     "llama_get_memory": ((CONTEXT,), MEMORY),
     "llama_free": ((CONTEXT,), None),
     "llama_memory_seq_rm": ((MEMORY, c_int32, c_int32, c_int32), c_bool),
+    "llama_memory_seq_cp": ((MEMORY, c_int32, c_int32, c_int32, c_int32), None),
+    "llama_get_logits_ith": ((CONTEXT, c_int32), POINTER(c_float)),
     "llama_vocab_n_tokens": ((VOCAB,), c_int32),
     "llama_vocab_is_eog": ((VOCAB, c_int32), c_bool),
     "llama_vocab_bos": ((VOCAB,), c_int32),

@@ -86,10 +86,10 @@ def test_bad_request_raises_the_sdks_bad_request_error_with_our_message(
     sdk: openai.OpenAI,
 ) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
-        sdk.chat.completions.create(model="synthetic", messages=USER, n=3)
+        sdk.chat.completions.create(model="synthetic", messages=USER, n=9)
 
     assert raised.value.status_code == 400
-    assert "does not support 'n'" in raised.value.message
+    assert "less than or equal to 8" in raised.value.message
     assert raised.value.param == "n"
 
 

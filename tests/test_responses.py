@@ -327,6 +327,9 @@ def test_previous_response_id_continues_the_conversation(sdk: openai.OpenAI) -> 
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"background": True, "store": False}, "store"),
+        ({"n": 2}, "n"),  # chat's: a response has one output
+        ({"logprobs": True}, "logprobs"),  # chat's: top_logprobs and include ask for them
+        ({"include": ["file_search_call.results"]}, "include"),
     ],
 )
 async def test_unsupported_fields_are_refused_by_name(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.text import TextAssembler
+from worker.text import ChoiceText, TextAssembler
 
 
 def run(pieces: list[bytes], stop: list[str]) -> tuple[str, bool]:
@@ -47,3 +47,41 @@ def test_text_held_for_a_partial_stop_match_is_released_when_it_does_not_match()
 
 def test_partial_match_at_the_end_is_flushed() -> None:
     assert run([b"the ST"], ["STOP"]) == ("the ST", False)
+
+
+def logprob(token: str) -> dict[str, object]:
+    return {"token": token, "logprob": -1.0, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+def test_a_tokens_logprobs_go_out_with_the_text_that_completes_it() -> None:
+    choice = ChoiceText(["world"])
+
+    held = choice.feed(b"Hello wor", [logprob("Hello wor")])  # " wor" may start "world"
+    released = choice.feed(b"m", [logprob("m")])
+
+    assert (held.text, held.logprobs) == ("Hello ", [])
+    assert released.text == "worm"
+    assert [e["token"] for e in released.logprobs] == ["Hello wor", "m"]
+    assert released.offset == len("Hello ")
+
+
+def test_logprobs_of_tokens_a_stop_string_cuts_away_are_dropped() -> None:
+    choice = ChoiceText(["o w"])
+    pieces = ["Hel", "lo", " wor", "ld"]
+
+    outs = [choice.feed(p.encode(), [logprob(p)]) for p in pieces] + [choice.flush()]
+
+    assert "".join(o.text for o in outs) == "Hell"
+    assert [e["token"] for o in outs for e in o.logprobs] == ["Hel", "lo"]  # " wor" is cut
+    assert choice.stopped
+
+
+def test_a_character_split_across_tokens_releases_both_tokens_logprobs_with_it() -> None:
+    choice = ChoiceText([])
+    euro = "€".encode()
+
+    first = choice.feed(euro[:1], [logprob("\ufffd")])
+    second = choice.feed(euro[1:], [logprob("\ufffd")])
+
+    assert (first.text, first.logprobs) == ("", [])
+    assert (second.text, len(second.logprobs)) == ("€", 2)

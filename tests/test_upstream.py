@@ -306,6 +306,66 @@ async def test_the_prompt_tokens_metric_counts_the_engines_count_once(
     assert prompt_tokens_counted(upstream.base_url, model) - before == sum(prompts)
 
 
+async def test_the_engines_logprobs_reach_the_client_streamed_and_collected(
+    client: httpx.AsyncClient, model: str
+) -> None:
+    # A few tokens: the engine's logprobs cost it time, and this stack's jobs time out at 8 s.
+    asked = {"logprobs": True, "top_logprobs": 2, **GREEDY, "max_tokens": 6}
+    body = {"model": model, "messages": USER, **asked}
+
+    answer = await client.post("/v1/chat/completions", json=body)
+    streamed = await stream(client, {**body, "stream": True})
+
+    assert answer.status_code == 200, answer.text
+    collected = answer.json()["choices"][0]
+    chunks = [c["choices"][0] for c in streamed.chunks if c["choices"]]
+    streamed_entries = [e for c in chunks for e in (c.get("logprobs") or {}).get("content", [])]
+    for entries, text in (
+        (collected["logprobs"]["content"], collected["message"]["content"]),
+        (streamed_entries, streamed.text),
+    ):
+        assert "".join(e["token"] for e in entries) == text
+        for entry in entries:  # greedy: the chosen token is the engine's most likely
+            assert [t["token"] for t in entry["top_logprobs"]][:1] == [entry["token"]]
+            assert len(entry["top_logprobs"]) == 2
+            assert entry["logprob"] <= 0
+
+
+async def test_legacy_logprobs_through_the_engine_come_in_the_legacy_shape(
+    client: httpx.AsyncClient, model: str
+) -> None:
+    body = {"model": model, "prompt": "The capital of France is", "logprobs": 2, **GREEDY}
+    body["max_tokens"] = 6
+
+    answer = await client.post("/v1/completions", json=body)
+
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert len(logprobs["token_logprobs"]) == len(logprobs["tokens"]) > 0
+    assert all(
+        token in top
+        for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"], strict=True)
+    )
+
+
+async def test_n_the_engine_cannot_serve_comes_back_as_its_own_400(
+    client: httpx.AsyncClient, engine: httpx.AsyncClient, model: str
+) -> None:
+    # llama-server takes `n` up to its slots (4 here). (Below that, it sometimes never answers
+    # a request of several choices: the scripted engine's tests cover n that is served.)
+    body = {"model": model, "messages": USER, "n": 5, **GREEDY, "max_tokens": 6}
+    direct = await engine.post("/chat/completions", json=body)
+    assert direct.status_code == 400
+
+    via_sluice = await client.post("/v1/chat/completions", json=body)
+
+    assert via_sluice.status_code == 400
+    assert via_sluice.json()["error"]["message"] == direct.json()["error"]["message"]
+
+
 # --- what the engine refuses ---
 
 

@@ -50,9 +50,24 @@ BAD_BODIES: list[tuple[str, Any, str | None]] = [
     ("max_tokens as string", {"messages": USER, "max_tokens": "10"}, "max_tokens"),
     ("too many stop strings", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("stream not a boolean", {"messages": USER, "stream": "yes"}, "stream"),
-    ("n above one", {"messages": USER, "n": 2}, "n"),
+    ("n above eight", {"messages": USER, "n": 9}, "n"),
+    ("n zero", {"messages": USER, "n": 0}, "n"),
     ("tools", {"messages": USER, "tools": [{"type": "function"}]}, "tools"),
-    ("logprobs", {"messages": USER, "logprobs": True}, "logprobs"),
+    ("logprobs as a number", {"messages": USER, "logprobs": 5}, "logprobs"),
+    (
+        "top_logprobs above 20",
+        {"messages": USER, "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
+    ),
+    ("top_logprobs without logprobs", {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+    ("logit_bias above 100", {"messages": USER, "logit_bias": {"5": 101}}, "logit_bias"),
+    ("logit_bias on a word", {"messages": USER, "logit_bias": {"yes": 5}}, "logit_bias"),
+    ("logit_bias on a negative id", {"messages": USER, "logit_bias": {"-1": 5}}, "logit_bias"),
+    (
+        "a lone surrogate in a field sluice passes to engines",
+        {"messages": USER, "top_k": SURROGATE},
+        "top_k",
+    ),
     (
         "json response format",
         {"messages": USER, "response_format": {"type": "json_object"}},
@@ -115,6 +130,9 @@ BAD_BODIES: list[tuple[str, Any, str | None]] = [
 ]
 
 BAD_COMPLETION_BODIES: list[tuple[str, Any, str | None]] = [
+    ("logprobs above 20", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("logprobs as a boolean", {"prompt": "hi", "logprobs": True}, "logprobs"),
+    ("top_logprobs, chat's form", {"prompt": "hi", "top_logprobs": 2}, "top_logprobs"),
     ("lone surrogate in prompt", {"prompt": SURROGATE}, "prompt"),
     ("lone surrogate in a stop list", {"prompt": "hi", "stop": [SURROGATE]}, "stop[0]"),
     ("max_tokens the context cannot hold", {"prompt": "hi", "max_tokens": N_CTX}, "max_tokens"),
@@ -175,6 +193,8 @@ async def test_max_tokens_error_says_the_context_length(client: httpx.AsyncClien
         {"seed": 2**64 - 1},
         {"seed": -(2**63)},
         {"messages": text_parts("a", "b")},
+        {"n": 8, "max_tokens": 2},
+        {"logprobs": True, "top_logprobs": 20, "max_tokens": 2},
     ],
     ids=repr,
 )

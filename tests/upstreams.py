@@ -123,12 +123,44 @@ class LlamaServer(Proc):
         return sum(bool(slot["is_processing"]) for slot in self.slots())
 
 
+def scripted_word(index: int, n: int) -> str:
+    """The `n`-th word of choice `index` of a `ScriptedEngine`'s answer."""
+    return f"word{n} " if index == 0 else f"choice{index}-word{n} "
+
+
+def scripted_logprob(index: int) -> float:
+    """What a `ScriptedEngine` says each word of choice `index` has; its one alternative,
+    `other`, has one less."""
+    return -0.25 * (index + 1)
+
+
+def scripted_logprobs(body: dict[str, Any], chat: bool, index: int, text: str) -> dict[str, Any]:
+    logprob = scripted_logprob(index)
+    ranked = [(text, logprob), ("other", logprob - 1)]
+    if not chat:  # the legacy shape: `logprobs` is how many alternatives
+        return {
+            "tokens": [text],
+            "token_logprobs": [logprob],
+            "top_logprobs": [dict(ranked[: body["logprobs"]])],
+            "text_offset": [0],
+        }
+    alternatives = [
+        {"token": t, "logprob": lp, "bytes": list(t.encode())}
+        for t, lp in ranked[: body.get("top_logprobs", 0)]
+    ]
+    entry = {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"content": [entry | {"top_logprobs": alternatives}]}
+
+
 class ScriptedEngine:
     """A small OpenAI-compatible engine on threads of the test process, on a real socket, that
     answers as a test scripts it: `/models` lists `MODEL`, and a completion request (chat or
     legacy) gets what `mode` says when it arrives:
 
-    - `answer`: a stream of `words` words, a finish reason, usage, `[DONE]`;
+    - `answer`: a stream of `words` words, a finish reason, usage, `[DONE]`; with `n`, each
+      choice's words in turn (`word0 ` for the first, `choice1-word0 ` for the second, …) and a
+      finish reason for each; with `logprobs`, each word's (chat's shape, or the legacy one for
+      `/completions`), scripted (`scripted_logprob`);
     - `headers`: the response's headers, then nothing (an engine that hangs once it has begun);
     - `chunks`: headers and 3 content chunks, then nothing;
     - `silent`: nothing at all, not even headers.
@@ -208,21 +240,35 @@ class ScriptedEngine:
                     engine._release.wait()
                     return
                 count = 3 if mode == "chunks" else engine.words
+                choices = int(body.get("n") or 1)
                 for n in range(count):
-                    self._event(self._chunk(chat, f"word{n} "))
+                    for index in range(choices):
+                        self._event(self._chunk(body, chat, index, scripted_word(index, n)))
                 if mode == "chunks":
                     engine._release.wait()
                     return
-                self._event(self._chunk(chat, "", "stop"))
-                usage = {"prompt_tokens": 3, "completion_tokens": count, "total_tokens": count + 3}
+                for index in range(choices):
+                    self._event(self._chunk(body, chat, index, "", "stop"))
+                made = count * choices
+                usage = {"prompt_tokens": 3, "completion_tokens": made, "total_tokens": made + 3}
                 self._event({"choices": [], "usage": usage})
                 self.wfile.write(b"data: [DONE]\n\n")
 
-            def _chunk(self, chat: bool, text: str, reason: str | None = None) -> dict[str, Any]:
+            def _chunk(
+                self,
+                body: dict[str, Any],
+                chat: bool,
+                index: int,
+                text: str,
+                reason: str | None = None,
+            ) -> dict[str, Any]:
+                choice: dict[str, Any] = {"index": index, "finish_reason": reason}
                 if chat:
-                    choice = {"index": 0, "delta": {"content": text}, "finish_reason": reason}
+                    choice["delta"] = {"content": text}
                 else:
-                    choice = {"index": 0, "text": text, "finish_reason": reason}
+                    choice["text"] = text
+                if text and body.get("logprobs"):
+                    choice["logprobs"] = scripted_logprobs(body, chat, index, text)
                 return {"model": engine.MODEL, "choices": [choice]}
 
             def _event(self, data: dict[str, Any]) -> None:

@@ -21,7 +21,6 @@ from shared.protocol import (
     Entry,
     Failed,
     Finished,
-    FinishReason,
     Started,
     job_deadline_ms,
     jobs_key,
@@ -29,11 +28,11 @@ from shared.protocol import (
 from shared.schema import GenerationJob
 from shared.settings import Settings
 from worker.backends import BackendError, Generation
+from worker.choices import Answer
 from worker.context import WorkerContext
 from worker.control import HandedBack, StopSignal
 from worker.give_back import GiveBack
 from worker.metrics import TOKENS
-from worker.text import TextAssembler
 from worker.writer import EntriesLost, Fenced, TextLost
 
 log = logging.getLogger("sluice.worker")
@@ -162,7 +161,7 @@ class Job:
         # the first token waits for it, and a refused one (`Fenced`) stops the job there.
         started = writer.append(
             self.attempt,
-            Started(self.worker.worker_id, generation.prompt_tokens, claimed_ms),
+            Started(self.worker.worker_id, generation.prompt_tokens, claimed_ms, self.request.n),
             expire_s=int(settings.stream_ttl_s + settings.job_timeout_s),
         )
         started.add_done_callback(_retrieved)
@@ -180,12 +179,9 @@ class Job:
         started: asyncio.Future[str],
         asked: float,
     ) -> Finished:
-        """The backend's pieces, as text, to the stream, until it ends, a stop string or
-        `max_tokens`; how it finished."""
-        writer, request = self.worker.writer, self.request
-        text = TextAssembler(request.stop)
-        produced = 0
-        reason: FinishReason = "stop"
+        """The backend's pieces, as text (and deltas), to the stream, until it ends, or every
+        choice has met a stop string or `max_tokens`; how it finished."""
+        answer = Answer(self.request, generation, self.worker.writer, self.attempt)
         # Closing the pieces ends the backend's work (an engine's request, a sequence) at once.
         async with (
             giving_back.failing(),
@@ -198,20 +194,13 @@ class Job:
                     if await giving_back.stop():
                         raise HandedBack()
                     await started
-                produced += 1
-                if out := text.feed(piece):
-                    await writer.send(self.attempt, out)
+                ended = await answer.take(piece)
                 if signal.stopped:
                     raise signal.error()
-                if text.stopped:
-                    break
-                if produced >= request.max_tokens and not generation.ends_itself:
-                    reason = "length"
+                if ended:
                     break
         await started
-        if tail := text.flush():
-            await writer.send(self.attempt, tail)
-        return generation.finished or Finished(reason, generation.prompt_tokens, produced)
+        return await answer.end()
 
     async def finish(self, entry: Entry) -> None:
         """The terminal entry. It must land even if this task is being cancelled (arq's habit

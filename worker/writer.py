@@ -2,7 +2,8 @@
 
 Order within a stream is kept: one write at a time, entries in call order. Text is sent without
 waiting for Redis to store it (`send`), so a fast backend is not held to one token per round
-trip; the first and terminal entries wait (`append`). Text sent while the stream's previous token
+trip; the first and terminal entries wait (`append`). Rich deltas (`send_delta`: tool calls,
+logprobs) go the same way, each an entry of its own. Text sent while the stream's previous token
 entry is still unwritten joins that entry: a worker that falls behind writes fewer, larger
 entries instead of falling further behind, and one that keeps up writes a token per entry. A
 failed write is raised by the next call for that stream (as `TextLost`: text the job produced
@@ -39,6 +40,7 @@ from shared.protocol import (
     REFUSED_LOST,
     TERMINAL,
     Attempt,
+    Delta,
     Entry,
     Token,
     encode,
@@ -134,6 +136,14 @@ class StreamWriter:
             return
         self._enqueue(_Pending(attempt, Token(text), None, None))
         self._open_token[key] = len(self._pending) - 1
+        await self._bounded()
+
+    async def send_delta(self, attempt: Attempt, delta: Delta) -> None:
+        """Append `delta` to the attempt's stream soon, in order with its other entries."""
+        self._enqueue(_Pending(attempt, delta, None, None))
+        await self._bounded()
+
+    async def _bounded(self) -> None:
         if len(self._pending) > MAX_UNSENT:
             self._drained.clear()
             await self._drained.wait()

@@ -70,7 +70,7 @@ async def create_response(
     req = parse(ResponsesRequest, await read_json_object(request))
     if req.background and not req.store:
         raise InvalidRequest("'background' needs 'store': true", param="store")
-    history: list[dict[str, str]] = []
+    history: list[dict[str, Any]] = []
     if req.previous_response_id is not None:
         previous = await store.current(req.previous_response_id, caller)
         if previous.status not in ("completed", "incomplete"):

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from shared.protocol import Finished
+from shared.errors import UnsupportedParameter
+from shared.protocol import Finished, FinishReason
 from shared.schema import GenerationJob
 from shared.settings import Settings
 
 
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One token's worth of a choice, with what plain bytes cannot carry: tool-call deltas in
+    OpenAI's canonical shape, logprobs, the choice's finish reason (a piece of its own, with no
+    text, at the choice's end). A backend may yield plain `bytes` instead: `Piece(text)`."""
+
+    text: bytes
+    index: int = 0
+    logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: FinishReason | None = None
+
+
 @dataclass
 class Generation:
-    """One job's generation: the prompt's size in tokens, then the tokens' bytes as produced.
+    """One job's generation: the prompt's size in tokens, then the tokens' bytes (or `Piece`s)
+    as produced.
 
     An engine behind an API (the `openai` backend) counts for itself: it stops at the job's
     `max_tokens` and stop strings, and says how many tokens the prompt had, and why it stopped,
@@ -23,9 +38,11 @@ class Generation:
     """
 
     prompt_tokens: int
-    pieces: AsyncGenerator[bytes, None]
+    pieces: AsyncGenerator[bytes | Piece, None]
     ends_itself: bool = False
     finished: Finished | None = None
+    stop_choice: Callable[[int], None] | None = None
+    """Stops generating one choice of several (a stop string ended it), where the backend can."""
 
 
 class Backend(Protocol):
@@ -43,6 +60,21 @@ class Backend(Protocol):
     async def start(self, job: GenerationJob) -> Generation: ...
 
     def close(self) -> None: ...
+
+
+def text_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """A job's messages, for a backend that reads text only: a content part that is not text
+    (an image, audio: they go to engines as they came) is refused here, by name."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        for n, part in enumerate(content if isinstance(content, list) else ()):
+            if part.get("type") != "text":
+                raise UnsupportedParameter(
+                    f"content parts of type {part.get('type')!r} are not supported by this "
+                    "model; only 'text'",
+                    param=f"messages[{i}].content[{n}].type",
+                )
+    return messages
 
 
 class BackendError(RuntimeError):

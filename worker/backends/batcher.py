@@ -18,6 +18,14 @@ A step, in order:
 4. decode once, then sample each sequence that asked for logits with its own chain; a sequence
    that ends (end of generation, its token budget) leaves its slot at once.
 
+A job asking for `n` choices is `n` sequences, admitted together once `n` slots are free (as
+llama.cpp's server and vLLM admit a request only with room for all of its sequences; jobs wait in
+arrival order, so a big one is not passed over for ever): the first evaluates the prompt, and in
+the step that ends it the others get a copy of its cells (`llama_memory_seq_cp`) and draw their
+first tokens from the same logits, each with its own sampler. A sequence that asks for logprobs
+gets each token's from the logits of its batch row: the model's own distribution, log-softmax over
+the whole vocabulary, before penalties, biases, truncation and temperature (vLLM's default).
+
 A slot's cells are its own (the context gives each sequence id a KV stream of its own, so they
 hold nothing anyone else could use): when a job ends on its own, they keep its prompt and answer,
 and the next job to take the slot evaluates only what differs from them, as llama.cpp's server
@@ -37,11 +45,17 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Any
 
 import llama_cpp
+import numpy as np
+
+from shared.protocol import FinishReason
+from worker.backends import Piece
 
 DONE = object()
-"""Put on a sequence's queue after its last token."""
+"""Put on a sequence's queue after its last token (a sequence that is one of several choices
+ends with a `Piece` giving its finish reason instead)."""
 
 PENALTY_LAST_N = 64  # llama-cpp-python's `last_n_tokens_size`, which every request had before
 TOP_K = 40  # llama-cpp-python's defaults, as every request had them before batching
@@ -59,6 +73,10 @@ class Sampling:
     presence_penalty: float
     frequency_penalty: float
     min_tokens: int
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token, bias) pairs, added to the logits."""
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass(eq=False)
@@ -72,6 +90,13 @@ class Sequence:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    index: int = 0
+    """Its choice, of `choices`."""
+    choices: int = 1
+    followers: list[Sequence] = field(default_factory=list)
+    """The job's other choices, if it is the first: they start from a copy of its prompt."""
+    leader: Sequence | None = None
+    """The first choice, if it is another: it takes no part in evaluating the prompt."""
     # decode thread only
     slot: Slot | None = None
     order: int = 0
@@ -115,17 +140,29 @@ class Batcher:
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
+        self._token_text: dict[int, dict[str, Any]] = {}
+        """Token -> its `token` and `bytes`, as logprob entries show it."""
         self._slots = [Slot(i) for i in range(n_seq)]
         self._order = count()
-        self._pending: list[Sequence] = []
+        self._pending: list[list[Sequence]] = []
+        """Jobs waiting for slots, in arrival order: each its choices' sequences."""
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
         self._thread.start()
 
-    def submit(self, seq: Sequence) -> None:
+    @property
+    def n_seq(self) -> int:
+        return len(self._slots)
+
+    def submit(self, job: list[Sequence]) -> None:
+        """A job's sequences: one, or its choices, the first with the others as followers."""
+        leader, *followers = job
+        leader.followers = followers
+        for seq in followers:
+            seq.leader = leader
         with self._wake:
-            self._pending.append(seq)
+            self._pending.append(job)
             self._wake.notify()
 
     def cancel(self, seq: Sequence) -> None:
@@ -154,7 +191,7 @@ class Batcher:
                     self._wake.wait()
                 if self._closing:
                     break
-                joining = [s for s in self._pending if not s.cancelled]
+                joining = [job for job in self._pending if not all(s.cancelled for s in job)]
                 self._pending.clear()
             try:
                 for seq in self._running():
@@ -165,34 +202,42 @@ class Batcher:
                         self._pending[:0] = waiting
                 self._step(out)
             except Exception as exc:  # handed to every reader, raised there as BackendError
-                for seq in [*self._running(), *(s for s in joining if s.slot is None)]:
+                unadmitted = [s for job in joining for s in job if s.slot is None]
+                for seq in [*self._running(), *unadmitted]:
                     self._leave(seq, keep=False)
                     out.append((seq, exc))
                 with self._wake:
-                    self._pending = [s for s in self._pending if s not in joining]
+                    self._pending = [job for job in self._pending if job not in joining]
             if not self._running():
                 self._deliver(out)
-        for seq in [*self._running(), *self._pending]:
+        for seq in [*self._running(), *(s for job in self._pending for s in job)]:
             self._leave(seq, keep=False)
             out.append((seq, RuntimeError("the backend closed")))
         self._deliver(out)
 
-    def _admit(self, joining: list[Sequence]) -> list[Sequence]:
-        for n, seq in enumerate(joining):
+    def _admit(self, joining: list[list[Sequence]]) -> list[list[Sequence]]:
+        for n, job in enumerate(joining):
             free = [slot for slot in self._slots if slot.seq is None]
-            if not free:
+            if len(free) < len(job):
                 return joining[n:]
-            slot = max(free, key=lambda s: (self._reusable(s, seq), -s.id))
-            reuse = self._reusable(slot, seq)
+            leader, *followers = job
+            slot = max(free, key=lambda s: (self._reusable(s, leader), -s.id))
+            reuse = self._reusable(slot, leader)
             if not llama_cpp.llama_memory_seq_rm(self._memory, slot.id, reuse, -1):
                 llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)
                 reuse = 0
             del slot.cached[reuse:]
-            slot.seq, seq.slot = seq, slot
-            seq.order = next(self._order)
-            seq.sampler = self._sampler(seq.sampling)
-            seq.eog_blocked = seq.sampling.min_tokens > 0
+            self._take(leader, slot)
+            others = sorted((s for s in free if s is not slot), key=_by_id)
+            for seq, other in zip(followers, others, strict=False):
+                self._take(seq, other)  # its cells are replaced by the leader's prompt's
         return []
+
+    def _take(self, seq: Sequence, slot: Slot) -> None:
+        slot.seq, seq.slot = seq, slot
+        seq.order = next(self._order)
+        seq.sampler = self._sampler(seq.sampling)
+        seq.eog_blocked = seq.sampling.min_tokens > 0
 
     @staticmethod
     def _reusable(slot: Slot, seq: Sequence) -> int:
@@ -222,6 +267,12 @@ class Batcher:
             # First in the chain, removed once min_tokens are out (see _sample).
             no_eog = self._no_eog
             add(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(no_eog), no_eog))
+        if s.logit_bias:
+            # Copied by llama.cpp: the array need not outlive this call.
+            biases = (llama_cpp.llama_logit_bias * len(s.logit_bias))(
+                *(llama_cpp.llama_logit_bias(token, bias) for token, bias in s.logit_bias)
+            )
+            add(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
         if s.repeat_penalty >= 1 and s.presence_penalty >= 0 and s.frequency_penalty >= 0:
             # Penalties that only lower logits, on the whole vocabulary, cost 150 us a token
             # here (a hash lookup per entry). The 104 best logits hold the chain's 40 best
@@ -265,7 +316,7 @@ class Batcher:
             assert slot is not None
             if room <= 0:
                 break
-            if seq.next_token is None:  # still prefilling
+            if seq.next_token is None and seq.leader is None:  # still prefilling
                 inputs[slot] = seq.prompt[len(slot.cached) : len(slot.cached) + room]
                 room -= len(inputs[slot])
 
@@ -299,22 +350,69 @@ class Batcher:
             self._sample(seq, index, out)
 
     def _sample(self, seq: Sequence, index: int, out: list[tuple[Sequence, object]]) -> None:
+        """Samples the sequence's next token from batch row `index`; a leader whose prompt
+        this row ends gives its followers their copy of the prompt and their first tokens."""
         assert seq.sampler is not None
+        assert seq.slot is not None
+        followers, seq.followers = seq.followers, []  # only with its first token
+        followers = [f for f in followers if f.slot is not None and f.slot.seq is f]
+        for follower in followers:
+            assert follower.slot is not None
+            # Done by the next decode, before it computes anything.
+            llama_cpp.llama_memory_seq_cp(self._memory, seq.slot.id, follower.slot.id, -1, -1)
+            follower.slot.cached = list(seq.slot.cached)
         if seq.eog_blocked and seq.produced >= seq.sampling.min_tokens:
             llama_cpp.llama_sampler_free(llama_cpp.llama_sampler_chain_remove(seq.sampler, 0))
             seq.eog_blocked = False
         token: int = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, index)
         seq.produced += 1
         if token in self._eog:
-            self._leave(seq, keep=True)
-            out.append((seq, DONE))
-            return
-        out.append((seq, self._bytes(token)))
-        if seq.produced >= seq.max_new:
-            self._leave(seq, keep=True)
-            out.append((seq, DONE))
-            return
-        seq.next_token = token
+            self._end(seq, "stop", out)
+        else:
+            out.append((seq, self._piece_of(seq, token, index)))
+            if seq.produced >= seq.max_new:
+                self._end(seq, "length", out)
+            else:
+                seq.next_token = token
+        for follower in followers:
+            self._sample(follower, index, out)
+
+    def _end(self, seq: Sequence, reason: FinishReason, out: list[tuple[Sequence, object]]) -> None:
+        self._leave(seq, keep=True)
+        out.append((seq, Piece(b"", seq.index, finish_reason=reason) if seq.choices > 1 else DONE))
+
+    def _piece_of(self, seq: Sequence, token: int, index: int) -> bytes | Piece:
+        text = self._bytes(token)
+        if not seq.sampling.logprobs:
+            return text if seq.choices == 1 else Piece(text, seq.index)
+        return Piece(text, seq.index, [self._logprobs(token, index, seq.sampling.top_logprobs)])
+
+    def _logprobs(self, token: int, index: int, top: int) -> dict[str, Any]:
+        """OpenAI's `logprobs.content` entry of `token`, drawn from batch row `index`: the
+        model's log-probabilities (log-softmax of the raw logits over the whole vocabulary)."""
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)
+        )
+        peak = logits.max()
+        log_total = float(peak) + float(np.log(np.exp(logits - peak).sum()))
+        entry = self._token_entry(token) | {"logprob": float(logits[token]) - log_total}
+        alternatives: list[dict[str, Any]] = []
+        if top:
+            best = np.argpartition(logits, -top)[-top:]
+            for alt in best[np.argsort(-logits[best], kind="stable")]:
+                logprob = float(logits[alt]) - log_total
+                alternatives.append(self._token_entry(int(alt)) | {"logprob": logprob})
+        return entry | {"top_logprobs": alternatives}
+
+    def _token_entry(self, token: int) -> dict[str, Any]:
+        """`token` and `bytes` of a logprob entry; a token that is part of a UTF-8 character
+        shows U+FFFD in `token`, its bytes exactly."""
+        entry = self._token_text.get(token)
+        if entry is None:
+            raw = self._bytes(token)
+            entry = {"token": raw.decode(errors="replace"), "bytes": list(raw)}
+            self._token_text[token] = entry
+        return entry
 
     def _bytes(self, token: int) -> bytes:
         n: int = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, 256, 0, False)

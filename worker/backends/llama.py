@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import logging
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import cast
 
 import llama_cpp
@@ -22,7 +23,7 @@ from llama_cpp.llama_types import ChatCompletionRequestMessage
 from shared.errors import InvalidRequest
 from shared.schema import GenerationJob
 from shared.settings import Settings
-from worker.backends import BackendError, Generation
+from worker.backends import BackendError, Generation, Piece, text_messages
 from worker.backends.batcher import DONE, Batcher, Sampling, Sequence
 
 _MARK = "\ue000"
@@ -95,7 +96,7 @@ class LlamaBackend:
 
     def _prompt_tokens(self, job: GenerationJob) -> list[int]:
         if job.messages is not None:
-            return self._chat_tokens(job.messages)
+            return self._chat_tokens(text_messages(job.messages))
         assert job.prompt is not None
         return self._tokenize(job.prompt, add_special=True, parse_special=False)
 
@@ -124,6 +125,7 @@ class LlamaBackend:
         return tokens
 
     async def start(self, job: GenerationJob) -> Generation:
+        self._check_sampling(job)
         tokens = self._prompt_tokens(job)
         room = self._n_ctx_seq - len(tokens)
         if room < 1:
@@ -139,29 +141,96 @@ class LlamaBackend:
             presence_penalty=job.presence_penalty or 0.0,
             frequency_penalty=job.frequency_penalty or 0.0,
             min_tokens=job.min_tokens,
+            logit_bias=tuple(sorted(job.logit_bias.items())),
+            logprobs=job.logprobs,
+            top_logprobs=job.top_logprobs,
         )
-        return Generation(len(tokens), self._pieces(tokens, min(room, job.max_tokens), sampling))
+        choices = Choices(self._batcher, tokens, min(room, job.max_tokens), sampling, job.n)
+        return Generation(
+            len(tokens), choices.pieces(), stop_choice=choices.stop if job.n > 1 else None
+        )
 
-    async def _pieces(
-        self, tokens: list[int], max_new: int, sampling: Sampling
-    ) -> AsyncGenerator[bytes, None]:
-        # Submitted on the first read, not in start(): a job that fails before reading (its
-        # stream was taken over, Redis went away) never occupies a sequence.
-        seq = Sequence(tokens, max_new, sampling, asyncio.get_running_loop())
-        self._batcher.submit(seq)
-        try:
-            while (item := await seq.queue.get()) is not DONE:
-                if isinstance(item, BaseException):
-                    raise BackendError(f"llama.cpp failed: {item}") from item
-                assert isinstance(item, bytes)
-                yield item
-        finally:
-            # Finished, cancelled, stopped by a stop string or max_tokens, or the job was
-            # cancelled: the sequence leaves before the next decode step and frees its cells.
-            self._batcher.cancel(seq)
+    def _check_sampling(self, job: GenerationJob) -> None:
+        """What only the model knows: its vocabulary, and how many sequences it decodes."""
+        if job.n > self._batcher.n_seq:
+            raise InvalidRequest(
+                f"'n' is {job.n}; this model's workers decode at most {self._batcher.n_seq} "
+                "sequences at once",
+                param="n",
+            )
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        if unknown := sorted(t for t in job.logit_bias if not 0 <= t < n_vocab):
+            raise InvalidRequest(
+                f"'logit_bias' names token {unknown[0]}; this model's vocabulary has token ids "
+                f"0 to {n_vocab - 1}",
+                param="logit_bias",
+            )
 
     def close(self) -> None:
         if hasattr(self, "_batcher"):
             self._batcher.close()
         llama_cpp.llama_free(self._ctx)
         llama_cpp.llama_model_free(self._model)
+
+
+class Choices:
+    """One job's sequences in the batcher: one per choice, submitted on the first read of the
+    pieces (a job that fails before reading them, its stream taken over or Redis gone, never
+    occupies a slot), and all gone from it when the pieces are closed."""
+
+    def __init__(
+        self, batcher: Batcher, tokens: list[int], max_new: int, sampling: Sampling, n: int
+    ) -> None:
+        self._batcher = batcher
+        self._tokens = tokens
+        self._max_new = max_new
+        self._sampling = sampling
+        self._n = n
+        self._sequences: list[Sequence] = []
+        self._open = set(range(n))
+        """Choices still generating."""
+
+    def _seed(self, index: int) -> int | None:
+        """Each choice draws with a seed of its own, so a seeded job's choices differ, and are
+        the same again with the same seed."""
+        seed = self._sampling.seed
+        return None if seed is None else seed + index
+
+    async def pieces(self) -> AsyncGenerator[bytes | Piece, None]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        self._sequences = [
+            Sequence(
+                self._tokens,
+                self._max_new,
+                replace(self._sampling, seed=self._seed(i)),
+                loop,
+                queue,
+                index=i,
+                choices=self._n,
+            )
+            for i in range(self._n)
+        ]
+        self._batcher.submit(self._sequences)
+        try:
+            while self._open:
+                item = await queue.get()
+                if item is DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise BackendError(f"llama.cpp failed: {item}") from item
+                if isinstance(item, Piece) and item.finish_reason is not None:
+                    self._open.discard(item.index)
+                assert isinstance(item, bytes | Piece)
+                yield item
+        finally:
+            # Finished, cancelled, stopped by a stop string or max_tokens, or the job was
+            # cancelled: its sequences leave before the next decode step and free their cells.
+            for seq in self._sequences:
+                self._batcher.cancel(seq)
+
+    def stop(self, index: int) -> None:
+        """One choice is over (a stop string): its sequence leaves, the others go on."""
+        self._open.discard(index)
+        if self._sequences:
+            self._batcher.cancel(self._sequences[index])

@@ -7,6 +7,10 @@ they are closed: finished, cancelled, unread, or timed out (the engine then free
 
 What is sent: what the client asked for, and nothing it did not. Sampling parameters the client
 left out (`temperature`, `top_p`, the penalties) are left out, so the engine's own defaults apply.
+`n`, `logprobs`, `top_logprobs`, `logit_bias`, content parts that are not text (images, audio)
+and every field sluice does not know (vLLM's `top_k`, `chat_template_kwargs`, …) go as the client
+sent them; sluice keeps `stream`, `stream_options`, `model` and `max_tokens` its own. The engine's
+choices and logprobs come back as `Piece`s, and are stored like the llama worker's.
 `min_tokens` that sluice adds itself (the seed format's) is dropped, for the life of the backend,
 by an engine that refuses it (a strict hosted API): the request is sent again without it.
 
@@ -47,10 +51,10 @@ from shared.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from shared.protocol import Finished
+from shared.protocol import Finished, finish_reason
 from shared.schema import GenerationJob
 from shared.settings import Settings
-from worker.backends import BackendError, Generation
+from worker.backends import BackendError, Generation, Piece
 
 log = logging.getLogger("sluice.worker")
 
@@ -203,7 +207,9 @@ class OpenAIBackend:
         return generation
 
     def _request(self, job: GenerationJob) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {
+        chat = job.messages is not None
+        # What sluice does not interpret goes as it came; what it does is sluice's to say.
+        body: dict[str, Any] = job.extra | {
             "model": self.upstream_model,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -217,22 +223,32 @@ class OpenAIBackend:
             body["stop"] = job.stop
         if job.seed is not None:
             body["seed"] = job.seed
+        if job.n != 1:
+            body["n"] = job.n
+        if job.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in job.logit_bias.items()}
+        if job.logprobs and chat:
+            body["logprobs"] = True
+            if job.top_logprobs:
+                body["top_logprobs"] = job.top_logprobs
+        elif job.logprobs:
+            body["logprobs"] = job.top_logprobs  # the legacy form: a number
         # vLLM's extension (llama-server ignores it, a strict hosted API refuses it).
         if job.min_tokens and not (job.min_tokens_default and self._refuses_min_tokens):
             body["min_tokens"] = job.min_tokens
-        if job.messages is not None:
+        if chat:
             return "/chat/completions", body | {"messages": job.messages}
         return "/completions", body | {"prompt": job.prompt}
 
     async def _pieces(
         self, job: GenerationJob, report: Callable[[Finished], None]
-    ) -> AsyncGenerator[bytes, None]:
+    ) -> AsyncGenerator[bytes | Piece, None]:
         path, body = self._request(job)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_s
         backoff = MIN_BACKOFF_S
         while True:
-            reader = _StreamReader(job.max_tokens)
+            reader = _StreamReader(job.max_tokens, job.n)
             retry_after: float | None = None
             try:
                 async with self._client().stream("POST", path, json=body) as response:
@@ -241,7 +257,7 @@ class OpenAIBackend:
                     else:
                         self.available = True
                         async for line in response.aiter_lines():
-                            if piece := reader.feed(line):
+                            for piece in reader.feed(line):
                                 yield piece
                             if reader.overran:
                                 break
@@ -327,47 +343,66 @@ class _Cut(Exception):
 
 
 class _StreamReader:
-    """One job's SSE lines from the engine → its text pieces, then how it finished."""
+    """One job's SSE lines from the engine → its pieces (each choice's text, logprobs and, with
+    several choices, finish reason), then how it finished."""
 
-    def __init__(self, max_tokens: int) -> None:
+    def __init__(self, max_tokens: int, choices: int = 1) -> None:
         self._max_tokens = max_tokens
+        self._choices = choices
         self.pieces = 0
         self._reason: str | None = None
         self._usage: dict[str, Any] | None = None
         self.finished: Finished | None = None
         self.overran = False
 
-    def feed(self, line: str) -> bytes:
+    def feed(self, line: str) -> list[bytes | Piece]:
         if self.finished is not None:
-            return b""  # past [DONE]: the body's end, read so that its connection is reused
+            return []  # past [DONE]: the body's end, read so that its connection is reused
         if line.startswith("data:"):
             data = line[5:].strip()
         elif line.startswith("error:"):  # how some llama-server versions send a late error
             data = line[6:].strip()
         else:
-            return b""  # blank separators, comments, `event:` and `id:` lines
+            return []  # blank separators, comments, `event:` and `id:` lines
         if data == "[DONE]":
             self._finish(self._reason or "stop")
-            return b""
+            return []
         try:
             chunk = json.loads(data)
             if "error" in chunk:
                 self._fail(chunk)
             if isinstance(usage := chunk.get("usage"), dict):
                 self._usage = usage
-            choice = (chunk.get("choices") or [{}])[0]
-            delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            self._reason = choice.get("finish_reason") or self._reason
-            piece: bytes = text.encode() if text else b""
-        except (ValueError, AttributeError, TypeError, IndexError) as exc:
+            pieces = [self._piece(choice) for choice in chunk.get("choices") or ()]
+        except (ValueError, AttributeError, TypeError, IndexError, KeyError) as exc:
             raise _Cut(f"unreadable chunk: {data[:200]!r}") from exc
-        if piece and self.pieces >= self._max_tokens:
-            self._finish("length")  # an engine that does not honour max_tokens: stop it here
-            self.overran = True
-            return b""
-        self.pieces += bool(piece)
-        return piece
+        out: list[bytes | Piece] = []
+        for piece in pieces:
+            if piece.text and self.pieces >= self._max_tokens * self._choices:
+                self._finish("length")  # an engine that does not honour max_tokens: stop it here
+                self.overran = True
+                break
+            self.pieces += bool(piece.text)
+            if piece == Piece(piece.text):  # choice 0's text and nothing else: bytes, as ever
+                if piece.text:
+                    out.append(piece.text)
+            else:
+                out.append(piece)
+        return out
+
+    def _piece(self, choice: dict[str, Any]) -> Piece:
+        index = int(choice.get("index") or 0)
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        reason = choice.get("finish_reason")
+        if index == 0:
+            self._reason = reason or self._reason
+        return Piece(
+            text.encode() if text else b"",
+            index,
+            _logprob_entries(choice.get("logprobs")),
+            finish_reason=finish_reason(reason) if reason and self._choices > 1 else None,
+        )
 
     def ended(self) -> Finished:
         """How it finished, if the engine's answer ended without `[DONE]`: complete only if
@@ -389,10 +424,38 @@ class _StreamReader:
     def _finish(self, reason: str) -> None:
         usage = self._usage or {}
         self.finished = Finished(
-            "length" if reason == "length" else "stop",
+            finish_reason(reason),
             int(usage.get("prompt_tokens") or 0),
             int(usage.get("completion_tokens") or self.pieces),
+            self._choices,
         )
+
+
+def _logprob_entries(logprobs: Any) -> list[dict[str, Any]] | None:
+    """An engine's logprobs of a chunk as chat's `logprobs.content` entries, whichever shape it
+    sent: chat's own, or the legacy completions' parallel lists."""
+    if not isinstance(logprobs, dict):
+        return None
+    if isinstance(content := logprobs.get("content"), list):
+        return content or None
+    tokens = logprobs.get("tokens")
+    if not isinstance(tokens, list) or not tokens:
+        return None
+    top = logprobs.get("top_logprobs") or [None] * len(tokens)
+    entries = []
+    for token, logprob, alternatives in zip(tokens, logprobs["token_logprobs"], top, strict=True):
+        ranked = sorted((alternatives or {}).items(), key=lambda alt: -alt[1])
+        entries.append(
+            {
+                "token": token,
+                "logprob": logprob,
+                "bytes": list(token.encode()),
+                "top_logprobs": [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in ranked
+                ],
+            }
+        )
+    return entries
 
 
 def _engine_error(status: int, content: bytes) -> ErrorBody:

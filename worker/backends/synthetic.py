@@ -3,7 +3,9 @@
 The text echoes the prompt (a chat's last message), then a fixed passage, so each stream's
 content is its own; a chat's earlier turns (its user and assistant messages, not system prompts)
 follow, each by its role and first words, so a test can see the whole conversation reached the
-worker. Like a real model, the first token comes one token-time after the start. Two directives
+worker. With `n`, every choice gets the same text, its pieces interleaved; with `logprobs`, each
+word is certain (logprob 0). Like a real model, the first token comes one token-time after the
+start. Two directives
 in the prompt stand in for faults: `[[fail after N]]` raises a BackendError after N tokens (a
 mid-stream error), and `[[crash after N]]` kills the worker process outright after N tokens (a
 segfault).
@@ -15,10 +17,11 @@ import asyncio
 import os
 import re
 import signal
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 
+from shared.errors import UnsupportedParameter
 from shared.schema import GenerationJob
-from worker.backends import BackendError, Generation
+from worker.backends import BackendError, Generation, Piece, text_messages
 
 PASSAGE = (
     "Streaming sends each token to the client as soon as the model produces it, so the reader "
@@ -62,26 +65,28 @@ class SyntheticBackend:
         self.n_ctx = n_ctx
 
     async def start(self, job: GenerationJob) -> Generation:
+        if job.logit_bias:
+            raise UnsupportedParameter("the synthetic backend has no tokens", param="logit_bias")
         earlier: list[dict[str, str]] = []
         if job.prompt is not None:
             prompt = job.prompt
         else:
-            *before, last = job.messages or [{}]
+            *before, last = text_messages(job.messages or [{}])
             prompt = last.get("content", "")
             earlier = [m for m in before if m["role"] in CONVERSATION_ROLES]
         fault = FAULT.search(prompt)
         text = f"You asked: {prompt.strip()}\n\n{PASSAGE}"
         if earlier:
             text += "\n\n" + recap(earlier)
-        pieces = words(text)
+        pieces = list(_choices(words(text), job))
         return Generation(
             len(words(prompt)),
             self._pace(pieces, (fault[1], int(fault[2])) if fault else None),
         )
 
     async def _pace(
-        self, pieces: list[bytes], fault: tuple[str, int] | None
-    ) -> AsyncGenerator[bytes, None]:
+        self, pieces: list[bytes | Piece], fault: tuple[str, int] | None
+    ) -> AsyncGenerator[bytes | Piece, None]:
         loop = asyncio.get_running_loop()
         start = loop.time()
         for n, piece in enumerate(pieces):
@@ -98,3 +103,15 @@ class SyntheticBackend:
 
     def close(self) -> None:
         pass
+
+
+def _choices(pieces: list[bytes], job: GenerationJob) -> Iterator[bytes | Piece]:
+    if job.n == 1 and not job.logprobs:
+        yield from pieces
+        return
+    for piece in pieces:
+        for index in range(job.n):
+            certain = {"token": piece.decode(), "logprob": 0.0, "bytes": list(piece)}
+            alternatives = [certain][: job.top_logprobs]
+            logprobs = [certain | {"top_logprobs": alternatives}] if job.logprobs else None
+            yield Piece(piece, index, logprobs)

@@ -3,8 +3,9 @@
 
 -- The one way anything is appended to a job's stream, by a worker or by the supervisor: fenced
 -- by the appender's attempt (`job`). Returns the entry's id, or why it was refused: 'fenced'
--- (not the current attempt, or the stream has ended) or 'cancelled' (a token of a cancelled
--- stream: the worker learns of a cancel at its next token, whatever became of the broadcast).
+-- (not the current attempt, or the stream has ended) or 'cancelled' (a token or a delta of a
+-- cancelled stream: the worker learns of a cancel at its next token, whatever became of the
+-- broadcast).
 -- A stream keeps at most its metadata's `cap` entries. A terminal entry (`f`, `e`) ends the
 -- stream: gives it and its metadata their TTL (the metadata's `keep` where set), closes it
 -- (open streams, its owner's concurrent streams, its worker's attempts, the supervisor's due
@@ -39,7 +40,7 @@ local function fenced_append(stream, meta, job, kind, payload, ttl, seq, claim)
   if current[2] then return 'fenced' end
   local owner, cap, keep, cancelled, worker = current[3], current[4], current[5], current[6],
     current[11]
-  if kind == 't' and cancelled then return 'cancelled' end
+  if (kind == 't' or kind == 'd') and cancelled then return 'cancelled' end
   local n = math.max(tonumber(current[7] or '0'), after) + 1
   if seq and n ~= seq then return 'lost' end
   local ms = math.max(redis_now_ms(), tonumber(current[8] or '0'))
