@@ -19,6 +19,7 @@ import redis
 
 from shared import tracing
 from shared.logs import configure as configure_logging
+from shared.redis_url import sync_client
 from shared.settings import Settings
 
 log = logging.getLogger("sluice")
@@ -94,7 +95,8 @@ def private_redis() -> Iterator[str]:
 
 def dev(settings: Settings, workers: int) -> None:
     """API in this process, `workers` worker processes beside it, Redis if none answers."""
-    existing = redis_answers(settings.redis_url)
+    # With Sentinels the deployment's Redis is theirs: never a private one.
+    existing = bool(settings.redis_sentinels) or redis_answers(settings.redis_url)
     with nullcontext(settings.redis_url) if existing else private_redis() as url:
         env = {**os.environ, "SLUICE_REDIS_URL": url}
         children = [
@@ -114,7 +116,7 @@ def keys_command(settings: Settings, args: argparse.Namespace) -> None:
     """`sluice keys create|list|revoke`: a new key is the only line on stdout; errors exit 1."""
     from shared.keys import KeyExists, Limits, UnknownKey, create_key, list_keys, revoke_key
 
-    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as client:
+    with sync_client(settings, socket_connect_timeout=5) as client:
         try:
             if args.action == "create":
                 limits = Limits(args.rpm, args.tpm, args.max_streams)
@@ -143,7 +145,7 @@ def status_command(settings: Settings) -> None:
 
     args = status_args(worker_ttl_ms(settings.heartbeat_s))
     try:
-        with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as client:
+        with sync_client(settings, socket_connect_timeout=5) as client:
             reply = client.eval(STATUS_SCRIPT, len(STATUS_KEYS), *STATUS_KEYS, *args)
     except (redis.RedisError, OSError) as exc:
         sys.exit(f"sluice status: Redis is unavailable: {exc}")

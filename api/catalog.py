@@ -43,6 +43,7 @@ class ModelCatalog:
         self._script = redis.register_script(lua("models"))
         self._worker_ttl_ms = worker_ttl_ms(settings.heartbeat_s)
         self._default = settings.default_model
+        self._retry_after_s = settings.retry_after_s
         self._models: dict[str, ServedModel] = {}
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -86,14 +87,19 @@ class ModelCatalog:
             return models[requested]
         if self._default is not None:
             if self._default not in models:
-                raise NoWorkers(f"no worker has served the default model `{self._default}` yet")
+                raise NoWorkers(
+                    f"no worker has served the default model `{self._default}` yet",
+                    retry_after_s=self._retry_after_s,
+                )
             return models[self._default]
         served = sorted(name for name, m in models.items() if m.workers)
         if not served and len(models) == 1:
             # The only model there is: the submit script tells no worker from engines down.
             return next(iter(models.values()))
         if not served:
-            raise NoWorkers("no workers are available to serve this request")
+            raise NoWorkers(
+                "no workers are available to serve this request", retry_after_s=self._retry_after_s
+            )
         if len(served) > 1:
             raise InvalidRequest(
                 f"this deployment serves several models ({', '.join(served)}) and has no "

@@ -5,6 +5,13 @@ register what they wait for (a stream and the last id they have) and one task is
 XREAD over all of them. A client is included only while it waits, so a slow client leaves its
 backlog in Redis (capped by MAXLEN) rather than in this process.
 
+When Redis fails (a connection lost, a demoted master's `UNBLOCKED`, a frozen one that does
+not answer within the block time and `read_timeout_s`), the call is made again, on a new
+connection, from each waiter's own id: ids are positions, so nothing is lost or repeated. With a
+single Redis, waiters are ended at once (`redis_unavailable`); with Sentinels (`hold_s`) they
+wait for the new master for up to `hold_s`, then end (`redis_failover`). Whether a waiter's
+position is still on the new master is the relay's to check (`epoch` counts the failures).
+
 A client that starts waiting while the XREAD is blocked is not in it; the hub then appends to
 its own small wake stream, which every XREAD includes, so the call returns and is reissued. The
 same holds for a client whose stream is in the call but from a later id than the client has (a
@@ -25,8 +32,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from api.replicas import ReplicaWait
 from api.xread import MultiStreamReader
-from shared.errors import RedisUnavailable, StreamReaderFailed
+from shared.errors import RedisFailover, RedisUnavailable, StreamReaderFailed
 from shared.loops import LoopGroup
 from shared.protocol import entry_id_key, hub_wake_key
 
@@ -47,11 +55,32 @@ class _Waiter:
 
 
 class StreamHub:
-    def __init__(self, redis: Redis, *, count: int = 256, block_ms: int = 5000) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        count: int = 256,
+        block_ms: int = 5000,
+        read_timeout_s: float = 5.0,
+        hold_s: float = 0.0,
+        replicas: ReplicaWait | None = None,
+    ) -> None:
         self._redis = redis
+        self.replicas = replicas
+        """With Sentinels: what a relay asks before it tells a stream's end (api/replicas.py)."""
         self.count = count
         """The most entries one read returns for a stream."""
-        self._reader = MultiStreamReader(redis.connection_pool, count=count, block_ms=block_ms)
+        self._reader = MultiStreamReader(
+            redis.connection_pool,
+            count=count,
+            block_ms=block_ms,
+            timeout_s=block_ms / 1000 + read_timeout_s,
+        )
+        self._hold_s = hold_s
+        self._failing_since: float | None = None
+        self.epoch = 0
+        """How many times a read has failed: a relay whose reader waited across one checks that
+        its position is still in the stream (a failover may have lost it)."""
         self._wake_key = hub_wake_key(uuid.uuid4().hex)
         self._wake_after = "0-0"
         self._waiters: dict[str, list[_Waiter]] = {}
@@ -74,6 +103,8 @@ class StreamHub:
         """After its loops have stopped."""
         self._fail_all(RedisUnavailable("the API is shutting down"))
         await self._reader.close()
+        if self.replicas is not None:
+            await self.replicas.close()
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(self._wake_key)
 
@@ -164,13 +195,16 @@ class StreamHub:
             try:
                 reply = await self._reader.read({self._wake_key: self._wake_after, **wanted})
             except (RedisError, OSError) as exc:
-                log.warning("stream reader lost Redis: %s", exc)
-                self._fail_all(RedisUnavailable("lost the connection to Redis"))
+                self.epoch += 1
+                self._lost_redis(exc, loop.time())
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 1.0 if self._hold_s else 2.0)
                 continue
             finally:
                 self._blocked = False
+            if self._failing_since is not None:
+                log.warning("stream reader has Redis again")
+                self._failing_since = None
             backoff = 0.05
             for raw_key, entries in reply or []:
                 key = raw_key.decode()
@@ -178,6 +212,22 @@ class StreamHub:
                     self._wake_after = entries[-1][0].decode()
                 else:
                     self._deliver(key, wanted[key], entries)
+
+    def _lost_redis(self, exc: Exception, now: float) -> None:
+        """A read failed: with a single Redis its waiters end; with Sentinels they wait, for
+        the new master, up to `hold_s` from the first failure of the streak."""
+        if self._failing_since is None:
+            log.warning("stream reader lost Redis: %s", exc)
+            self._failing_since = now
+        if not self._hold_s:
+            self._fail_all(RedisUnavailable("lost the connection to Redis"))
+        elif now - self._failing_since >= self._hold_s:
+            self._fail_all(
+                RedisFailover(
+                    f"Redis did not come back within {self._hold_s:g} s; resume this stream"
+                    " once it has"
+                )
+            )
 
     def _deliver(self, key: str, asked: str, entries: list[RawEntry]) -> None:
         """Hand `entries` (those after `asked`) to each waiter, less any it already has.

@@ -144,7 +144,10 @@ class JobQueue:
         )
         match result:
             case [b"no_workers"]:
-                raise NoWorkers("no workers are available to serve this request")
+                raise NoWorkers(
+                    "no workers are available to serve this request",
+                    retry_after_s=settings.retry_after_s,
+                )
             case [b"engine_down"]:
                 raise UpstreamUnavailable(UPSTREAM_DOWN, retry_after_s=settings.retry_after_s)
             case [b"unknown_model"]:

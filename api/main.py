@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from arq.connections import ArqRedis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from redis.asyncio import BlockingConnectionPool
 
 from api.auth import RATE_LIMIT_HEADERS, Authenticator
 from api.body_limit import BodyLimit
@@ -21,9 +20,11 @@ from api.jobs import JobQueue
 from api.metrics import DeploymentState, StampArrival
 from api.openapi import SluiceAPI
 from api.readers import ReaderRegistry
+from api.replicas import ReplicaWait
 from api.routes import chat, completions, health, models, playground, responses, streams
 from api.supervisor import Supervisor
 from shared.loops import LoopGroup
+from shared.redis_url import api_pool, master_watch
 from shared.settings import Settings
 
 API_CLIENT_NAME = "sluice-api"  # how an API process's connections show in Redis's CLIENT LIST
@@ -38,20 +39,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Built directly, not with arq's create_pool: that one retries for seconds at start-up,
         # and the API must start (and answer 503) even while Redis is down.
         # Blocking, and capped: a burst of requests waits for a connection instead of opening
-        # one per request, so an API process holds at most `redis_max_connections`.
-        pool = BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_max_connections,
-            timeout=settings.queue_timeout_s,
-            socket_connect_timeout=2,
-            health_check_interval=30,
-            client_name=API_CLIENT_NAME,
+        # one per request, so an API process holds at most `redis_max_connections`. With
+        # Sentinels, to whichever node they name the master.
+        redis = ArqRedis(connection_pool=api_pool(settings, client_name=API_CLIENT_NAME))
+        hub = StreamHub(
+            redis,
+            read_timeout_s=settings.redis_socket_timeout_s,
+            hold_s=settings.redis_failover_s if settings.redis_sentinels else 0,
+            replicas=(
+                ReplicaWait(redis, settings.redis_wait_ms)
+                if settings.redis_sentinels and settings.redis_wait_ms
+                else None
+            ),
         )
-        redis = ArqRedis(connection_pool=pool)
-        hub = StreamHub(redis)
         readers = ReaderRegistry(redis, period_s=settings.heartbeat_s, keep_s=60)
         queue = JobQueue(redis, settings)
         loops = LoopGroup(log)
+        if sentinel_pool := master_watch(redis):
+            loops.start("redis-master", sentinel_pool.watch_master)
         hub.start(loops)
         loops.start("readers", readers.refresh_forever)
         loops.start("supervisor", Supervisor(redis, queue, settings).run)

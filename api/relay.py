@@ -6,16 +6,24 @@ A token: backend → worker → stream entry → `follow` → `sse_events` → t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import anyio
+from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
-from api.hub import StreamHub
-from shared.errors import GenerationFailed, RemoteError, ShuttingDown, SluiceError
+from api.hub import RawEntry, StreamHub
+from shared.errors import (
+    GenerationFailed,
+    RedisFailover,
+    RemoteError,
+    ShuttingDown,
+    SluiceError,
+)
 from shared.protocol import (
     TERMINAL,
     Delta,
@@ -25,9 +33,12 @@ from shared.protocol import (
     Started,
     Token,
     check_complete,
+    check_continuous,
     decode,
     entry_id_key,
+    entry_number,
     from_fields,
+    meta_key,
     stream_key,
 )
 from shared.schema import ChunkEncoder, CollectedChoice, completion_body, error_envelope
@@ -75,10 +86,21 @@ async def follow(
     tick = min(RELAY_TICK_S, settings.ping_s)
     from_start = after == "0-0"
     if not from_start:
-        await _check_kept_after(hub, key, after)
+        await _check_kept_after(hub, stream_id, after)
+    # Entries are numbered (`<ms>-<n>`): each must be the one after the last sent, or a
+    # failover lost some (issue 24). A reader that waited across a failover (`hub.epoch`)
+    # also checks that its last entry is still there: entries the new master numbers alike
+    # may sort before it, and would never come.
+    number = entry_number(after)
+    epoch = hub.epoch
+    last: RawEntry | None = None  # the last entry sent, as Redis gave it
     tokens_sent = not from_start
     started = tokens_sent
     while True:
+        if hub.epoch != epoch:
+            with contextlib.suppress(RedisError, OSError):  # Redis still away: the hub says
+                await _check_still_there(hub, stream_id, after, last)
+                epoch = hub.epoch
         try:
             # Not wait_for: on Python 3.11 it can swallow a cancel that arrives as the read
             # completes, and a relay whose client left would go on.
@@ -91,12 +113,16 @@ async def follow(
         if from_start:
             check_complete(batch[0][1])
             from_start = False
-        after = batch[-1][0]
+        number = check_continuous(number, (entry_id for entry_id, _ in batch))
+        after, last = batch[-1][0], raw[-1]
         started = started or any(isinstance(e, Started) for _, e in batch)
         tokens_sent = tokens_sent or any(isinstance(e, Token | Delta) for _, e in batch)
-        yield batch
         if isinstance(batch[-1][1], TERMINAL):
+            if hub.replicas is not None:  # the end is told once a replica has it
+                await hub.replicas.acknowledged()
+            yield batch
             return
+        yield batch
         # Behind (entries wait in Redis longer than a read takes), a relay that sent every
         # entry at once would send many small events and fall further behind; it waits instead,
         # and sends what piled up meanwhile as one. One that keeps up sends every token, and one
@@ -107,15 +133,44 @@ async def follow(
                 await asyncio.sleep(min(lag, settings.max_hold_s))
 
 
-async def _check_kept_after(hub: StreamHub, key: str, after: str) -> None:
+async def _check_kept_after(hub: StreamHub, stream_id: str, after: str) -> None:
     """Raises `StreamTruncated` if entries after `after` may be gone: the stream's head was
-    trimmed (it no longer starts as every stream does) past `after`."""
-    first = await hub.redis.xrange(key, count=1)
-    if not first:
+    trimmed (it no longer starts as every stream does) past `after`; `RedisFailover` if the
+    stream does not hold `after` itself (a failover lost it)."""
+    first = await hub.redis.xrange(stream_key(stream_id), count=1)
+    if first:
+        first_id, fields = first[0]
+        if entry_id_key(first_id.decode()) > entry_id_key(after):
+            check_complete(from_fields(fields))
+            return
+    await _check_still_there(hub, stream_id, after)
+
+
+async def _check_still_there(
+    hub: StreamHub, stream_id: str, after: str, sent: RawEntry | None = None
+) -> None:
+    """Raises `RedisFailover` unless the stream holds the entry `after` (as it was `sent`, if
+    known: a new master whose clock is behind may give a new entry a lost one's id) or, before
+    its first ("0-0"), unless the stream is known: a request admitted by a master that lost it
+    before a replica had it would otherwise be waited for for ever."""
+    if after == "0-0":
+        if not await hub.redis.exists(meta_key(stream_id)):
+            raise RedisFailover(
+                "Redis failed over and lost this request before it started; send it again"
+            )
         return
-    first_id, fields = first[0]
-    if entry_id_key(first_id.decode()) > entry_id_key(after):
-        check_complete(from_fields(fields))
+    found = await hub.redis.xrange(stream_key(stream_id), min=after, max=after, count=1)
+    if not found or (sent is not None and dict(found[0][1]) != _fields(sent)):
+        raise RedisFailover(
+            f"Redis failed over and this stream no longer holds entry {after}, the last one"
+            " this reader had; it cannot go on exactly"
+        )
+
+
+def _fields(raw: RawEntry) -> dict[bytes, bytes]:
+    """An entry's fields as redis-py's XRANGE gives them, from an entry as the hub gives it."""
+    values = raw[1]
+    return dict(zip(values[::2], values[1::2], strict=True))
 
 
 class EventEncoder:

@@ -38,6 +38,7 @@ from shared.protocol import (
     Started,
     Token,
     check_complete,
+    check_continuous,
     decode,
     meta_key,
     response_key,
@@ -422,6 +423,7 @@ class ResponseStore:
         entries = [decode(*next(iter(fields.items()))) for _, fields in raw]
         if entries:
             check_complete(entries[0])
+            check_continuous(0, (entry_id.decode() for entry_id, _ in raw))
         return entries
 
     async def current(self, resp_id: str, reader: Principal) -> ResponseEvents:

@@ -14,10 +14,12 @@ dead cannot write after it, and a stale supervisor's decision cannot land after 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from api.jobs import JobQueue
 from shared.arq_internals import job_key
@@ -35,6 +37,7 @@ from shared.protocol import (
     job_deadline_ms,
     worker_ttl_ms,
 )
+from shared.redis_url import master_watch
 from shared.scripts import lua
 from shared.settings import Settings
 
@@ -56,6 +59,9 @@ class Supervisor:
         self._settings = settings
         self._script = redis.register_script(lua("supervise"))
         self.instance_id = uuid.uuid4().hex
+        self._redis_lost = False
+        self._sentinel_pool = master_watch(redis)
+        self._masters_seen = 0
         worker_ttl = worker_ttl_ms(settings.heartbeat_s)
         self._args: list[str | int] = [
             self.instance_id,
@@ -91,9 +97,35 @@ class Supervisor:
         ]
 
     async def run(self) -> None:
-        """Supervise every `supervise_s` for ever (a `SupervisedLoop` restarts it if it fails)."""
+        """Supervise every `supervise_s` for ever (a `SupervisedLoop` restarts it if it fails).
+
+        After Redis failed (a restart, a failover to a replica that lacks the last heartbeats),
+        workers and readers are judged only once they have had a worker TTL to beat on it again:
+        else the first look would find every heartbeat stale and end every stream as lost."""
+        if self._redis_lost:
+            await self._until_redis_answers()
+            await self._let_everyone_beat()
+            self._redis_lost = False
         while True:
-            await self.tick()
+            if self._sentinel_pool and self._sentinel_pool.master_changes != self._masters_seen:
+                await self._let_everyone_beat()  # a new master, which the old one fed till now
+            try:
+                await self.tick()
+            except (RedisError, OSError):
+                self._redis_lost = True
+                raise
+            await asyncio.sleep(self._settings.supervise_s)
+
+    async def _let_everyone_beat(self) -> None:
+        if self._sentinel_pool is not None:
+            self._masters_seen = self._sentinel_pool.master_changes
+        await asyncio.sleep(worker_ttl_ms(self._settings.heartbeat_s) / 1000)
+
+    async def _until_redis_answers(self) -> None:
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.ping()
+                return
             await asyncio.sleep(self._settings.supervise_s)
 
     async def tick(self) -> None:

@@ -9,6 +9,7 @@ not rebuilt into dicts.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from redis.asyncio import ConnectionPool
@@ -26,8 +27,11 @@ def _id_arg(entry_id: str) -> str:
 
 
 class MultiStreamReader:
-    def __init__(self, pool: ConnectionPool, *, count: int, block_ms: int) -> None:
+    def __init__(
+        self, pool: ConnectionPool, *, count: int, block_ms: int, timeout_s: float
+    ) -> None:
         self._pool = pool
+        self._timeout_s = timeout_s
         self._options = "".join(
             map(_arg, ["XREAD", "COUNT", str(count), "BLOCK", str(block_ms), "STREAMS"])
         )
@@ -51,8 +55,12 @@ class MultiStreamReader:
         connection = self._connection or await self._pool.get_connection()
         self._connection = connection
         try:
-            await connection.send_packed_command(command)
-            reply: list[Any] | None = await connection.read_response()
+            # A Redis that does not answer within the block time and then some (a frozen
+            # master) fails the call, as a lost connection does; so does an `UNBLOCKED` error
+            # (a master made a replica while the call was blocked).
+            async with asyncio.timeout(self._timeout_s):
+                await connection.send_packed_command(command)
+                reply: list[Any] | None = await connection.read_response()
         except BaseException:
             # Cancelled or failed mid-call, the connection may still owe a reply: drop it.
             self._connection = None

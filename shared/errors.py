@@ -126,6 +126,22 @@ class ServiceUnavailable(SluiceError):
 class RedisUnavailable(ServiceUnavailable):
     code = "redis_unavailable"
 
+    RETRY_AFTER_S: ClassVar[int] = 1
+    """A request refused while Redis is away (a restart, a failover's election) may come back
+    soon: a failover takes seconds."""
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.RETRY_AFTER_S)}
+
+
+class RedisFailover(ServiceUnavailable):
+    """Redis failed over (Sentinel) while a stream was open, and the stream cannot be shown to
+    go on exactly where its reader is: entries it was sent are not on the new master (they had
+    not reached a replica), or Redis did not come back within `SLUICE_REDIS_FAILOVER_S`. Never
+    a silent gap: a resume after it continues exactly, or ends so again."""
+
+    code = "redis_failover"
+
 
 class StreamReaderFailed(ServiceUnavailable):
     """The API process's shared stream reader failed; resume the stream (it is restarting)."""
@@ -134,7 +150,17 @@ class StreamReaderFailed(ServiceUnavailable):
 
 
 class NoWorkers(ServiceUnavailable):
+    """No live worker serves the model: none is up, or (after a Redis failover) none has beaten
+    on the new master yet."""
+
     code = "no_workers"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
 
 class QueueTimeout(ServiceUnavailable):

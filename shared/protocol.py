@@ -11,13 +11,13 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.typing import EncodableT, FieldT
 
-from shared.errors import ErrorBody, StreamTruncated
+from shared.errors import ErrorBody, RedisFailover, StreamTruncated
 
 PREFIX = "sluice:"
 QUEUE_PREFIX = PREFIX + "queue:"
@@ -123,7 +123,10 @@ def meta_key(stream_id: str) -> str:
     terminal entry, once written). Set at submit: `cap` (the most entries its stream keeps,
     `entry_cap`), `pinned` (a background response: it runs whoever reads it) and `keep` (the
     TTL its stream and metadata get at the end, where it is not the stream TTL: a stored
-    response's). Set by a cancel: `cancel`, which the next append of a token sees."""
+    response's). Set by a cancel: `cancel`, which the next append of a token sees. Kept by
+    every append (shared/lua/lib/fenced_append.lua): `n` (how many entries the stream has: the
+    last one's number), `ms` (the millisecond part of its id), `wn` (the number of the last
+    entry a worker appended, checked) and `claim` (the run of the attempt that claimed it)."""
     return META_PREFIX + stream_id
 
 
@@ -161,6 +164,12 @@ class Attempt:
 def hub_wake_key(instance_id: str) -> str:
     """A small stream per API process, written to interrupt that process's blocking XREAD."""
     return f"{PREFIX}hub:{instance_id}"
+
+
+def hub_ack_key(instance_id: str) -> str:
+    """A string per API process (60 s TTL), written just before it `WAIT`s for a replica to
+    have a stream's end (api/replicas.py)."""
+    return f"{PREFIX}ack:{instance_id}"
 
 
 def new_worker_id() -> str:
@@ -205,9 +214,12 @@ def now_ms() -> int:
 
 REFUSED_FENCED = b"fenced"
 REFUSED_CANCELLED = b"cancelled"
+REFUSED_LOST = b"lost"
 """What the fenced append (shared/lua/lib/fenced_append.lua) returns for an append it refuses:
 the attempt is not the stream's current one or the stream has ended; a token of a cancelled
-stream."""
+stream; the stream lacks entries its writer had stored (a Redis failover lost them)."""
+ALREADY_STORED = b"stored"
+"""What the fenced append returns for an entry that an earlier try stored (its answer lost)."""
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -410,6 +422,27 @@ def entry_id_key(entry_id: str) -> tuple[int, int]:
     """Stream ids compare as (milliseconds, sequence)."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def entry_number(entry_id: str) -> int:
+    """Which entry of its stream an id names: a job stream's n-th entry is `<ms>-<n>`
+    (shared/lua/lib/fenced_append.lua), and "0-0", before the first, is 0."""
+    return int(entry_id.partition("-")[2] or 0)
+
+
+def check_continuous(last: int, entry_ids: Iterable[str]) -> int:
+    """The number of the last of `entry_ids`, which must follow entry number `last` one by one;
+    else `RedisFailover`: entries between are missing (a failover lost them, and the writer
+    went on after the hole) or come again (the reader saw entries a failover then lost)."""
+    for entry_id in entry_ids:
+        n = entry_number(entry_id)
+        if n != last + 1:
+            raise RedisFailover(
+                f"Redis failed over and this stream lost entries after entry {last} (next: "
+                f"{n}); it cannot go on without a gap"
+            )
+        last = n
+    return last
 
 
 def response_key(stream_id: str) -> str:

@@ -29,6 +29,24 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    """The one Redis; with `redis_sentinels`, only the data nodes' password, user, database and
+    TLS (its host and port are not used)."""
+    redis_sentinels: str = ""
+    """`host:port,host:port,…` of Redis Sentinels: Redis is then the master they name
+    `redis_sentinel_master`, followed through failovers (issue 24)."""
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None
+    """For Sentinels that `requirepass` (the data nodes' own is the URL's)."""
+    redis_socket_timeout_s: float = Field(5.0, gt=0)
+    """With Sentinels: how long a command may wait for the master's answer before its
+    connection is dropped and the master asked for again (a frozen master cannot hang one)."""
+    redis_wait_ms: int = Field(500, ge=0)
+    """With Sentinels: how long a relay waits for a replica to have a stream's end before it
+    tells the client (`WAIT`), so an end a client was told survives a failover; 0: never."""
+    redis_failover_s: float = Field(30.0, ge=0)
+    """With Sentinels: how long open streams wait for Redis to answer again (a failover: the
+    Sentinels' `down-after-milliseconds` and their election) before they end with
+    `redis_failover`. A single Redis that stops ends them with `redis_unavailable` at once."""
     redis_max_connections: int = Field(32, ge=4)
     worker_redis_connections: int = Field(16, ge=2)
     """Most Redis connections one worker holds, its Pub/Sub subscription's included, however
@@ -138,6 +156,24 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """`redis_sentinels` as (host, port) pairs; an IPv6 host is written in brackets."""
+        addresses = []
+        for item in (part.strip() for part in self.redis_sentinels.split(",")):
+            if item:
+                host, _, port = item.rpartition(":")
+                addresses.append((host.removeprefix("[").removesuffix("]"), int(port)))
+        return addresses
+
+    @model_validator(mode="after")
+    def _sentinels_are_addresses(self) -> Settings:
+        for item in (part.strip() for part in self.redis_sentinels.split(",")):
+            host, colon, port = item.rpartition(":")
+            if item and not (host and colon and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"SLUICE_REDIS_SENTINELS: {item!r} is not host:port")
+        return self
 
     @model_validator(mode="after")
     def _upstream_is_set(self) -> Settings:

@@ -13,7 +13,7 @@ from shared.loops import LoopGroup
 
 
 @asynccontextmanager
-async def running_hub(redis: Redis, **options: int) -> AsyncIterator[tuple[StreamHub, LoopGroup]]:
+async def running_hub(redis: Redis, **options: float) -> AsyncIterator[tuple[StreamHub, LoopGroup]]:
     """A hub whose loops run (supervised, as in the API) while the block runs."""
     hub = StreamHub(redis, **options)
     loops = LoopGroup(logging.getLogger("tests.hub"))

@@ -19,6 +19,7 @@ import httpx
 import redis
 
 from tests.prereqs import missing, require
+from tests.tls import Certificates
 
 T = TypeVar("T")
 LOGS = Path(__file__).parent / ".logs"
@@ -297,3 +298,228 @@ def start_stack(
         stack.stop()  # a stack that never came up leaves no process behind
         raise
     return stack
+
+
+SENTINEL_MASTER = "mymaster"
+
+
+@dataclass(frozen=True)
+class Secured:
+    """How a `SentinelCluster` is locked: its data nodes speak TLS only (certificates from
+    tests/tls.py) and want `password`; its Sentinels want `sentinel_password`."""
+
+    certificates: Certificates
+    password: str
+    sentinel_password: str
+
+
+class SentinelServer(Proc):
+    """`redis-server --sentinel` (Debian's redis-server package has it built in) on a free
+    port, monitoring `master_port` under `SENTINEL_MASTER` with a quorum of 2."""
+
+    def __init__(
+        self, master_port: int, directory: Path, *, down_after_ms: int, secured: Secured | None
+    ) -> None:
+        self.port = free_port()
+        self.password = secured.sentinel_password if secured else None
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            f"dir {directory}",
+            f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2",
+            f"sentinel down-after-milliseconds {SENTINEL_MASTER} {down_after_ms}",
+            # A Sentinel that voted in a failover waits twice this before it leads one.
+            f"sentinel failover-timeout {SENTINEL_MASTER} 3000",
+        ]
+        if secured:
+            certs = secured.certificates
+            lines += [
+                f"requirepass {secured.sentinel_password}",
+                f"sentinel sentinel-pass {secured.sentinel_password}",
+                f"sentinel auth-pass {SENTINEL_MASTER} {secured.password}",
+                # Sentinels reach the data nodes, and each other, over TLS (on a port of their
+                # own, which they announce); clients ask them on the plain one.
+                f"tls-port {free_port()}",
+                "tls-replication yes",
+                "tls-auth-clients no",
+                f"tls-cert-file {certs.server_cert}",
+                f"tls-key-file {certs.server_key}",
+                f"tls-ca-cert-file {certs.ca}",
+            ]
+        config = directory / f"sentinel-{self.port}.conf"  # Sentinel rewrites its own file
+        config.write_text("\n".join([*lines, ""]))
+        super().__init__(
+            f"sentinel-{self.port}", [require("redis-server"), str(config), "--sentinel"]
+        )
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            port=self.port, password=self.password, socket_timeout=2, decode_responses=True
+        )
+
+    def master_port(self) -> int | None:
+        """Where this Sentinel says the master is; None while it cannot say."""
+        try:
+            with self.client() as client:
+                address = client.sentinel_get_master_addr_by_name(SENTINEL_MASTER)
+        except redis.RedisError:
+            return None
+        return int(address[1]) if address else None
+
+
+class SentinelCluster:
+    """A master, a replica of it and three Sentinels watching them: real processes, the test's
+    own. `down_after_ms`: how long a master may be silent before the Sentinels fail it over."""
+
+    def __init__(
+        self, directory: Path, *, down_after_ms: int = 1000, secured: Secured | None = None
+    ) -> None:
+        self.directory = directory
+        self.down_after_ms = down_after_ms
+        self.secured = secured
+        self.nodes: dict[int, Proc] = {}
+        self.sentinels: list[SentinelServer] = []
+        self.first_master = 0
+
+    def start(self) -> SentinelCluster:
+        master = self._node()
+        self.first_master = master
+        self._node("--replicaof", "127.0.0.1", str(master))
+        self.wait_replicated(master)
+        self.sentinels = [
+            SentinelServer(
+                master, self.directory, down_after_ms=self.down_after_ms, secured=self.secured
+            ).start()
+            for _ in range(3)
+        ]
+        wait_until(self._sentinels_see_everyone, 30, "the Sentinels to see each other")
+        return self
+
+    def _node(self, *options: str, port: int | None = None) -> int:
+        port = port or free_port()
+        args = [
+            *(require("redis-server"), "--bind", "127.0.0.1", "--port", str(port)),
+            *("--databases", str(DATABASES), *NO_PERSISTENCE, "--enable-debug-command", "local"),
+            # A replica writes what its master sends it to disk: not into the repository.
+            *("--dir", str(self.directory), "--dbfilename", f"dump-{port}.rdb"),
+        ]
+        if secured := self.secured:
+            certs = secured.certificates
+            args += [
+                *("--port", "0", "--tls-port", str(port), "--tls-replication", "yes"),
+                *("--tls-cert-file", str(certs.server_cert), "--tls-key-file"),
+                *(str(certs.server_key), "--tls-ca-cert-file", str(certs.ca)),
+                *("--tls-auth-clients", "no"),
+                *("--requirepass", secured.password, "--masterauth", secured.password),
+            ]
+        self.nodes[port] = Proc(f"redis-{port}", [*args, *options]).start()
+        wait_until(lambda: self.role(port) is not None, 10, f"redis-server on {port}")
+        return port
+
+    @property
+    def addresses(self) -> str:
+        """`SLUICE_REDIS_SENTINELS`."""
+        return ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+
+    def url(self, db: int = 0) -> str:
+        """`SLUICE_REDIS_URL`: the data nodes' password, TLS and database. Its host and port
+        are the first master's, so code that ignores the Sentinels works until a failover."""
+        if not (secured := self.secured):
+            return f"redis://127.0.0.1:{self.first_master}/{db}"
+        return (
+            f"rediss://:{secured.password}@127.0.0.1:{self.first_master}/{db}"
+            f"?ssl_ca_certs={secured.certificates.ca}&ssl_check_hostname=true"
+        )
+
+    def env(self) -> dict[str, str]:
+        """The settings that point sluice at the Sentinels (with `url`)."""
+        env = {"redis_sentinels": self.addresses, "redis_sentinel_master": SENTINEL_MASTER}
+        if self.secured:
+            env["redis_sentinel_password"] = self.secured.sentinel_password
+        return env
+
+    def client(self, port: int, db: int = 0) -> redis.Redis:
+        if not (secured := self.secured):
+            return redis.Redis(port=port, db=db, socket_timeout=2)
+        return redis.Redis(
+            port=port,
+            db=db,
+            socket_timeout=2,
+            password=secured.password,
+            ssl=True,
+            ssl_ca_certs=str(secured.certificates.ca),
+        )
+
+    def master_port(self) -> int:
+        ports = {s.master_port() for s in self.sentinels if s.alive()}
+        if len(ports) != 1 or None in ports:
+            raise RuntimeError(f"the Sentinels disagree on the master: {ports}")
+        [port] = ports
+        assert port is not None
+        return port
+
+    def role(self, port: int) -> str | None:
+        try:
+            with self.client(port) as client:
+                return str(client.role()[0].decode())
+        except (redis.RedisError, OSError):
+            return None
+
+    def wait_for_new_master(self, old: int, timeout: float = 30) -> int:
+        """Once every Sentinel names a master other than `old`, and that node says it is one."""
+
+        def moved() -> bool:
+            ports = {s.master_port() for s in self.sentinels}
+            return len(ports) == 1 and old not in ports and None not in ports
+
+        wait_until(moved, timeout, f"the Sentinels to fail over from {old}")
+        port = self.master_port()
+        wait_until(lambda: self.role(port) == "master", timeout, f"{port} to be master")
+        return port
+
+    def wait_replicated(self, master_port: int, timeout: float = 30) -> None:
+        """Until every other node running is a replica of `master_port` with its link up and
+        its offset level with the master's."""
+
+        def level() -> bool:
+            try:
+                with self.client(master_port) as master:
+                    offset = master.info("replication")["master_repl_offset"]
+                for port, node in self.nodes.items():
+                    if port == master_port or not node.alive():
+                        continue
+                    with self.client(port) as replica:
+                        info = replica.info("replication")
+                    if info.get("master_port") != master_port:
+                        return False
+                    if info.get("master_link_status") != "up":
+                        return False
+                    if info.get("slave_repl_offset", -1) < offset:
+                        return False
+            except (redis.RedisError, OSError):
+                return False
+            return True
+
+        wait_until(level, timeout, f"the replicas of {master_port} to catch up")
+
+    def restart(self, port: int, *options: str) -> None:
+        """The node on `port` again (it was killed): empty, as a node without persistence
+        comes back, with redis-server's `options`."""
+        self.nodes.pop(port).stop()
+        (self.directory / f"dump-{port}.rdb").unlink(missing_ok=True)  # what it last synced
+        self._node(*options, port=port)
+
+    def _sentinels_see_everyone(self) -> bool:
+        for sentinel in self.sentinels:
+            try:
+                with sentinel.client() as client:
+                    master = client.sentinel_master(SENTINEL_MASTER)
+            except redis.RedisError:
+                return False
+            if master["num-slaves"] < 1 or master["num-other-sentinels"] < 2:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for proc in (*self.sentinels, *self.nodes.values()):
+            proc.stop()

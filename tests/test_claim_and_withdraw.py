@@ -56,7 +56,7 @@ def test_a_claim_takes_a_stream_exactly_when_its_attempt_is_current(r: redis.Red
         r.zadd(ORPHANS_KEY, {attempt.job: 1})  # taken from the queue: an orphan unless claimed
         outcome, *when = r.register_script(lua("claim_stream"))(
             keys=[attempt.meta_key, jobs_key(ME)],
-            args=[attempt.job, ME, attempt.stream_id, DEADLINE_MS],
+            args=[attempt.job, ME, attempt.stream_id, DEADLINE_MS, "run-1"],
         )
         after = r.hgetall(attempt.meta_key)
         due = r.zscore(DUE_KEY, attempt.stream_id)
@@ -70,7 +70,13 @@ def test_a_claim_takes_a_stream_exactly_when_its_attempt_is_current(r: redis.Red
             assert (outcome, after, due, mine, orphan) == (b"gone", before, None, 0, True), state
         else:
             assert outcome == (b"cancelled" if cancelled else b"claimed"), state
-            assert after == {**before, b"worker": ME.encode(), b"started": str(when[0]).encode()}
+            assert when[1] == 0  # entries in the stream: none yet
+            assert after == {
+                **before,
+                b"worker": ME.encode(),
+                b"started": str(when[0]).encode(),
+                b"claim": b"run-1",
+            }
             assert due == when[0] + DEADLINE_MS  # the supervisor looks again at its deadline
             assert (mine, orphan) == (1, False), state
 

@@ -253,3 +253,48 @@ def test_worker_image_has_llama_cpp_and_the_model(dockerfile: str) -> None:
     [source] = re.findall(r"^COPY\s+--from=(\S+)\s+/opt/venv\b", by_name["worker"], re.M)
     assert "uninstall" not in by_name[source]
     assert "libgomp1" in by_name["worker"]  # llama.cpp's OpenMP runtime
+
+
+def test_the_ha_profile_runs_a_replica_and_three_sentinels_that_sluice_is_pointed_at(
+    services: dict[str, Any],
+) -> None:
+    """`docker compose --profile ha up` (README, Redis high availability), read statically:
+    the Sentinels in the tests (tests/faults/test_sentinel.py) run with the same options."""
+    ha = {name for name, s in services.items() if s.get("profiles") == ["ha"]}
+    assert ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+
+    def options(name: str) -> dict[str, str]:
+        args = services[name]["command"][1:]
+        if "--replicaof" in args:  # its one option of two values
+            at = args.index("--replicaof")
+            args = args[:at] + args[at + 3 :]
+        return dict(zip(args[::2], args[1::2], strict=True))
+
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
+    master, copy = options("redis"), options("redis-replica")
+
+    # Either may be the master after a failover, and a replica after the next.
+    def value(given: str) -> str:  # `${NAME:?message}` and `${NAME}` are the same value
+        return re.sub(r"^\$\{(\w+)(:[-?].*)?\}$", r"\1", given)
+
+    for shared_option in ("--requirepass", "--masterauth", "--min-replicas-to-write", "--save"):
+        assert value(master[shared_option]) == value(copy[shared_option]), shared_option
+    assert master["--requirepass"].startswith(REDIS_PASSWORD)
+    assert master["--masterauth"].startswith(REDIS_PASSWORD)
+
+    compose_text = (ROOT / "compose.yaml").read_text()
+    [documented] = re.findall(r"SLUICE_REDIS_SENTINELS=(\S+)", compose_text)
+    addresses = dict(a.split(":") for a in documented.split(","))
+    assert set(addresses) == {"sentinel-1", "sentinel-2", "sentinel-3"}
+    for name, port in addresses.items():
+        sentinel = services[name]
+        [config] = sentinel["command"]
+        assert f"port {port}\n" in config
+        assert "sentinel monitor mymaster redis 6379 2\n" in config
+        assert "sentinel auth-pass mymaster $$REDIS_PASSWORD\n" in config
+        assert sentinel["environment"]["SENTINEL_NAME"] == name
+        assert sentinel["environment"]["REDIS_PASSWORD"].startswith(REDIS_PASSWORD)
+    for name in ("api", "worker", "worker-upstream"):
+        given = services[name]["environment"]["SLUICE_REDIS_SENTINELS"]
+        assert given == "${SLUICE_REDIS_SENTINELS:-}", name

@@ -378,9 +378,35 @@ def test_secrets_come_from_the_secret_and_its_keys_exist(
                 ref = e["valueFrom"]["secretKeyRef"]  # never a literal `value`
                 assert ref["name"] == secret["metadata"]["name"], name
                 assert ref["key"] in keys, name
-                assert not ref.get("optional", False), name
+                # Optional only where absent means "not used": Sentinel, which a Secret made
+                # before sluice spoke to Sentinels does not name.
+                assert ref.get("optional", False) == (ref["key"] in SENTINEL_KEYS.values()), name
                 referenced += 1
     assert referenced >= 4  # the Redis URL twice, the API keys, Redis's password
+
+
+SENTINEL_KEYS = {
+    "SLUICE_REDIS_SENTINELS": "redis-sentinels",
+    "SLUICE_REDIS_SENTINEL_MASTER": "redis-sentinel-master",
+    "SLUICE_REDIS_SENTINEL_PASSWORD": "redis-sentinel-password",
+}
+
+
+@pytest.mark.parametrize("role", [API_ROLE, WORKER_ROLE])
+def test_both_roles_take_the_sentinel_settings_from_the_secret_if_it_has_them(
+    base: list[dict[str, Any]], secret: dict[str, Any], role: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Sentinel-managed Redis (README, Redis high availability) is a matter of the Secret:
+    the API and the workers read the same keys, and an empty value is no setting."""
+    variables = env(container(deployment(base, role)))
+    for name, key in SENTINEL_KEYS.items():
+        ref = variables[name]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"], ref.get("optional")) == ("sluice", key, True)
+        assert secret["stringData"][key] == ""
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert (settings.redis_sentinels, settings.redis_sentinel_master) == ("", "mymaster")
+    assert settings.redis_sentinel_password is None
 
 
 def test_the_example_secret_names_one_redis_for_sluice_and_keda(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -328,8 +329,11 @@ async def test_a_stream_just_claimed_resumes_before_its_first_entry_is_stored(
 
     async def store_entries_soon() -> None:
         await asyncio.sleep(0.5)
-        for entry in (Started("a-worker", 1, 0), Token("late"), Finished("stop", 1, 1)):
-            db.xadd(stream_key(stream_id), dict([encode(entry)]))
+        entries = (Started("a-worker", 1, 0), Token("late"), Finished("stop", 1, 1))
+        for n, entry in enumerate(entries, start=1):  # numbered as the fenced append does
+            db.xadd(
+                stream_key(stream_id), dict([encode(entry)]), id=f"{int(time.time() * 1000)}-{n}"
+            )
         db.expire(stream_key(stream_id), 60)
 
     storing = asyncio.create_task(store_entries_soon())

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from shared.errors import StreamReaderFailed
 from shared.loops import LoopGroup
-from shared.protocol import ACTIVE_KEY
+from shared.protocol import DUE_KEY
 from tests.hubs import running_hub
 from tests.procs import RedisServer, Stack, eventually, start_stack
 
@@ -99,13 +99,14 @@ def ready(stack: Stack) -> httpx.Response:
 async def test_readiness_names_a_loop_that_fails_and_recovers_when_it_runs_again(
     stack: Stack,
 ) -> None:
-    """A real fault: the supervisor's worklist replaced by a string, so every tick fails."""
+    """A real fault: the supervisor's index of due streams replaced by a string, so every tick
+    fails."""
     with redis.Redis.from_url(stack.redis_url) as r:
-        r.set(ACTIVE_KEY, "not a sorted set")
+        r.set(DUE_KEY, "not a sorted set")
         failing = await eventually(lambda: ready(stack).status_code == 503, "a 503")
         body = ready(stack).json()
         alive = health(stack)
-        r.delete(ACTIVE_KEY)
+        r.delete(DUE_KEY)
         await eventually(lambda: ready(stack).status_code == 200, "recovery")
 
     assert failing

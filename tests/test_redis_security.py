@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import pickle
-import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,7 +18,7 @@ import redis
 from arq.jobs import serialize_job
 
 from shared.arq_internals import ClaimingWorker, job_deserializer, job_key, job_serializer
-from shared.protocol import JOB_FUNCTION, queue_name, wake_channel
+from shared.protocol import JOB_FUNCTION, queue_name, waiting_key, wake_channel
 from shared.redis_url import RedisURLError, arq_redis_settings
 from tests.prereqs import require
 from tests.procs import (
@@ -36,6 +34,7 @@ from tests.procs import (
     wait_until,
 )
 from tests.sse import SSEResult, stream
+from tests.tls import Certificates, make_certificates
 
 # Every character a URL gives a meaning to: in SLUICE_REDIS_URL the password is percent-encoded.
 PASSWORD = "p@ss/w:rd?#%+ ="
@@ -103,54 +102,10 @@ async def test_api_and_worker_serve_a_stream_from_a_password_protected_redis(
     await streams_to_done(password_stack, "hello through a password")
 
 
-@dataclass(frozen=True)
-class Certificates:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-NEW_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-
-
-def openssl(*args: str | Path, cwd: Path) -> None:
-    subprocess.run([require("openssl"), *map(str, args)], cwd=cwd, check=True, capture_output=True)
-
-
-def issue(directory: Path, name: str, usage: str) -> tuple[Path, Path]:
-    """A P-256 key and a certificate for 127.0.0.1 and localhost, signed by the test CA."""
-    key, csr, cert, ext = (directory / f"{name}.{x}" for x in ("key", "csr", "crt", "ext"))
-    ext.write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        f"extendedKeyUsage={usage}\n"
-        "keyUsage=critical,digitalSignature\n"
-        "authorityKeyIdentifier=keyid,issuer\n"
-        "subjectKeyIdentifier=hash\n"
-    )
-    openssl("req", *NEW_KEY, "-keyout", key, "-out", csr, "-subj", f"/CN={name}", cwd=directory)
-    openssl(
-        *("x509", "-req", "-in", csr, "-days", "1", "-out", cert, "-extfile", ext),
-        *("-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial"),
-        cwd=directory,
-    )
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     """A private CA, a server certificate and a client certificate, made for this run."""
-    directory = tmp_path_factory.mktemp("tls")
-    openssl(
-        *("req", "-x509", *NEW_KEY, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1"),
-        *("-subj", "/CN=sluice test CA", "-addext", "basicConstraints=critical,CA:TRUE"),
-        *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
-        cwd=directory,
-    )
-    server_cert, server_key = issue(directory, "server", "serverAuth")
-    client_cert, client_key = issue(directory, "client", "clientAuth")
-    return Certificates(directory / "ca.crt", server_cert, server_key, client_cert, client_key)
+    return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
 def tls_redis(certs: Certificates, url: str, port: int, *, client_certificates: bool) -> Proc:
@@ -269,7 +224,9 @@ async def test_worker_does_not_unpickle_a_job_written_into_redis_and_serves_the_
     with redis.Redis.from_url(password_stack.redis_url) as r:
         seconds, micros = r.time()
         r.psetex(job_key(arq_job_id), 60_000, pickled_job(path))
-        r.zadd(queue_name("synthetic"), {arq_job_id: seconds * 1000 + micros // 1000})
+        now_ms = seconds * 1000 + micros // 1000
+        r.zadd(queue_name("synthetic"), {arq_job_id: now_ms})
+        r.zadd(waiting_key("synthetic"), {arq_job_id: now_ms})
         r.publish(wake_channel("synthetic"), arq_job_id)
         # The worker has taken the job (and failed it) when arq's record of it is gone.
         await eventually(lambda: not r.exists(job_key(arq_job_id)), "the worker to take the job")
@@ -297,7 +254,9 @@ def test_job_records_are_json_and_read_back() -> None:
 @pytest.mark.parametrize("option", ["job_serializer", "job_deserializer"])
 def test_claiming_worker_refuses_a_job_serializer_other_than_json(option: str) -> None:
     with pytest.raises(ValueError, match="JSON"):
-        ClaimingWorker(functions=[], **{option: pickle.loads})
+        ClaimingWorker(
+            functions=[], waiting_key="waiting", orphan_after_ms=3000, **{option: pickle.loads}
+        )
 
 
 def assert_names_no_redis_address(text: str, host: str, port: int) -> None:

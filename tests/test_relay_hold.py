@@ -39,8 +39,15 @@ async def stream_id(redis: ArqRedis) -> AsyncIterator[str]:
     await redis.delete(stream_key(stream_id))
 
 
-async def append(redis: ArqRedis, stream_id: str, entry: Entry, entry_id: str = "*") -> None:
-    await redis.xadd(stream_key(stream_id), as_fields(entry), id=entry_id)
+async def append(redis: ArqRedis, stream_id: str, entry: Entry, entry_id: str = "") -> None:
+    """As the fenced append writes it: the n-th entry is `<ms>-<n>` (`entry_id` if given)."""
+    key = stream_key(stream_id)
+    if not entry_id:
+        last = await redis.xrevrange(key, count=1)
+        last_ms = int(last[0][0].decode().partition("-")[0]) if last else 0
+        ms = max(int(time.time() * 1000), last_ms)
+        entry_id = f"{ms}-{await redis.xlen(key) + 1}"
+    await redis.xadd(key, as_fields(entry), id=entry_id)
 
 
 async def batches(
@@ -59,8 +66,8 @@ async def test_a_relay_behind_holds_then_sends_the_backlog_at_once(
     hub: StreamHub, redis: ArqRedis, stream_id: str
 ) -> None:
     written_long_ago = int(time.time() * 1000) - 2000  # Redis ids are milliseconds
-    await append(redis, stream_id, Started("w", 1), f"{written_long_ago}-0")
-    await append(redis, stream_id, Token("a"), f"{written_long_ago}-1")
+    await append(redis, stream_id, Started("w", 1), f"{written_long_ago}-1")
+    await append(redis, stream_id, Token("a"), f"{written_long_ago}-2")
 
     relay = batches(hub, redis, stream_id)
     _, first = await anext(relay)
@@ -95,11 +102,11 @@ async def test_a_resumed_relay_replays_history_page_after_page_without_waiting(
 ) -> None:
     long_ago = int(time.time() * 1000) - 60_000
     entries = [Started("w", 1), *(Token(str(n)) for n in range(2 * PAGE)), Finished("stop", 1, 8)]
-    for seq, entry in enumerate(entries):
+    for seq, entry in enumerate(entries, start=1):
         await append(redis, stream_id, entry, f"{long_ago}-{seq}")
 
     started = time.perf_counter()
-    pages = [batch async for _, batch in batches(hub, redis, stream_id, f"{long_ago}-0")]
+    pages = [batch async for _, batch in batches(hub, redis, stream_id, f"{long_ago}-1")]
 
     assert [len(page) for page in pages] == [PAGE, PAGE, 1]
     assert time.perf_counter() - started < HOLD_S

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from datetime import datetime
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError
 
 from shared import tracing
-from shared.errors import GenerationFailed, RemoteError, SluiceError
+from shared.errors import GenerationFailed, RedisFailover, RemoteError, SluiceError
 from shared.logs import bind
 from shared.protocol import (
     Attempt,
@@ -32,11 +33,15 @@ from worker.context import WorkerContext
 from worker.control import HandedBack, StopSignal
 from worker.give_back import GiveBack
 from worker.metrics import TOKENS
-from worker.writer import Fenced, TextLost
+from worker.writer import EntriesLost, Fenced, TextLost
 
 log = logging.getLogger("sluice.worker")
 
 MAX_BACKOFF_S = 2.0
+LOST_IN_FAILOVER = (
+    "Redis failed over and lost part of this answer before a replica had it; it cannot be "
+    "completed without a gap"
+)
 T = TypeVar("T")
 
 
@@ -55,6 +60,9 @@ class Job:
         self.worker = worker
         self.request = request
         self.attempt = Attempt(request.stream_id, job_id)
+        self.claim_id = uuid.uuid4().hex
+        """This run of the attempt (arq may hand an attempt out again if a failover lost its
+        claim): shared/lua/claim_stream.lua lets one run have it."""
         self.enqueued = enqueued
         self.first_piece_ms: float | None = None
         self.settled = False
@@ -69,7 +77,9 @@ class Job:
         if claimed is None:
             log.info("job %s is no longer wanted; skipped", self.attempt.job)
             return
-        cancelled, claimed_ms = claimed
+        cancelled, claimed_ms, entries = claimed
+        # Its entries follow the stream's, one by one: a failover that loses some is noticed.
+        self.worker.writer.begin(self.attempt, entries, self.claim_id)
         span = tracing.start_span("generate", parent=parent)
         if span is not None:
             span.set_attribute("sluice.worker", self.worker.worker_id)
@@ -93,22 +103,24 @@ class Job:
             if not self.settled:  # it stops without its stream's end: the supervisor sees to it
                 self.worker.control.let_go(self.attempt.job)
             self.worker.control.release(self.request.stream_id)
+            self.worker.writer.end(self.attempt)
             if span is not None:
                 span.end()
 
-    async def claim(self, parent: Any) -> tuple[bool, int] | None:
+    async def claim(self, parent: Any) -> tuple[bool, int, int] | None:
         """Claims the stream for this attempt (shared/lua/claim_stream.lua): whether it was
-        cancelled before it started, and when it was claimed; None if it is no longer wanted."""
+        cancelled before it started, when it was claimed and how many entries the stream has;
+        None if it is no longer wanted."""
         start_ns = int(self.enqueued.timestamp() * 1_000_000_000)
         queue_span = tracing.start_span("queue", parent=parent, start_ns=start_ns)
         worker, attempt = self.worker, self.attempt
         settings = worker.settings
         deadline_ms = job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s)
-        outcome, *claimed_ms = await persist(
+        outcome, *claimed = await persist(
             f"claiming {attempt.job}",
             lambda: worker.claim(
                 keys=[attempt.meta_key, jobs_key(worker.worker_id)],
-                args=[attempt.job, worker.worker_id, attempt.stream_id, deadline_ms],
+                args=[attempt.job, worker.worker_id, attempt.stream_id, deadline_ms, self.claim_id],
             ),
             settings,
         )
@@ -116,7 +128,8 @@ class Job:
             queue_span.end()
         if outcome == b"gone":
             return None
-        return outcome == b"cancelled", int(claimed_ms[0])
+        claimed_ms, entries = claimed
+        return outcome == b"cancelled", int(claimed_ms), int(entries)
 
     async def generate(self, signal: StopSignal, claimed_ms: int) -> None:
         """Runs the backend to the stream's end; anything that goes wrong ends it with an error
@@ -219,6 +232,9 @@ class Job:
 def failure(exc: BaseException) -> Failed:
     """The terminal entry of a job that failed with `exc`."""
     match exc:
+        case EntriesLost():
+            log.warning("%s", exc)
+            return Failed(RedisFailover(LOST_IN_FAILOVER).body())
         case TextLost():
             log.warning("%s", exc)
             return Failed(GenerationFailed("the worker could not store the answer").body())

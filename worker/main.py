@@ -33,7 +33,7 @@ from shared.protocol import (
     wake_channel,
     worker_ttl_ms,
 )
-from shared.redis_url import worker_redis
+from shared.redis_url import master_watch, worker_redis
 from shared.scripts import lua
 from shared.settings import Settings
 from worker import metrics
@@ -80,9 +80,7 @@ class SluiceWorker(ClaimingWorker):
             "queue_name": queue_name(backend.model),
             "waiting_key": waiting_key(backend.model),
             "orphan_after_ms": worker_ttl_ms(settings.heartbeat_s),
-            "redis_pool": worker_redis(
-                settings.redis_url, settings.worker_redis_connections, self.worker_id
-            ),
+            "redis_pool": worker_redis(settings, self.worker_id),
             "on_startup": self._startup,
             "on_shutdown": self._shutdown,
             "max_jobs": backend.max_concurrency,  # SLUICE_WORKER_MAX_JOBS, else its own default
@@ -94,6 +92,11 @@ class SluiceWorker(ClaimingWorker):
             "poll_delay": 0,
         }
         super().__init__(**{**options, **overrides})
+        self._sentinel_pool = master_watch(self.pool)
+        self._masters_seen = 0
+        self._redis_lost = False
+        self._bury_from = 0.0
+        """Before this (the loop's clock), its heartbeats bury no worker (`_beat_once`)."""
 
     async def main(self) -> None:
         await self._wait_for_redis()
@@ -119,7 +122,7 @@ class SluiceWorker(ClaimingWorker):
             settings=self.settings,
             backend=self.backend,
             worker_id=self.worker_id,
-            writer=StreamWriter(redis),
+            writer=StreamWriter(redis, retry_s=self.settings.redis_retry_s),
             control=self._control,
             claim=redis.register_script(lua("claim_stream")),
             hand_back=redis.register_script(lua("hand_back")),
@@ -130,6 +133,8 @@ class SluiceWorker(ClaimingWorker):
         await self._beat_once()
         self._loops.start("listen", lambda: self._listen(self._control))
         self._loops.start("heartbeat", self._beat)
+        if self._sentinel_pool is not None:
+            self._loops.start("redis-master", self._sentinel_pool.watch_master)
         log.info(
             "worker %s ready: backend %s, model %s",
             self.worker_id,
@@ -174,8 +179,11 @@ class SluiceWorker(ClaimingWorker):
         async with self.pool.pubsub() as pubsub:
             await pubsub.subscribe(wake_channel(self.backend.model), CANCEL_CHANNEL)
             self._wake.set()  # anything enqueued while we were not listening
-            async for message in pubsub.listen():
-                if message["type"] != "message":
+            while True:
+                # A wait of its own: with Sentinels the connection has a socket timeout, which
+                # a quiet subscription would otherwise run into (and fail the loop) every time.
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None or message["type"] != "message":
                     continue
                 if message["channel"] == CANCEL_CHANNEL.encode():
                     control.stop(message["data"].decode())
@@ -184,6 +192,14 @@ class SluiceWorker(ClaimingWorker):
 
     async def _beat_once(self) -> None:
         backend = self.backend
+        loop = asyncio.get_running_loop()
+        ttl_s = worker_ttl_ms(self.settings.heartbeat_s) / 1000
+        changes = self._sentinel_pool.master_changes if self._sentinel_pool else 0
+        if self._redis_lost or changes != self._masters_seen:
+            # Redis came back, or is a promoted replica: the beats it has of other workers (and
+            # of this one) may be older than they are. It buries nobody until all had a TTL.
+            self._masters_seen = changes
+            self._bury_from = loop.time() + ttl_s
         let_go = self._control.to_report()
         await self._heartbeat(
             keys=[
@@ -203,9 +219,13 @@ class SluiceWorker(ClaimingWorker):
                 int(backend.available),
                 "" if backend.n_ctx is None else backend.n_ctx,
                 self._jobs_ttl_ms,
+                int(loop.time() >= self._bury_from),
                 *let_go,
             ],
         )
+        if self._redis_lost:
+            self._redis_lost = False
+            self._bury_from = loop.time() + ttl_s  # from the first beat that landed
         self._control.reported(let_go)
 
     async def _beat(self) -> None:
@@ -214,6 +234,7 @@ class SluiceWorker(ClaimingWorker):
                 await self._beat_once()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+                self._redis_lost = True
             await asyncio.sleep(self.settings.heartbeat_s)
 
 

@@ -12,19 +12,32 @@ is not in the stream, so it must not end as if complete).
 Every append is fenced (shared/lua/lib/fenced_append.lua): one refused because the attempt was
 replaced or the stream already ended raises `Fenced`, and the job stops; a token refused because
 the stream was cancelled raises `Cancelled`, and the job ends the stream so.
+
+Redis failing over (issue 24). A write that Redis fails (its connection cut, a master made a
+replica, `NOREPLICAS`) is tried again, as it was, for up to `retry_s`, while text that comes
+meanwhile waits in the next one: a stream rides through a failover. Trying again is safe because
+each entry of a stream begun with `begin` carries the number it should get in its stream: one
+that an earlier try stored is not stored twice ('stored'), and one that would follow entries
+the new master lacks (a failover lost them: replication is asynchronous) is refused ('lost')
+and raises `EntriesLost`, so the job ends the stream with `redis_failover` rather than go on
+after a hole.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared.errors import Cancelled
 from shared.protocol import (
+    ALREADY_STORED,
     REFUSED_CANCELLED,
     REFUSED_FENCED,
+    REFUSED_LOST,
     TERMINAL,
     Attempt,
     Delta,
@@ -34,7 +47,10 @@ from shared.protocol import (
 )
 from shared.scripts import lua
 
+log = logging.getLogger("sluice.worker")
+
 MIN_WRITE_INTERVAL_S = 0.002
+MAX_BACKOFF_S = 1.0
 MAX_UNSENT = 8192
 """Past this many entries not yet written, `send` waits: memory stays bounded if Redis stalls."""
 
@@ -48,6 +64,11 @@ class TextLost(RuntimeError):
     it may end only with an error."""
 
 
+class EntriesLost(TextLost):
+    """The stream lacks entries this writer stored: a Redis failover lost them (they had not
+    reached the replica that became the master). It may end only with `redis_failover`."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
     attempt: Attempt
@@ -57,8 +78,19 @@ class _Pending:
 
 
 class StreamWriter:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, retry_s: float = 0.0) -> None:
         self._append = redis.register_script(lua("append"))
+        self._retry_s = retry_s
+        """How long a write that Redis fails is tried again."""
+        self._numbers: dict[str, int] = {}
+        """Stream key -> the number of its last entry, for streams begun with `begin`."""
+        self._claims: dict[str, str] = {}
+        """Stream key -> the claim of the run of its attempt that writes it (`begin`)."""
+        self._unchecked: set[str] = set()
+        """Streams whose entries are no longer checked: a failover lost some (`EntriesLost`),
+        and only their error entry is still to come, numbered after `_highest`."""
+        self._highest: dict[str, int] = {}
+        """Stream key -> the highest number this writer gave one of its entries."""
         self._pending: list[_Pending] = []
         self._open_token: dict[str, int] = {}
         """Stream key -> index in `_pending` of its token entry, while nothing follows it."""
@@ -66,6 +98,22 @@ class StreamWriter:
         self._last_write = 0.0
         self._failed: dict[str, BaseException] = {}
         self._drained = asyncio.Event()
+
+    def begin(self, attempt: Attempt, entries: int, claim: str) -> None:
+        """The attempt's stream holds `entries` entries when this run of it (`claim`, see
+        shared/lua/claim_stream.lua) claims it: every entry this writer appends to it from now
+        on is checked to follow them one by one, and to come from this run."""
+        self._numbers[attempt.stream_key] = entries
+        self._claims[attempt.stream_key] = claim
+        self._highest.pop(attempt.stream_key, None)
+        self._unchecked.discard(attempt.stream_key)
+
+    def end(self, attempt: Attempt) -> None:
+        """The attempt is done with its stream."""
+        self._numbers.pop(attempt.stream_key, None)
+        self._claims.pop(attempt.stream_key, None)
+        self._highest.pop(attempt.stream_key, None)
+        self._unchecked.discard(attempt.stream_key)
 
     def append(
         self, attempt: Attempt, entry: Entry, *, expire_s: int | None = None
@@ -111,7 +159,7 @@ class StreamWriter:
         if failure := self._failed.pop(key, None):
             if isinstance(failure, Cancelled) and ending:
                 return
-            if isinstance(failure, Fenced | Cancelled):
+            if isinstance(failure, Fenced | Cancelled | EntriesLost):
                 raise failure
             raise TextLost(f"text for {key} was not stored: {failure!r}") from failure
 
@@ -138,6 +186,7 @@ class StreamWriter:
                 try:
                     ids = await self._write(batch)
                 except Exception as exc:  # whatever failed, no caller is left waiting
+                    log.warning("could not write %d entries: %s", len(batch), exc)
                     ids = [exc] * len(batch)
                 for item, outcome in zip(batch, ids, strict=True):
                     if isinstance(outcome, str):
@@ -154,13 +203,56 @@ class StreamWriter:
     async def _write(self, batch: list[_Pending]) -> list[str | BaseException]:
         keys: list[str] = []
         args: list[str | int] = []
+        numbered: dict[str, int] = {}
+        expected: list[int | None] = []
         for item in batch:
-            keys += (item.attempt.stream_key, item.attempt.meta_key)
+            key = item.attempt.stream_key
+            keys += (key, item.attempt.meta_key)
             args.append(item.attempt.job)
             args.extend(encode(item.entry))
             args.append(item.expire_s or 0)
-        ids = await self._append(keys=keys, args=args)
-        return [_outcome(item, entry_id) for item, entry_id in zip(batch, ids, strict=True)]
+            if key in self._unchecked:  # after a hole: numbered past every entry it sent
+                expected.append(None)
+                args += [-self._highest[key], self._claims.get(key, "")]
+            elif key in self._numbers:
+                numbered[key] = numbered.get(key, self._numbers[key]) + 1
+                self._highest[key] = max(self._highest.get(key, 0), numbered[key])
+                expected.append(numbered[key])
+                args += [numbered[key], self._claims.get(key, "")]
+            else:
+                expected.append(None)
+                args += ["", ""]
+        ids = await self._call(keys, args)
+        outcomes: list[str | BaseException] = []
+        refused: dict[str, int] = {}
+        for item, number, entry_id in zip(batch, expected, ids, strict=True):
+            key = item.attempt.stream_key
+            outcome = _outcome(item, entry_id)
+            if isinstance(outcome, Fenced | Cancelled):
+                refused[key] = refused.get(key, 0) + 1  # as the script counts them
+            elif isinstance(outcome, EntriesLost):
+                self._unchecked.add(key)
+            elif number is not None and key in self._numbers:
+                self._numbers[key] = number - refused.get(key, 0)
+            outcomes.append(outcome)
+        return outcomes
+
+    async def _call(self, keys: list[str], args: list[str | int]) -> list[bytes]:
+        """The append script, tried again while Redis fails, for up to `retry_s`: the same
+        entries with the same numbers, so none is stored twice."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_s
+        backoff = 0.05
+        while True:
+            try:
+                ids: list[bytes] = await self._append(keys=keys, args=args)
+                return ids
+            except (RedisError, OSError) as exc:
+                if loop.time() + backoff > deadline:
+                    raise
+                log.warning("writing to Redis failed (%s); trying again in %.2f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
 
 
 def _outcome(item: _Pending, entry_id: bytes) -> str | BaseException:
@@ -168,4 +260,8 @@ def _outcome(item: _Pending, entry_id: bytes) -> str | BaseException:
         return Cancelled("cancelled by request")
     if entry_id == REFUSED_FENCED:
         return Fenced(f"{item.attempt.job} may no longer append to its stream")
-    return entry_id.decode()
+    if entry_id == REFUSED_LOST:
+        return EntriesLost(f"Redis lost entries of {item.attempt.stream_key} in a failover")
+    if entry_id == ALREADY_STORED:
+        return entry_id.decode()  # in the stream all the same: an earlier try stored it
+    return entry_id.decode()  # its id

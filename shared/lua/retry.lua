@@ -17,7 +17,7 @@ local wake, stream_id, queue_timeout = ARGV[6], ARGV[7], tonumber(ARGV[8])
 
 if not if_current(meta, dead) then return 0 end
 redis.call('HSET', meta, 'job', new)
-redis.call('HDEL', meta, 'worker', 'started')
+redis.call('HDEL', meta, 'worker', 'started', 'claim')
 redis.call('ZREM', queue, dead)
 redis.call('ZREM', waiting, dead)
 redis.call('DEL', dead_key)
