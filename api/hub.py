@@ -7,10 +7,12 @@ backlog in Redis (capped by MAXLEN) rather than in this process.
 
 When Redis fails (a connection lost, a demoted master's `UNBLOCKED`, a frozen one that does
 not answer within the block time and `read_timeout_s`), the call is made again, on a new
-connection, from each waiter's own id: ids are positions, so nothing is lost or repeated. With a
-single Redis, waiters are ended at once (`redis_unavailable`); with Sentinels (`hold_s`) they
-wait for the new master for up to `hold_s`, then end (`redis_failover`). Whether a waiter's
-position is still on the new master is the relay's to check (`epoch` counts the failures).
+connection, from each waiter's own id: ids are positions, so nothing is lost or repeated. A
+connection closed under the reader is first tried again at once (Redis's `timeout` or a proxy
+closes idle ones); only if that fails too is Redis lost. With a single Redis, waiters are then
+ended at once (`redis_unavailable`); with Sentinels (`hold_s`) they wait for the new master for
+up to `hold_s`, then end (`redis_failover`). Whether a waiter's position is still on the new
+master is the relay's to check (`epoch` counts the failures and new connections).
 
 A client that starts waiting while the XREAD is blocked is not in it; the hub then appends to
 its own small wake stream, which every XREAD includes, so the call returns and is reissued. The
@@ -78,9 +80,7 @@ class StreamHub:
         )
         self._hold_s = hold_s
         self._failing_since: float | None = None
-        self.epoch = 0
-        """How many times a read has failed: a relay whose reader waited across one checks that
-        its position is still in the stream (a failover may have lost it)."""
+        self._failures = 0
         self._wake_key = hub_wake_key(uuid.uuid4().hex)
         self._wake_after = "0-0"
         self._waiters: dict[str, list[_Waiter]] = {}
@@ -150,6 +150,13 @@ class StreamHub:
                 pipe.expire(self._wake_key, 60)
                 await pipe.execute()
 
+    @property
+    def epoch(self) -> int:
+        """How many times a read has failed or been made again on a new connection (which may
+        be a new master's: a failover cuts the old one): a relay whose reader waited across one
+        checks that its position is still in the stream (a failover may have lost it)."""
+        return self._failures + self._reader.reconnections
+
     def _wanted(self) -> dict[str, str]:
         """Each waited-for stream with the smallest id any of its live waiters has."""
         wanted: dict[str, str] = {}
@@ -195,7 +202,7 @@ class StreamHub:
             try:
                 reply = await self._reader.read({self._wake_key: self._wake_after, **wanted})
             except (RedisError, OSError) as exc:
-                self.epoch += 1
+                self._failures += 1
                 self._lost_redis(exc, loop.time())
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0 if self._hold_s else 2.0)

@@ -14,6 +14,7 @@ from typing import Any
 
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 
 def _arg(value: str) -> str:
@@ -37,6 +38,8 @@ class MultiStreamReader:
         )
         self._packed_keys: dict[str, str] = {}
         self._connection: AbstractConnection | None = None
+        self.reconnections = 0
+        """Calls made again on a new connection after the kept one failed."""
 
     async def read(self, streams: dict[str, str]) -> list[Any] | None:
         """The entries after each stream's id, from the streams that have any, waiting up to
@@ -52,6 +55,19 @@ class MultiStreamReader:
         ).encode()
         if len(keys) > 2 * len(streams) + 64:  # keep the packed keys of streams still read
             self._packed_keys = {key: keys[key] for key in streams}
+        kept = self._connection is not None
+        try:
+            return await self._call(command)
+        except RedisConnectionError:
+            if not kept:
+                raise
+            # The connection kept from an earlier call was closed while idle (Redis's
+            # `timeout`, a proxy, a CLIENT KILL) or cut mid-call: Redis may well be there. Once
+            # more, on a new connection; the caller learns of it from `reconnections`.
+            self.reconnections += 1
+            return await self._call(command)
+
+    async def _call(self, command: bytes) -> list[Any] | None:
         connection = self._connection or await self._pool.get_connection()
         self._connection = connection
         try:

@@ -53,6 +53,12 @@ async def scene(
         await redis.aclose()
 
 
+async def hub_connections(redis: Redis) -> list[dict[str, str]]:
+    """The connections of this test's hub: those last used for XREAD on its database (the
+    session's stacks read other databases of the same server)."""
+    return [c for c in await redis.client_list() if c["cmd"] == "xread" and c["db"] == "0"]
+
+
 async def write(writer: StreamWriter, attempt: Attempt, tokens: int) -> list[str]:
     """`Started` and `tokens` tokens, each its own entry; their ids."""
     ids = [await writer.append(attempt, Started("w", 1))]
@@ -208,11 +214,31 @@ async def test_a_reader_waiting_across_a_failover_checks_its_last_entry_by_what_
                 pipe.xadd(attempt.stream_key, fields, id=entry_id)
             pipe.xadd(attempt.stream_key, dict([encode(END)]), id=ids[2])
             await pipe.execute()
-        for client in await redis.client_list():
-            if client["cmd"] == "xread":
-                await redis.client_kill_filter(_id=client["id"])
+        for client in await hub_connections(redis):
+            await redis.client_kill_filter(_id=client["id"])
         with pytest.raises(RedisFailover):
             async with asyncio.timeout(READ_S + 2):
                 await reading
 
     assert got == ids
+
+
+async def test_a_connection_closed_while_the_hub_is_idle_is_made_again_not_reported(
+    redis_server: RedisServer,
+) -> None:
+    """Redis (its `timeout`, a proxy, a `CLIENT KILL`) closes the hub's kept connection while
+    nobody reads. The next reader is served on a new connection: a closed idle connection is
+    not a lost Redis, and must not end a stream with `redis_unavailable`."""
+    async with scene(redis_server) as (redis, hub, attempt):
+        writer = StreamWriter(redis)
+        writer.begin(attempt, 0, "run")
+        ids = await write(writer, attempt, 2)
+        ids.append(await StreamWriter(redis).append(attempt, END, expire_s=60))
+        assert await read(hub, attempt.stream_id, "0-0") == (ids, None)
+        await asyncio.sleep(0.05)  # the hub is idle now: nobody waits
+        idle = await hub_connections(redis)
+        assert idle
+        for client in idle:
+            await redis.client_kill_filter(_id=client["id"])
+
+        assert await read(hub, attempt.stream_id, "0-0") == (ids, None)
