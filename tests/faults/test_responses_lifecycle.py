@@ -5,9 +5,11 @@ the process that created it, and a relay that fails tells the client where to re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
+import threading
 import time
 from typing import Any
 
@@ -19,7 +21,7 @@ from shared.protocol import READERS_KEY, Failed, Token, stream_key
 from tests.faults.conftest import StackFactory
 from tests.faults.test_supervision import ended, entries
 from tests.faults.test_workers import db_client
-from tests.procs import eventually
+from tests.procs import Stack, eventually
 
 ANSWER = {"input": "tell me about queues", "max_output_tokens": 30}
 
@@ -95,21 +97,22 @@ async def test_a_stored_response_outlives_its_stream_ttl_when_its_creator_is_gon
 async def test_a_relay_error_takes_the_last_events_number_so_a_resume_after_it_loses_nothing(
     make_stack: StackFactory,
 ) -> None:
-    """The API's stream reader loses its Redis connection mid-answer: the client gets an
-    `error` event and the stream closes. Resuming `starting_after` the error's number gives
-    exactly the events it had not seen."""
+    """The API's stream reader loses its Redis connection mid-answer, and the new one too (a
+    single cut is made again at once): the client gets an `error` event and the stream closes.
+    Resuming `starting_after` the error's number gives exactly the events it had not seen."""
     stack = make_stack(workers=1, synthetic_tokens_per_s="20")
     body = ANSWER | {"stream": True, "max_output_tokens": 60}
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
         first: list[dict[str, Any]] = []
+        cutting = ReadCutter(stack)
         async with client.stream("POST", "/v1/responses", json=body) as response:
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
                 first.append(json.loads(line[6:]))
                 if sum(e["type"] == "response.output_text.delta" for e in first) == 10:
-                    with db_client(stack) as r:
-                        _kill_blocked_reads(r)
+                    cutting.start()
+        cutting.stop()
         error = first[-1]
         resp_id = first[0]["response"]["id"]
         done = await _wait_done(client, resp_id, 15)
@@ -140,11 +143,32 @@ def _finished(metrics: httpx.Response) -> float:
     return float(found[1]) if found else 0.0
 
 
-def _kill_blocked_reads(r: redis.Redis) -> None:
-    """Closes the connection of every blocked XREAD: the API's stream reader."""
-    for client in r.client_list():
-        if client.get("cmd") == "xread":
-            r.client_kill_filter(_id=client["id"])
+class ReadCutter:
+    """Closes the connection of the stack's stream reader (its XREADs, on its database) every
+    few milliseconds while it runs, so that a call made again on a new connection is cut too."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._redis = db_client(stack)
+        self._db = str(self._redis.connection_pool.connection_kwargs.get("db", 0))
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._cut)
+
+    def _cut(self) -> None:
+        while not self._stopped.wait(0.005):
+            for client in self._redis.client_list():
+                if client.get("cmd") == "xread" and client.get("db") == self._db:
+                    with contextlib.suppress(redis.ResponseError):  # gone meanwhile
+                        self._redis.client_kill_filter(_id=client["id"])
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._redis.close()
 
 
 def _only_stream(r: redis.Redis) -> str:
