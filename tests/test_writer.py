@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import statistics
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -9,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.protocol import Attempt, Entry, Finished, Started, decode, from_fields, job_id
-from worker.writer import StreamWriter
+from worker.writer import LOADED_STREAMS, StreamWriter
 
 NewAttempt = Callable[[], Awaitable[Attempt]]
 
@@ -93,3 +95,38 @@ async def test_flushed_returns_once_everything_sent_is_in_the_stream(
 
     assert (await entries(redis, key))[1:] == [decode(b"t", b"sent, not awaited")]
     await writer.flushed()  # nothing pending: returns at once
+
+
+async def paced_tokens(
+    writer: StreamWriter, streams: list[Attempt], tokens: int, every_s: float
+) -> None:
+    """`tokens` tokens to each of `streams`, a round of one token each every `every_s`."""
+    for n in range(tokens):
+        for attempt in streams:
+            await writer.send(attempt, f"{n} ")
+        await asyncio.sleep(every_s)
+    await writer.flushed()
+
+
+@pytest.mark.parametrize(
+    ("streams", "every_s", "several_per_entry"),
+    [(10, 0.01, False), (LOADED_STREAMS + 50, 0.025, False), (LOADED_STREAMS + 50, 0.01, True)],
+    ids=["few-streams", "many-slow-streams", "loaded"],
+)
+async def test_a_loaded_writer_puts_several_tokens_in_an_entry_and_an_unloaded_one_does_not(
+    redis: Redis, new_attempt: NewAttempt, streams: int, every_s: float, several_per_entry: bool
+) -> None:
+    """A round of tokens every 10 ms to 10 streams, or every 25 ms to 150 (6,000 tokens a
+    second): every token is its own entry. Every 10 ms to 150 streams (15,000 a second,
+    loaded): a stream's entries each carry the tokens of the writer's longer interval."""
+    attempts = [await new_attempt() for _ in range(streams)]
+    writer = StreamWriter(redis)
+
+    await paced_tokens(writer, attempts, 20, every_s)
+
+    per_entry = [len(e.text.split()) for e in await entries(redis, attempts[0])]
+    assert sum(per_entry) == 20
+    if several_per_entry:
+        assert statistics.median(per_entry) >= 4
+    else:
+        assert max(per_entry) == 1

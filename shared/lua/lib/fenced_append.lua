@@ -50,8 +50,11 @@ local function fenced_append(stream, meta, job, kind, payload, ttl, seq, claim)
   else
     redis.call('XADD', stream, id, kind, payload)
   end
-  redis.call('HSET', meta, 'n', n, 'ms', ms)
-  if seq then redis.call('HSET', meta, 'wn', seq) end
+  if seq then
+    redis.call('HSET', meta, 'n', n, 'ms', ms, 'wn', seq)
+  else
+    redis.call('HSET', meta, 'n', n, 'ms', ms)
+  end
   if claim and not current[10] then redis.call('HSET', meta, 'claim', claim) end
   if kind == 'f' or kind == 'e' then
     ttl = keep or ttl
