@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -11,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.protocol import Attempt, Entry, Finished, Started, decode, from_fields, job_id
-from worker.writer import LOADED_STREAMS, StreamWriter
+from worker.writer import LOADED_STREAMS, LOADED_WRITE_INTERVAL_S, StreamWriter
 
 NewAttempt = Callable[[], Awaitable[Attempt]]
 
@@ -130,3 +131,34 @@ async def test_a_loaded_writer_puts_several_tokens_in_an_entry_and_an_unloaded_o
         assert statistics.median(per_entry) >= 4
     else:
         assert max(per_entry) == 1
+
+
+async def written_to(redis: Redis, attempt: Attempt, length: int) -> None:
+    """Returns as soon as the attempt's stream holds more than `length` entries."""
+    for _ in range(5000):
+        if await redis.xlen(attempt.stream_key) > length:
+            return
+        await asyncio.sleep(0.001)
+    raise TimeoutError(attempt.stream_key)
+
+
+async def test_a_loaded_writer_does_not_hold_a_streams_first_text(
+    redis: Redis, new_attempt: NewAttempt
+) -> None:
+    """While the writer is loaded (150 streams, a token each every 10 ms), a stream begun
+    meanwhile has its first text written after the short interval, not the loaded one's."""
+    attempts = [await new_attempt() for _ in range(LOADED_STREAMS + 50)]
+    writer = StreamWriter(redis)
+    loading = asyncio.create_task(paced_tokens(writer, attempts, 60, 0.01))
+    await asyncio.sleep(0.3)  # loaded by now: its writes come every 100 ms
+    await written_to(redis, attempts[0], await redis.xlen(attempts[0].stream_key))  # just now
+    newcomer = await new_attempt()
+    writer.begin(newcomer, 0, "run")
+
+    sent = time.monotonic()
+    await writer.send(newcomer, "first")
+    await written_to(redis, newcomer, 0)
+    waited = time.monotonic() - sent
+    await loading
+
+    assert waited < LOADED_WRITE_INTERVAL_S / 2

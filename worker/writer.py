@@ -26,6 +26,7 @@ after a hole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -109,6 +110,11 @@ class StreamWriter:
         self._sends = 0
         """Text sent since the last write: how loaded the writer is."""
         self._interval = MIN_WRITE_INTERVAL_S
+        self._before_text: set[str] = set()
+        """Streams begun (`begin`) that were sent no text yet: their first text is written
+        after the short interval even when the writer is loaded (a first token is not held)."""
+        self._first_text = asyncio.Event()
+        """Set while a stream's first text is among the entries not yet written."""
         self._failed: dict[str, BaseException] = {}
         self._drained = asyncio.Event()
 
@@ -120,9 +126,11 @@ class StreamWriter:
         self._claims[attempt.stream_key] = claim
         self._highest.pop(attempt.stream_key, None)
         self._unchecked.discard(attempt.stream_key)
+        self._before_text.add(attempt.stream_key)
 
     def end(self, attempt: Attempt) -> None:
         """The attempt is done with its stream."""
+        self._before_text.discard(attempt.stream_key)
         self._numbers.pop(attempt.stream_key, None)
         self._claims.pop(attempt.stream_key, None)
         self._highest.pop(attempt.stream_key, None)
@@ -141,6 +149,9 @@ class StreamWriter:
         """Append `text` to the attempt's stream soon, in order with its other entries."""
         key = attempt.stream_key
         self._sends += 1
+        if key in self._before_text:
+            self._before_text.discard(key)
+            self._first_text.set()
         at = self._open_token.get(key)
         if at is not None:
             self._raise_failure(key)
@@ -190,16 +201,13 @@ class StreamWriter:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                # Under load, wait out the rest of a short interval since the last write, so
-                # that many jobs' tokens share one write instead of one syscall each. An idle
-                # writer (a token every few ms) never waits.
-                await asyncio.sleep(max(0.0, self._last_write + self._interval - loop.time()))
+                await self._next_write_due(loop)
                 now = loop.time()
-                loaded = len(
-                    self._open_token
-                ) >= LOADED_STREAMS and self._sends >= LOADED_SENDS_PER_S * (now - self._last_write)
-                self._interval = LOADED_WRITE_INTERVAL_S if loaded else MIN_WRITE_INTERVAL_S
+                self._interval = (
+                    LOADED_WRITE_INTERVAL_S if self._loaded(now) else MIN_WRITE_INTERVAL_S
+                )
                 self._last_write, self._sends = now, 0
+                self._first_text.clear()
                 batch, self._pending = self._pending, []
                 self._open_token.clear()
                 self._drained.set()
@@ -219,6 +227,21 @@ class StreamWriter:
         finally:
             self._flusher = None
             self._drained.set()
+
+    async def _next_write_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Waits out the rest of the interval since the last write, so that many jobs' tokens
+        share one write instead of one syscall each (an idle writer, a token every few ms, never
+        waits); a loaded writer's longer wait is cut short by a stream's first text."""
+        if self._interval > MIN_WRITE_INTERVAL_S and not self._first_text.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(self._last_write + self._interval):
+                    await self._first_text.wait()
+        due = self._last_write + MIN_WRITE_INTERVAL_S
+        await asyncio.sleep(max(0.0, due - loop.time()))
+
+    def _loaded(self, now: float) -> bool:
+        busy = self._sends >= LOADED_SENDS_PER_S * (now - self._last_write)
+        return busy and len(self._open_token) >= LOADED_STREAMS
 
     async def _write(self, batch: list[_Pending]) -> list[str | BaseException]:
         keys: list[str] = []
