@@ -12,7 +12,12 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.protocol import Attempt, Entry, Finished, Started, decode, from_fields, job_id
-from worker.writer import LOADED_STREAMS, LOADED_WRITE_INTERVAL_S, StreamWriter
+from worker.writer import (
+    LOADED_STREAMS,
+    LOADED_WRITE_INTERVAL_S,
+    MAX_ENTRIES_PER_CALL,
+    StreamWriter,
+)
 
 NewAttempt = Callable[[], Awaitable[Attempt]]
 
@@ -162,3 +167,31 @@ async def test_a_loaded_writer_does_not_hold_a_streams_first_text(
     await loading
 
     assert waited < LOADED_WRITE_INTERVAL_S / 2
+
+
+async def test_a_large_batch_is_written_in_parts_each_entry_once_in_order(
+    redis: Redis, new_attempt: NewAttempt
+) -> None:
+    """A script call holds Redis while it runs: 300 entries go in calls of at most
+    MAX_ENTRIES_PER_CALL, and every stream still gets its entries once, in order."""
+    attempts = [await new_attempt() for _ in range(150)]
+    writer = StreamWriter(redis)
+    script = writer._append
+    calls: list[int] = []
+
+    async def counted(*, keys: list[str], args: list[str | int]) -> list[bytes]:
+        calls.append(len(keys) // 2)
+        ids: list[bytes] = await script(keys=keys, args=args)
+        return ids
+
+    writer._append = counted  # type: ignore[assignment]
+    for attempt in attempts:
+        writer.append(attempt, Started("w", 1))
+    for attempt in attempts:
+        await writer.send(attempt, "text")
+    await writer.flushed()
+
+    assert sum(calls) == 300
+    assert max(calls) <= MAX_ENTRIES_PER_CALL
+    for attempt in attempts:
+        assert [type(e).__name__ for e in await entries(redis, attempt)] == ["Started", "Token"]

@@ -61,6 +61,8 @@ alone is no load: its tokens already share entries). At a thousand streams of 30
 entries of about three tokens instead of one took Redis's time per stream from 1.7 to 1.0 ms,
 and every process's work per token with it (bench/concurrency.py). Below, every token is its
 own entry."""
+MAX_ENTRIES_PER_CALL = 128
+"""About 2 ms of Redis's time, the most one append call holds it for."""
 MAX_BACKOFF_S = 1.0
 MAX_UNSENT = 8192
 """Past this many entries not yet written, `send` waits: memory stays bounded if Redis stalls."""
@@ -211,22 +213,31 @@ class StreamWriter:
                 batch, self._pending = self._pending, []
                 self._open_token.clear()
                 self._drained.set()
-                try:
-                    ids = await self._write(batch)
-                except Exception as exc:  # whatever failed, no caller is left waiting
-                    log.warning("could not write %d entries: %s", len(batch), exc)
-                    ids = [exc] * len(batch)
-                for item, outcome in zip(batch, ids, strict=True):
-                    if isinstance(outcome, str):
-                        if item.done is not None and not item.done.done():
-                            item.done.set_result(outcome)
-                    elif item.done is None:
-                        self._failed[item.attempt.stream_key] = outcome
-                    elif not item.done.done():
-                        item.done.set_exception(outcome)
+                # A script call holds Redis while it runs: a large batch goes in parts, so that
+                # other clients' calls (a submit, a read) wait for a part, not for the batch.
+                for start in range(0, len(batch), MAX_ENTRIES_PER_CALL):
+                    part = batch[start : start + MAX_ENTRIES_PER_CALL]
+                    try:
+                        self._settle(part, await self._write(part))
+                    except Exception as exc:  # whatever failed, no caller is left waiting
+                        log.warning("could not write %d entries: %s", len(batch) - start, exc)
+                        self._settle(batch[start:], [exc] * (len(batch) - start))
+                        break
         finally:
             self._flusher = None
             self._drained.set()
+
+    def _settle(self, items: list[_Pending], outcomes: list[str | BaseException]) -> None:
+        """Gives each appender what became of its entry (a failure of text sent without waiting
+        is raised by the stream's next call)."""
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, str):
+                if item.done is not None and not item.done.done():
+                    item.done.set_result(outcome)
+            elif item.done is None:
+                self._failed[item.attempt.stream_key] = outcome
+            elif not item.done.done():
+                item.done.set_exception(outcome)
 
     async def _next_write_due(self, loop: asyncio.AbstractEventLoop) -> None:
         """Waits out the rest of the interval since the last write, so that many jobs' tokens
