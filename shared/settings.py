@@ -123,7 +123,11 @@ class Settings(BaseSettings):
     poll_delay_s: float = Field(1.0, gt=0)
     heartbeat_s: float = Field(1.0, gt=0)
     supervise_s: float = Field(0.5, gt=0)
-    """How often the supervisor looks at every active stream (see api/supervisor.py)."""
+    """How often the supervisor decides for the streams that are due (see api/supervisor.py)."""
+    loaded_write_interval_s: float = Field(0.1, ge=0)
+    """How often a loaded worker (10,000+ tokens a second to 100+ streams) writes its streams'
+    text, so that each entry carries the tokens that came meanwhile (0: every 2 ms, as when not
+    loaded). See worker/writer.py."""
     behind_s: float = Field(0.05, ge=0)
     """A relay whose newest entry is older than this when read is behind: it holds, see below."""
     max_hold_s: float = Field(0.25, ge=0)

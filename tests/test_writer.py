@@ -115,18 +115,29 @@ async def paced_tokens(
 
 
 @pytest.mark.parametrize(
-    ("streams", "every_s", "several_per_entry"),
-    [(10, 0.01, False), (LOADED_STREAMS + 50, 0.025, False), (LOADED_STREAMS + 50, 0.01, True)],
-    ids=["few-streams", "many-slow-streams", "loaded"],
+    ("streams", "every_s", "loaded_interval_s", "several_per_entry"),
+    [
+        (10, 0.01, LOADED_WRITE_INTERVAL_S, False),
+        (LOADED_STREAMS + 50, 0.025, LOADED_WRITE_INTERVAL_S, False),
+        (LOADED_STREAMS + 50, 0.01, LOADED_WRITE_INTERVAL_S, True),
+        (LOADED_STREAMS + 50, 0.01, 0, False),
+    ],
+    ids=["few-streams", "many-slow-streams", "loaded", "loaded-interval-off"],
 )
 async def test_a_loaded_writer_puts_several_tokens_in_an_entry_and_an_unloaded_one_does_not(
-    redis: Redis, new_attempt: NewAttempt, streams: int, every_s: float, several_per_entry: bool
+    redis: Redis,
+    new_attempt: NewAttempt,
+    streams: int,
+    every_s: float,
+    loaded_interval_s: float,
+    several_per_entry: bool,
 ) -> None:
     """A round of tokens every 10 ms to 10 streams, or every 25 ms to 150 (6,000 tokens a
     second): every token is its own entry. Every 10 ms to 150 streams (15,000 a second,
-    loaded): a stream's entries each carry the tokens of the writer's longer interval."""
+    loaded): a stream's entries each carry the tokens of the writer's longer interval, unless
+    that is turned off (SLUICE_LOADED_WRITE_INTERVAL_S=0)."""
     attempts = [await new_attempt() for _ in range(streams)]
-    writer = StreamWriter(redis)
+    writer = StreamWriter(redis, loaded_interval_s=loaded_interval_s)
 
     await paced_tokens(writer, attempts, 20, every_s)
 

@@ -122,7 +122,11 @@ class SluiceWorker(ClaimingWorker):
             settings=self.settings,
             backend=self.backend,
             worker_id=self.worker_id,
-            writer=StreamWriter(redis, retry_s=self.settings.redis_retry_s),
+            writer=StreamWriter(
+                redis,
+                retry_s=self.settings.redis_retry_s,
+                loaded_interval_s=self.settings.loaded_write_interval_s,
+            ),
             control=self._control,
             claim=redis.register_script(lua("claim_stream")),
             hand_back=redis.register_script(lua("hand_back")),

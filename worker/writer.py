@@ -51,14 +51,14 @@ from shared.scripts import lua
 log = logging.getLogger("sluice.worker")
 
 MIN_WRITE_INTERVAL_S = 0.002
-LOADED_WRITE_INTERVAL_S = 0.1
+LOADED_WRITE_INTERVAL_S = 0.1  # SLUICE_LOADED_WRITE_INTERVAL_S
 LOADED_SENDS_PER_S = 10_000
 LOADED_STREAMS = 100
 """A writer that was sent this much text (tokens, deltas) per second since its last write, for
-at least `LOADED_STREAMS` streams, is loaded: it writes every `LOADED_WRITE_INTERVAL_S` instead,
+at least `LOADED_STREAMS` streams, is loaded: it writes every `loaded_interval_s` instead,
 so that each stream's entry carries the several tokens that came meanwhile (one fast stream
 alone is no load: its tokens already share entries). At a thousand streams of 30 tokens/s,
-entries of about three tokens instead of one took Redis's time per stream from 1.7 to 1.0 ms,
+entries of about three tokens instead of one took Redis's time per stream from 1.7 to 1.1 ms,
 and every process's work per token with it (bench/concurrency.py). Below, every token is its
 own entry."""
 MAX_ENTRIES_PER_CALL = 128
@@ -91,7 +91,13 @@ class _Pending:
 
 
 class StreamWriter:
-    def __init__(self, redis: Redis, *, retry_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        retry_s: float = 0.0,
+        loaded_interval_s: float = LOADED_WRITE_INTERVAL_S,
+    ) -> None:
         self._append = redis.register_script(lua("append"))
         self._retry_s = retry_s
         """How long a write that Redis fails is tried again."""
@@ -112,6 +118,7 @@ class StreamWriter:
         self._sends = 0
         """Text sent since the last write: how loaded the writer is."""
         self._interval = MIN_WRITE_INTERVAL_S
+        self._loaded_interval = max(loaded_interval_s, MIN_WRITE_INTERVAL_S)
         self._before_text: set[str] = set()
         """Streams begun (`begin`) that were sent no text yet: their first text is written
         after the short interval even when the writer is loaded (a first token is not held)."""
@@ -206,7 +213,7 @@ class StreamWriter:
                 await self._next_write_due(loop)
                 now = loop.time()
                 self._interval = (
-                    LOADED_WRITE_INTERVAL_S if self._loaded(now) else MIN_WRITE_INTERVAL_S
+                    self._loaded_interval if self._loaded(now) else MIN_WRITE_INTERVAL_S
                 )
                 self._last_write, self._sends = now, 0
                 self._first_text.clear()
