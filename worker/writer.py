@@ -47,11 +47,12 @@ from shared.protocol import (
     encode,
 )
 from shared.scripts import lua
+from shared.settings import Settings
 
 log = logging.getLogger("sluice.worker")
 
 MIN_WRITE_INTERVAL_S = 0.002
-LOADED_WRITE_INTERVAL_S = 0.1  # SLUICE_LOADED_WRITE_INTERVAL_S
+LOADED_WRITE_INTERVAL_S: float = Settings.model_fields["loaded_write_interval_s"].default
 LOADED_SENDS_PER_S = 10_000
 LOADED_STREAMS = 100
 """A writer that was sent this much text (tokens, deltas) per second since its last write, for
