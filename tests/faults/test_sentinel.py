@@ -191,10 +191,20 @@ def outcome(result: SSEResult, whole: str) -> str:
 
 async def resume(client: httpx.AsyncClient, result: SSEResult, whole: str) -> str:
     """A resume after the fault, from the last event the client had: the rest of the answer
-    exactly (`continued`, `done` for a stream that had ended), or `redis_failover`."""
+    exactly (`continued`, `done` for a stream that had ended), or `redis_failover`. A resume is
+    a request like any other: while a Sentinel still reports the failover under way it gets 503
+    with `Retry-After`, and the client asks again then, as README's failover table says."""
     stream_id = result.headers["x-sluice-stream-id"]
     last = [e.id for e in result.events if e.id][-1]
-    rest = await stream(client, path=f"/v1/streams/{stream_id}", headers={"Last-Event-ID": last})
+    deadline = time.monotonic() + MASTER_WAIT_S
+    while True:
+        rest = await stream(
+            client, path=f"/v1/streams/{stream_id}", headers={"Last-Event-ID": last}
+        )
+        if rest.status != 503 or time.monotonic() > deadline:
+            break
+        assert "retry-after" in rest.headers
+        await asyncio.sleep(0.2)
     assert rest.status == 200
     assert rest.events[-1].data == "[DONE]"
     if not result.errors:
