@@ -6,6 +6,10 @@ gains its first reader here). The supervisor stops a generation, or withdraws a 
 whose stream has gone unread for `SLUICE_RESUME_GRACE_S`. When the last local reader of a
 stream leaves, its member is removed at once (and again at the next refresh), so a grace of 0
 acts within a supervisor tick. The key's TTL covers readers only: nothing else lives in it.
+
+Said "at once", these marks still share calls: those that come while one is on its way go
+together in the next, each as the stream stands then (read here or not). At a thousand streams
+that is a call per round trip instead of one per stream that starts or ends.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ class ReaderRegistry:
         self._refresh = redis.register_script(lua("refresh_readers"))
         self._open: Counter[str] = Counter()
         self._left: set[str] = set()
-        self._pending: set[asyncio.Task[None]] = set()
+        self._changed: set[str] = set()
+        """Streams that gained their first reader here or lost their last, not yet said."""
+        self._sayer: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
     def reading(self, stream_id: str, *, announced: bool = False) -> Iterator[None]:
@@ -43,7 +49,7 @@ class ReaderRegistry:
         self._open[stream_id] += 1
         self._left.discard(stream_id)
         if self._open[stream_id] == 1 and not announced:
-            self._soon(self._mark([stream_id], []))
+            self._soon(stream_id)
         try:
             yield
         finally:
@@ -52,19 +58,31 @@ class ReaderRegistry:
                 del self._open[stream_id]
                 # Said at once, not at the next refresh: a queued job nobody reads is passed
                 # over by the workers' claims from the supervisor's next tick.
-                self._soon(self._mark([], [stream_id]))
+                self._soon(stream_id)
                 self._left.add(stream_id)
 
-    def _soon(self, command: Awaitable[object]) -> None:
-        """Run a Redis command without making the caller wait; a failure only costs a period."""
+    def _soon(self, stream_id: str) -> None:
+        """Say whether `stream_id` is read here without making the caller wait; a failure only
+        costs a period."""
+        self._changed.add(stream_id)
+        if self._sayer is None:
+            self._sayer = asyncio.get_running_loop().create_task(self._say_changes())
 
-        async def run() -> None:
-            with contextlib.suppress(RedisError, OSError):
-                await command
+    async def said(self) -> None:
+        """Returns once every change so far has been said (or failed to be)."""
+        while (sayer := self._sayer) is not None:
+            await asyncio.wait({sayer})
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+    async def _say_changes(self) -> None:
+        try:
+            while self._changed:
+                changed, self._changed = self._changed, set()
+                reading = [s for s in changed if s in self._open]
+                left = [s for s in changed if s not in self._open]
+                with contextlib.suppress(RedisError, OSError):
+                    await self._mark(reading, left)
+        finally:
+            self._sayer = None
 
     def _mark(self, reading: list[str], left: list[str]) -> Awaitable[object]:
         return self._refresh(
