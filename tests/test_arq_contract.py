@@ -29,7 +29,7 @@ from shared.arq_internals import (
     job_record,
     job_serializer,
 )
-from tests.procs import RedisServer
+from tests.procs import RedisServer, eventually
 
 # arq 0.28's Worker.close calls redis-py's deprecated `close()`: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
@@ -108,11 +108,14 @@ def new_worker(settings: RedisSettings, queue: str, gate: Gate) -> WorkerFactory
             queue_name=queue,
             waiting_key=waiting(queue),
             orphan_after_ms=3000,
+            worker_id="contract-worker",
+            attempts_key=f"{queue}:attempts",
+            job_deadline_ms=60_000,
             redis_settings=settings,
             handle_signals=False,
             job_timeout=JOB_TIMEOUT_S,
             poll_delay=0.02,
-            **options,
+            **{"keep_result": 0, "retry_jobs": False, **options},
         )
 
     return new
@@ -190,13 +193,25 @@ async def test_arqs_enqueue_job_writes_the_layout_the_claim_script_reads(
     ("method", "parameters"),
     [
         (Worker._poll_iteration, ["self"]),
-        (Worker.run_job, ["self", "job_id", "score"]),
+        (
+            Worker.finish_job,
+            [
+                "self",
+                "job_id",
+                "finish",
+                "result_data",
+                "result_timeout_s",
+                "keep_result_forever",
+                "incr_score",
+                "keep_in_progress",
+            ],
+        ),
         (Worker.heart_beat, ["self"]),
         (Worker.main, ["self"]),
         (Worker.async_run, ["self"]),
         (Worker.close, ["self"]),
     ],
-    ids=["_poll_iteration", "run_job", "heart_beat", "main", "async_run", "close"],
+    ids=["_poll_iteration", "finish_job", "heart_beat", "main", "async_run", "close"],
 )
 def test_worker_coroutine_methods_the_claiming_worker_calls_keep_their_signatures(
     method: Callable[..., Any], parameters: list[str]
@@ -258,12 +273,31 @@ async def test_worker_exposes_the_state_the_claiming_worker_reads_and_writes(
     assert worker.job_counter == 0
 
 
-@pytest.mark.parametrize("option", ["burst", "allow_abort_jobs"])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("burst", True),
+        ("allow_abort_jobs", True),
+        ("retry_jobs", True),
+        ("keep_result", 60),
+        ("keep_result_forever", True),
+        ("on_job_start", print),
+    ],
+)
 async def test_claiming_worker_refuses_arq_features_its_claim_does_not_handle(
-    new_worker: WorkerFactory, option: str
+    new_worker: WorkerFactory, option: str, value: object
 ) -> None:
-    with pytest.raises(ValueError, match=option):
-        new_worker(**{option: True})
+    with pytest.raises(ValueError, match=option.removeprefix("on_").split("_")[0]):
+        new_worker(**{option: value})
+
+
+def test_a_registered_function_has_what_the_claiming_worker_runs_it_by() -> None:
+    async def job(ctx: dict[str, Any]) -> None:
+        pass
+
+    function = func(job, name=FUNCTION)
+    assert function.coroutine is job
+    assert function.timeout_s is None  # the worker's job_timeout applies
 
 
 def waiting(queue: str) -> str:
@@ -282,21 +316,13 @@ async def enqueue_as_sluice_api(pool: ArqRedis, queue: str) -> Job:
     return Job(arq_job_id, pool, _queue_name=queue, _deserializer=job_deserializer)
 
 
-@pytest.mark.parametrize(
-    ("keep_result", "final_status"), [(0, JobStatus.not_found), (60, JobStatus.complete)]
-)
 async def test_claiming_worker_runs_a_queued_job_and_leaves_no_queue_entry_or_claim(
-    pool: ArqRedis,
-    queue: str,
-    gate: Gate,
-    start_worker: StartedWorkerFactory,
-    keep_result: int,
-    final_status: JobStatus,
+    pool: ArqRedis, queue: str, gate: Gate, start_worker: StartedWorkerFactory
 ) -> None:
     job = await enqueue_as_sluice_api(pool, queue)
     assert await job.status() == JobStatus.queued
 
-    worker = await start_worker(keep_result=keep_result)
+    worker = await start_worker()
     await asyncio.wait_for(gate.started_event(job.job_id).wait(), 10)
     running = worker.tasks[job.job_id]
     assert await job.status() == JobStatus.in_progress
@@ -309,10 +335,27 @@ async def test_claiming_worker_runs_a_queued_job_and_leaves_no_queue_entry_or_cl
     await asyncio.wait_for(running, 10)
 
     assert gate.ran == [(job.job_id, ARGS)]
-    assert await job.status() == final_status
+    assert await job.status() == JobStatus.not_found
     assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)
     assert worker.job_counter == 0
     assert await pool.zcard(queue) == await pool.zcard(waiting(queue)) == 0
     assert not await pool.exists(in_progress_key(job.job_id), job_key(job.job_id))
-    if final_status == JobStatus.complete:
-        assert await job.result(timeout=1) == "done"
+
+
+async def test_a_job_taken_without_its_record_runs_nothing_and_leaves_nothing(
+    pool: ArqRedis, queue: str, gate: Gate, start_worker: StartedWorkerFactory
+) -> None:
+    """arq's run_job fails a job whose record expired; the claiming worker does too (the claim
+    brought no record), closes it as arq does, and says so (`on_unrunnable`)."""
+    job = await enqueue_as_sluice_api(pool, queue)
+    await pool.delete(job_key(job.job_id))
+    unrunnable: list[str] = []
+
+    worker = await start_worker()
+    worker.on_unrunnable = lambda claimed: unrunnable.append(claimed.job_id)  # type: ignore[method-assign]
+    await eventually(lambda: worker.jobs_failed == 1 and worker.job_counter == 0, "the job done")
+
+    assert gate.ran == []
+    assert unrunnable == [job.job_id]
+    assert await pool.zcard(queue) == await pool.zcard(waiting(queue)) == 0
+    assert not await pool.exists(in_progress_key(job.job_id))

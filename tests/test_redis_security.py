@@ -255,7 +255,13 @@ def test_job_records_are_json_and_read_back() -> None:
 def test_claiming_worker_refuses_a_job_serializer_other_than_json(option: str) -> None:
     with pytest.raises(ValueError, match="JSON"):
         ClaimingWorker(
-            functions=[], waiting_key="waiting", orphan_after_ms=3000, **{option: pickle.loads}
+            functions=[],
+            waiting_key="waiting",
+            orphan_after_ms=3000,
+            worker_id="w",
+            attempts_key="attempts",
+            job_deadline_ms=60_000,
+            **{option: pickle.loads},
         )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from datetime import datetime
@@ -14,6 +13,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError
 
 from shared import tracing
+from shared.arq_internals import CLAIMED, Claimed
 from shared.errors import GenerationFailed, RedisFailover, RemoteError, SluiceError
 from shared.logs import bind
 from shared.protocol import (
@@ -48,21 +48,23 @@ T = TypeVar("T")
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     """arq's job function."""
     request = GenerationJob.model_validate(payload)
-    await Job(WorkerContext.of(ctx), request, ctx["job_id"], ctx["enqueue_time"]).run()
+    claimed: Claimed = ctx[CLAIMED]
+    await Job(WorkerContext.of(ctx), request, claimed, ctx["enqueue_time"]).run()
 
 
 class Job:
     """One attempt at a stream, phase by phase: `claim`, `start`, `relay`, `finish`."""
 
     def __init__(
-        self, worker: WorkerContext, request: GenerationJob, job_id: str, enqueued: datetime
+        self, worker: WorkerContext, request: GenerationJob, claimed: Claimed, enqueued: datetime
     ) -> None:
         self.worker = worker
         self.request = request
-        self.attempt = Attempt(request.stream_id, job_id)
-        self.claim_id = uuid.uuid4().hex
-        """This run of the attempt (arq may hand an attempt out again if a failover lost its
-        claim): shared/lua/claim_stream.lua lets one run have it."""
+        self.attempt = Attempt(request.stream_id, claimed.job_id)
+        self.claimed = claimed
+        """What the claim that took the job found (shared/lua/claim_jobs.lua); its `claim` names
+        this run of the attempt (arq may hand an attempt out again if a failover lost its claim):
+        shared/lua/lib/claim.lua lets one run have it."""
         self.enqueued = enqueued
         self.first_piece_ms: float | None = None
         self.settled = False
@@ -79,7 +81,7 @@ class Job:
             return
         cancelled, claimed_ms, entries = claimed
         # Its entries follow the stream's, one by one: a failover that loses some is noticed.
-        self.worker.writer.begin(self.attempt, entries, self.claim_id)
+        self.worker.writer.begin(self.attempt, entries, self.claimed.claim)
         span = tracing.start_span("generate", parent=parent)
         if span is not None:
             span.set_attribute("sluice.worker", self.worker.worker_id)
@@ -108,28 +110,38 @@ class Job:
                 span.end()
 
     async def claim(self, parent: Any) -> tuple[bool, int, int] | None:
-        """Claims the stream for this attempt (shared/lua/claim_stream.lua): whether it was
-        cancelled before it started, when it was claimed and how many entries the stream has;
-        None if it is no longer wanted."""
+        """The stream's claim for this attempt: whether it was cancelled before it started,
+        when it was claimed and how many entries the stream has; None if it is no longer wanted.
+        The claim that took the job made it, unless Redis refused it then: it is made again
+        (shared/lua/claim_stream.lua), and tried while Redis refuses."""
         start_ns = int(self.enqueued.timestamp() * 1_000_000_000)
         queue_span = tracing.start_span("queue", parent=parent, start_ns=start_ns)
-        worker, attempt = self.worker, self.attempt
-        settings = worker.settings
-        deadline_ms = job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s)
-        outcome, *claimed = await persist(
-            f"claiming {attempt.job}",
-            lambda: worker.claim(
-                keys=[attempt.meta_key, jobs_key(worker.worker_id)],
-                args=[attempt.job, worker.worker_id, attempt.stream_id, deadline_ms, self.claim_id],
-            ),
-            settings,
-        )
+        claimed = self.claimed
+        outcome, claimed_ms, entries = claimed.outcome, claimed.at_ms, claimed.entries
+        if outcome == "refused":
+            worker, attempt = self.worker, self.attempt
+            settings = worker.settings
+            deadline_ms = job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s)
+            raw_outcome, claimed_ms, entries = await persist(
+                f"claiming {attempt.job}",
+                lambda: worker.claim(
+                    keys=[attempt.meta_key, jobs_key(worker.worker_id)],
+                    args=[
+                        attempt.job,
+                        worker.worker_id,
+                        attempt.stream_id,
+                        deadline_ms,
+                        claimed.claim,
+                    ],
+                ),
+                settings,
+            )
+            outcome = raw_outcome.decode()
         if queue_span is not None:
             queue_span.end()
-        if outcome == b"gone":
+        if outcome == "gone":
             return None
-        claimed_ms, entries = claimed
-        return outcome == b"cancelled", int(claimed_ms), int(entries)
+        return outcome == "cancelled", int(claimed_ms), int(entries)
 
     async def generate(self, signal: StopSignal, claimed_ms: int) -> None:
         """Runs the backend to the stream's end; anything that goes wrong ends it with an error

@@ -13,7 +13,7 @@ import uvloop
 from arq.worker import func
 from redis.exceptions import RedisError
 
-from shared.arq_internals import ClaimingWorker
+from shared.arq_internals import Claimed, ClaimingWorker
 from shared.loops import LoopGroup
 from shared.protocol import (
     CANCEL_CHANNEL,
@@ -80,6 +80,9 @@ class SluiceWorker(ClaimingWorker):
             "queue_name": queue_name(backend.model),
             "waiting_key": waiting_key(backend.model),
             "orphan_after_ms": worker_ttl_ms(settings.heartbeat_s),
+            "worker_id": self.worker_id,
+            "attempts_key": jobs_key(self.worker_id),
+            "job_deadline_ms": job_deadline_ms(settings.job_timeout_s, settings.heartbeat_s),
             "redis_pool": worker_redis(settings, self.worker_id),
             "on_startup": self._startup,
             "on_shutdown": self._shutdown,
@@ -176,6 +179,10 @@ class SluiceWorker(ClaimingWorker):
 
     def on_slot_free(self) -> None:
         self._wake.set()  # a slot is free: look at the queue now
+
+    def on_unrunnable(self, job: Claimed) -> None:
+        if job.outcome in ("claimed", "cancelled"):  # its stream waits on it: the supervisor's
+            self._control.let_go(job.job_id)
 
     async def _listen(self, control: JobControl) -> None:
         """Wake-ups (a job was enqueued) and stops (cancel, unread), as they are published.
