@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -138,6 +139,20 @@ def arrived(scope: Scope) -> float:
     return float(scope.get("state", {}).get(ARRIVED, time.monotonic()))
 
 
+@dataclass(frozen=True, slots=True)
+class _PerBatch:
+    """A model's series of the histograms observed at every batch a relay sends, looked up once:
+    prometheus_client's `labels()` costs more than the observation."""
+
+    relay_delay: Histogram
+    inter_token: Histogram
+
+
+@cache
+def _per_batch(model: str) -> _PerBatch:
+    return _PerBatch(RELAY_DELAY.labels(model), INTER_TOKEN.labels(model))
+
+
 @dataclass
 class RequestClock:
     """One request's timings, fed by the batches its relay sends."""
@@ -173,7 +188,8 @@ class RequestClock:
                     self._end(error["code"] or error["type"], now)
         if not tokens:
             return
-        RELAY_DELAY.labels(self.model).observe(max(0.0, age_s))
+        series = _per_batch(self.model)
+        series.relay_delay.observe(max(0.0, age_s))
         if self.first_sent is None and self.queued_ms is not None:
             self.first_sent = now
             TTFT.labels(self.model).observe(now - self.received)
@@ -181,7 +197,7 @@ class RequestClock:
                 first_ms = int(tokens[0].partition("-")[0])
                 PREFILL_TIME.labels(self.model).observe((first_ms - self.claimed_ms) / 1000)
         elif self.last_sent is not None:
-            INTER_TOKEN.labels(self.model).observe(now - self.last_sent)
+            series.inter_token.observe(now - self.last_sent)
         self.last_sent = now
 
     def _end(self, outcome: str, now: float) -> None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
-from api.relay import EventEncoder
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sse_starlette import ServerSentEvent
+
+from api.relay import SEPARATOR, EventEncoder, event
 from shared.protocol import Delta, Finished, Started, Token, decode, encode
 from shared.schema import ChunkEncoder
 
@@ -84,3 +88,9 @@ def test_legacy_completions_count_text_offsets_from_the_deltas_offset() -> None:
         "top_logprobs": [{"lo": -1.0}, {" there": -2.0}],
         "text_offset": [3, 5],
     }
+
+
+@settings(max_examples=500)
+@given(data=st.text(), id=st.none() | st.text())
+def test_an_event_is_encoded_as_sse_starlette_encodes_it(data: str, id: str | None) -> None:
+    assert event(data, id).encode() == ServerSentEvent(data, id=id, sep=SEPARATOR).encode()

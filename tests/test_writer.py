@@ -158,11 +158,23 @@ async def written_to(redis: Redis, attempt: Attempt, length: int) -> None:
     raise TimeoutError(attempt.stream_key)
 
 
-async def test_a_loaded_writer_does_not_hold_a_streams_first_text(
-    redis: Redis, new_attempt: NewAttempt
+async def send_first_text(writer: StreamWriter, attempt: Attempt) -> None:
+    await writer.send(attempt, "first")
+
+
+async def append_started(writer: StreamWriter, attempt: Attempt) -> None:
+    await writer.append(attempt, Started("w", 1, 0))
+
+
+@pytest.mark.parametrize("first", [send_first_text, append_started])
+async def test_a_loaded_writer_does_not_hold_a_streams_first_entry(
+    redis: Redis,
+    new_attempt: NewAttempt,
+    first: Callable[[StreamWriter, Attempt], Awaitable[None]],
 ) -> None:
     """While the writer is loaded (150 streams, a token each every 10 ms), a stream begun
-    meanwhile has its first text written after the short interval, not the loaded one's."""
+    meanwhile has its first text, or its `Started` (which its first token waits for), written
+    after the short interval, not the loaded one's."""
     attempts = [await new_attempt() for _ in range(LOADED_STREAMS + 50)]
     writer = StreamWriter(redis)
     loading = asyncio.create_task(paced_tokens(writer, attempts, 60, 0.01))
@@ -172,7 +184,7 @@ async def test_a_loaded_writer_does_not_hold_a_streams_first_text(
     writer.begin(newcomer, 0, "run")
 
     sent = time.monotonic()
-    await writer.send(newcomer, "first")
+    await first(writer, newcomer)
     await written_to(redis, newcomer, 0)
     waited = time.monotonic() - sent
     await loading

@@ -123,8 +123,11 @@ class StreamWriter:
         self._before_text: set[str] = set()
         """Streams begun (`begin`) that were sent no text yet: their first text is written
         after the short interval even when the writer is loaded (a first token is not held)."""
-        self._first_text = asyncio.Event()
-        """Set while a stream's first text is among the entries not yet written."""
+        self._urgent = asyncio.Event()
+        """Set while an entry that something waits on is among those not yet written: a stream's
+        first text, or an entry appended with `append` (a `Started`, which the first token waits
+        for; an end, which the client waits for): they go after the short interval even when the
+        writer is loaded."""
         self._failed: dict[str, BaseException] = {}
         self._drained = asyncio.Event()
 
@@ -153,6 +156,7 @@ class StreamWriter:
         on; the future gives the entry's id once it is stored."""
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._enqueue(_Pending(attempt, entry, expire_s, done))
+        self._urgent.set()
         return done
 
     async def send(self, attempt: Attempt, text: str) -> None:
@@ -161,7 +165,7 @@ class StreamWriter:
         self._sends += 1
         if key in self._before_text:
             self._before_text.discard(key)
-            self._first_text.set()
+            self._urgent.set()
         at = self._open_token.get(key)
         if at is not None:
             self._raise_failure(key)
@@ -217,7 +221,7 @@ class StreamWriter:
                     self._loaded_interval if self._loaded(now) else MIN_WRITE_INTERVAL_S
                 )
                 self._last_write, self._sends = now, 0
-                self._first_text.clear()
+                self._urgent.clear()
                 batch, self._pending = self._pending, []
                 self._open_token.clear()
                 self._drained.set()
@@ -250,11 +254,11 @@ class StreamWriter:
     async def _next_write_due(self, loop: asyncio.AbstractEventLoop) -> None:
         """Waits out the rest of the interval since the last write, so that many jobs' tokens
         share one write instead of one syscall each (an idle writer, a token every few ms, never
-        waits); a loaded writer's longer wait is cut short by a stream's first text."""
-        if self._interval > MIN_WRITE_INTERVAL_S and not self._first_text.is_set():
+        waits); a loaded writer's longer wait is cut short by an urgent entry (`_urgent`)."""
+        if self._interval > MIN_WRITE_INTERVAL_S and not self._urgent.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(self._last_write + self._interval):
-                    await self._first_text.wait()
+                    await self._urgent.wait()
         due = self._last_write + MIN_WRITE_INTERVAL_S
         await asyncio.sleep(max(0.0, due - loop.time()))
 

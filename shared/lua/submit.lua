@@ -13,7 +13,7 @@
 --       minute and open streams (0: no limit), 12 the model, 13 queue timeout (ms), 14...
 --       metadata fields and values.
 -- Returns {'queued', requests, tokens, ms to the next minute, now} (the owner's use of its
--- windows, this request included), or why not: {'unknown_model'} (no worker ever announced it),
+-- windows, this request included; 0 for a window it has no limit on), or why not: {'unknown_model'} (no worker ever announced it),
 -- {'no_workers'}, {'engine_down'} (its live workers all report their backend cannot serve),
 -- {'queue_full', waiting}, {'rate_limited', which limit, retry after (ms)}.
 local serving, slots_of, queue, job_key, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -73,5 +73,10 @@ redis.call('EXPIRE', readers, meta_ttl_s)
 enqueue{meta = meta, queue = queue, waiting = waiting, job_key = job_key, stream_id = stream_id,
         job = job, record = record, job_ttl_ms = job_ttl_ms, meta_ttl_s = meta_ttl_s, wake = wake,
         due_at = now + queue_timeout, now = now}
-return {'queued', math.ceil(window_used(requests_used, now)), math.ceil(window_used(tokens_used, now)),
-        to_next_minute, now}
+-- The use of a window goes back only for a limit it has (the x-ratelimit headers'); it is kept
+-- all the same (above), for a limit set later.
+local function use(key, limit)
+  if limit == 0 then return 0 end
+  return math.ceil(window_used(key, now))
+end
+return {'queued', use(requests_used, rpm), use(tokens_used, tpm), to_next_minute, now}

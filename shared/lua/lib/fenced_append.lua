@@ -45,7 +45,7 @@ local function fenced_append(stream, meta, job, kind, payload, ttl, seq, claim)
   if seq and n ~= seq then return 'lost' end
   local ms = math.max(redis_now_ms(), tonumber(current[8] or '0'))
   local id = ms .. '-' .. n
-  if cap then
+  if cap and n > tonumber(cap) then  -- a stream of at most `cap` entries has nothing to trim
     redis.call('XADD', stream, 'MAXLEN', '~', cap, id, kind, payload)
   else
     redis.call('XADD', stream, id, kind, payload)
