@@ -158,23 +158,11 @@ async def written_to(redis: Redis, attempt: Attempt, length: int) -> None:
     raise TimeoutError(attempt.stream_key)
 
 
-async def send_first_text(writer: StreamWriter, attempt: Attempt) -> None:
-    await writer.send(attempt, "first")
-
-
-async def append_started(writer: StreamWriter, attempt: Attempt) -> None:
-    await writer.append(attempt, Started("w", 1, 0))
-
-
-@pytest.mark.parametrize("first", [send_first_text, append_started])
-async def test_a_loaded_writer_does_not_hold_a_streams_first_entry(
-    redis: Redis,
-    new_attempt: NewAttempt,
-    first: Callable[[StreamWriter, Attempt], Awaitable[None]],
+async def test_a_loaded_writer_does_not_hold_a_streams_first_text(
+    redis: Redis, new_attempt: NewAttempt
 ) -> None:
     """While the writer is loaded (150 streams, a token each every 10 ms), a stream begun
-    meanwhile has its first text, or its `Started` (which its first token waits for), written
-    after the short interval, not the loaded one's."""
+    meanwhile has its first text written after the short interval, not the loaded one's."""
     attempts = [await new_attempt() for _ in range(LOADED_STREAMS + 50)]
     writer = StreamWriter(redis)
     loading = asyncio.create_task(paced_tokens(writer, attempts, 60, 0.01))
@@ -184,12 +172,34 @@ async def test_a_loaded_writer_does_not_hold_a_streams_first_entry(
     writer.begin(newcomer, 0, "run")
 
     sent = time.monotonic()
-    await first(writer, newcomer)
+    await writer.send(newcomer, "first")
     await written_to(redis, newcomer, 0)
     waited = time.monotonic() - sent
     await loading
 
     assert waited < LOADED_WRITE_INTERVAL_S / 2
+
+
+async def test_a_loaded_writer_keeps_its_interval_for_other_streams_while_streams_start(
+    redis: Redis, new_attempt: NewAttempt
+) -> None:
+    """While the writer is loaded and a stream starts every 5 ms (thirty in all), each
+    newcomer's first text goes out at once, alone: the loaded streams' entries still carry the
+    tokens of the longer interval, not one or two (as when each first text wrote everything)."""
+    attempts = [await new_attempt() for _ in range(LOADED_STREAMS + 50)]
+    writer = StreamWriter(redis)
+    loading = asyncio.create_task(paced_tokens(writer, attempts, 60, 0.01))
+    await asyncio.sleep(0.3)  # loaded by now
+    before = await redis.xlen(attempts[0].stream_key)
+    for _ in range(30):
+        newcomer = await new_attempt()
+        writer.begin(newcomer, 0, "run")
+        await writer.send(newcomer, "first")
+        await asyncio.sleep(0.005)
+    await loading
+
+    per_entry = [len(e.text.split()) for e in (await entries(redis, attempts[0]))[before:]]
+    assert statistics.median(per_entry) >= 4, per_entry
 
 
 async def test_a_large_batch_is_written_in_parts_each_entry_once_in_order(
