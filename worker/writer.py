@@ -55,13 +55,15 @@ MIN_WRITE_INTERVAL_S = 0.002
 LOADED_WRITE_INTERVAL_S: float = Settings.model_fields["loaded_write_interval_s"].default
 LOADED_SENDS_PER_S = 10_000
 LOADED_STREAMS = 100
-"""A writer that was sent this much text (tokens, deltas) per second since its last write, for
-at least `LOADED_STREAMS` streams, is loaded: it writes every `loaded_interval_s` instead,
-so that each stream's entry carries the several tokens that came meanwhile (one fast stream
-alone is no load: its tokens already share entries). At a thousand streams of 30 tokens/s,
-entries of about three tokens instead of one took Redis's time per stream from 1.7 to 1.1 ms,
-and every process's work per token with it (bench/concurrency.py). Below, every token is its
-own entry."""
+"""A writer that was sent this much text (tokens, deltas) per second, to at least
+`LOADED_STREAMS` streams, is loaded: it writes every `loaded_interval_s` instead, so that each
+stream's entry carries the several tokens that came meanwhile (one fast stream alone is no
+load: its tokens already share entries). At a thousand streams of 30 tokens/s, entries of about
+three tokens instead of one took Redis's time per stream from 1.7 to 1.1 ms, and every process's
+work per token with it (bench/concurrency.py). Below, every token is its own entry. The load is
+judged over up to a loaded interval, whatever the interval between writes: judged between writes
+2 ms apart, a thousand streams of 30 tokens/s were some 60 streams, no load, and the writer
+became loaded only when a slow write happened to let a hundred streams send."""
 MAX_ENTRIES_PER_CALL = 128
 """About 2 ms of Redis's time, the most one append call holds it for."""
 MAX_BACKOFF_S = 1.0
@@ -116,8 +118,12 @@ class StreamWriter:
         """Stream key -> index in `_pending` of its token entry, while nothing follows it."""
         self._flusher: asyncio.Task[None] | None = None
         self._last_write = 0.0
+        self._judged_at = 0.0
+        """Since when the writer's load is judged (at each write, over what was sent since; it
+        starts again a loaded interval on)."""
         self._sends = 0
-        """Text sent since the last write: how loaded the writer is."""
+        self._senders: set[str] = set()
+        """Text sent since the load was judged, and the streams it went to: how loaded it is."""
         self._interval = MIN_WRITE_INTERVAL_S
         self._loaded_interval = max(loaded_interval_s, MIN_WRITE_INTERVAL_S)
         self._before_text: set[str] = set()
@@ -167,6 +173,7 @@ class StreamWriter:
         """Append `text` to the attempt's stream soon, in order with its other entries."""
         key = attempt.stream_key
         self._sends += 1
+        self._senders.add(key)
         if key in self._before_text:
             self._before_text.discard(key)
             self._urgent_streams.add(key)
@@ -185,6 +192,7 @@ class StreamWriter:
     async def send_delta(self, attempt: Attempt, delta: Delta) -> None:
         """Append `delta` to the attempt's stream soon, in order with its other entries."""
         self._sends += 1
+        self._senders.add(attempt.stream_key)
         self._enqueue(_Pending(attempt, delta, None, None))
         await self._bounded()
 
@@ -228,7 +236,10 @@ class StreamWriter:
                     self._interval = (
                         self._loaded_interval if self._loaded(now) else MIN_WRITE_INTERVAL_S
                     )
-                    self._last_write, self._sends = now, 0
+                    if now - self._judged_at >= self._loaded_interval:
+                        self._judged_at, self._sends = now, 0
+                        self._senders.clear()
+                    self._last_write = now
                     batch, self._pending = self._pending, []
                     self._open_token.clear()
                 self._urgent.clear()
@@ -295,8 +306,11 @@ class StreamWriter:
         return taken
 
     def _loaded(self, now: float) -> bool:
-        busy = self._sends >= LOADED_SENDS_PER_S * (now - self._last_write)
-        return busy and len(self._open_token) >= LOADED_STREAMS
+        # Over a loaded interval at least: a round of tokens to many streams at once, a
+        # millisecond after the last, is no rate.
+        judged_s = max(now - self._judged_at, self._loaded_interval)
+        busy = self._sends >= LOADED_SENDS_PER_S * judged_s
+        return busy and len(self._senders) >= LOADED_STREAMS
 
     async def _write(self, batch: list[_Pending]) -> list[str | BaseException]:
         keys: list[str] = []
