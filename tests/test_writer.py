@@ -119,7 +119,7 @@ async def paced_tokens(
     [
         (10, 0.01, LOADED_WRITE_INTERVAL_S, False),
         (LOADED_STREAMS + 50, 0.025, LOADED_WRITE_INTERVAL_S, False),
-        (LOADED_STREAMS + 50, 0.01, LOADED_WRITE_INTERVAL_S, True),
+        (LOADED_STREAMS + 250, 0.01, LOADED_WRITE_INTERVAL_S, True),
         (LOADED_STREAMS + 50, 0.01, 0, False),
     ],
     ids=["few-streams", "many-slow-streams", "loaded", "loaded-interval-off"],
@@ -133,9 +133,10 @@ async def test_a_loaded_writer_puts_several_tokens_in_an_entry_and_an_unloaded_o
     several_per_entry: bool,
 ) -> None:
     """A round of tokens every 10 ms to 10 streams, or every 25 ms to 150 (6,000 tokens a
-    second): every token is its own entry. Every 10 ms to 150 streams (15,000 a second,
-    loaded): once the writer has judged its load, a stream's entries each carry the tokens of
-    its longer interval, unless that is turned off (SLUICE_LOADED_WRITE_INTERVAL_S=0)."""
+    second): every token is its own entry. Every 10 ms to 350 streams (35,000 a second, well
+    over the threshold even where coverage slows the test's loop to half that): once the writer
+    has judged its load, a stream's entries each carry the tokens of its longer interval, unless
+    that is turned off (SLUICE_LOADED_WRITE_INTERVAL_S=0)."""
     attempts = [await new_attempt() for _ in range(streams)]
     writer = StreamWriter(redis, loaded_interval_s=loaded_interval_s)
 
@@ -147,21 +148,23 @@ async def test_a_loaded_writer_puts_several_tokens_in_an_entry_and_an_unloaded_o
         judged = next(n for n in range(len(per_entry)) if sum(per_entry[:n]) >= 15)
         assert statistics.median(per_entry[judged:]) >= 4, per_entry
     else:
-        assert max(per_entry) == 1
+        assert statistics.median(per_entry) == 1  # two join only when a write lags
 
 
 async def test_many_streams_each_sending_now_and_then_load_the_writer(
     redis: Redis, new_attempt: NewAttempt
 ) -> None:
-    """500 streams in ten groups, a group every 2 ms, each stream a token every 20 ms: 25,000
-    tokens a second, but only 50 streams between two writes 2 ms apart. The writer judges its
-    load over its longer interval and is loaded: a stream's entries carry several tokens (judged
-    between writes, it never was, unless a slow write happened to let a hundred streams send:
-    the 1000-stream bench swung between two speeds)."""
-    attempts = [await new_attempt() for _ in range(500)]
-    groups = [attempts[g::10] for g in range(10)]
-    writer = StreamWriter(redis)
-    for n in range(30):
+    """The writer judges its load over its longer interval, not between two writes: scaled
+    down here (loaded from 20 streams and 1,000 tokens a second), 40 streams in four groups, a
+    group every 2 ms, each stream a token every 8 ms: 5,000 tokens a second, but only 10
+    streams between two writes 2 ms apart. It is loaded: a stream's entries carry several
+    tokens. (Judged between writes, it never was, unless a slow write happened to let enough
+    streams send: at a thousand streams of 30 tokens/s, some 60 of the 100 it took, and the
+    1000-stream bench swung between two speeds.)"""
+    attempts = [await new_attempt() for _ in range(40)]
+    groups = [attempts[g::4] for g in range(4)]
+    writer = StreamWriter(redis, loaded_sends_per_s=1_000, loaded_streams=20)
+    for n in range(40):
         for group in groups:
             for attempt in group:
                 await writer.send(attempt, f"{n} ")
@@ -169,7 +172,7 @@ async def test_many_streams_each_sending_now_and_then_load_the_writer(
     await writer.flushed()
 
     per_entry = [len(e.text.split()) for e in await entries(redis, attempts[0])]
-    judged = next(n for n in range(len(per_entry)) if sum(per_entry[:n]) >= 10)
+    judged = next(n for n in range(len(per_entry)) if sum(per_entry[:n]) >= 15)
     assert statistics.median(per_entry[judged:]) >= 3, per_entry
 
 

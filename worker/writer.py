@@ -100,8 +100,12 @@ class StreamWriter:
         *,
         retry_s: float = 0.0,
         loaded_interval_s: float = LOADED_WRITE_INTERVAL_S,
+        loaded_sends_per_s: int = LOADED_SENDS_PER_S,
+        loaded_streams: int = LOADED_STREAMS,
     ) -> None:
         self._append = redis.register_script(lua("append"))
+        self._loaded_sends_per_s = loaded_sends_per_s
+        self._loaded_streams = loaded_streams
         self._retry_s = retry_s
         """How long a write that Redis fails is tried again."""
         self._numbers: dict[str, int] = {}
@@ -309,8 +313,8 @@ class StreamWriter:
         # Over a loaded interval at least: a round of tokens to many streams at once, a
         # millisecond after the last, is no rate.
         judged_s = max(now - self._judged_at, self._loaded_interval)
-        busy = self._sends >= LOADED_SENDS_PER_S * judged_s
-        return busy and len(self._senders) >= LOADED_STREAMS
+        busy = self._sends >= self._loaded_sends_per_s * judged_s
+        return busy and len(self._senders) >= self._loaded_streams
 
     async def _write(self, batch: list[_Pending]) -> list[str | BaseException]:
         keys: list[str] = []
