@@ -91,6 +91,12 @@ class Claimed:
     entries: int
     claim: str
 
+    @property
+    def holds_stream(self) -> bool:
+        """Whether the claim made the stream this worker's ('claimed' or 'cancelled'; not
+        'gone', nor 'refused', which is an orphan already)."""
+        return self.outcome in ("claimed", "cancelled")
+
 
 class ClaimingWorker(Worker):
     """arq's Worker with its poll replaced by one claim script (shared/lua/claim_jobs.lua), over

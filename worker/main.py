@@ -181,7 +181,7 @@ class SluiceWorker(ClaimingWorker):
         self._wake.set()  # a slot is free: look at the queue now
 
     def on_unrunnable(self, job: Claimed) -> None:
-        if job.outcome in ("claimed", "cancelled"):  # its stream waits on it: the supervisor's
+        if job.holds_stream:  # its stream waits on it: the supervisor's to see to now
             self._control.let_go(job.job_id)
 
     async def _listen(self, control: JobControl) -> None:
