@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -380,12 +381,31 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+SCRIPT_COMMANDS = frozenset(
+    name.lower()
+    for path in (ROOT / "shared" / "lua").rglob("*.lua")
+    for name in re.findall(r"redis\.p?call\('(\w+)'", path.read_text())
+)
+"""The commands sluice's scripts call, as `INFO commandstats` names them."""
+OWN_COMMANDS = frozenset({"client", "config", "info", "slowlog"})
+"""What the benchmarks send to watch Redis (connections, stats), left out of its time."""
+SCRIPT_CLIENT = b"?:0"
+"""The client address SLOWLOG gives a command a script called."""
+
+
 class RedisCommandTime:
     """Redis's own time in commands over a window: `INFO commandstats` (reset when the window
-    opens; as Redis counts, a script's commands count in their own lines and again in the
-    script's), and from `SLOWLOG` the calls that held Redis for over 1 ms, scripts named from
+    opens), and from `SLOWLOG` the calls that held Redis for over 1 ms, scripts named from
     `scripts`. With `trace`, SLOWLOG records every call (at some cost to Redis) and the time is
-    also given by call, each script apart."""
+    also given by call, each script apart.
+
+    Redis counts a script's commands twice: in their own lines and again in the script's
+    (`by_command_us` shows them as Redis counts). `usec` counts each once, in its script: a
+    command that sluice's scripts call (`SCRIPT_COMMANDS`) is left out of it, and so are the
+    few that sluice also sends on their own under load (the hub's wake XADD and EXPIRE: a
+    couple of microseconds per XREAD call that a new stream joins). SLOWLOG names a script's
+    commands by no client; they are left out of the calls too. What the benchmark itself sends to
+    watch Redis (`OWN_COMMANDS`) is not counted."""
 
     SLOW_US = 1000
     MAX_CALLS = 500_000
@@ -411,18 +431,27 @@ class RedisCommandTime:
         self._redis.config_set("slowlog-log-slower-than", 10_000)
         self._redis.slowlog_reset()
         by_command = {name.removeprefix("cmdstat_"): int(s["usec"]) for name, s in stats.items()}
+        once = {
+            name: usec
+            for name, usec in by_command.items()
+            if name not in SCRIPT_COMMANDS and name.partition("|")[0] not in OWN_COMMANDS
+        }
         by_call: dict[str, int] = {}
         calls: dict[str, int] = {}
         longest: dict[str, int] = {}
         slow = 0
         for entry in log:
+            if entry.get("client_address") == SCRIPT_CLIENT:
+                continue
             name, duration = self._call(bytes(entry["command"])), int(entry["duration"])
+            if name in OWN_COMMANDS:
+                continue
             by_call[name] = by_call.get(name, 0) + duration
             calls[name] = calls.get(name, 0) + 1
             longest[name] = max(longest.get(name, 0), duration)
             slow += duration > self.SLOW_US
         return {
-            "usec": sum(by_command.values()),
+            "usec": sum(once.values()),
             "by_command_us": dict(sorted(by_command.items(), key=lambda kv: -kv[1])[:6]),
             "calls_over_1ms": slow,
             "longest_us": dict(sorted(longest.items(), key=lambda kv: -kv[1])[:4]),
