@@ -48,7 +48,7 @@ from arq.connections import ArqRedis, RedisSettings
 from redis._parsers import _AsyncHiredisParser
 from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from redis.asyncio import BlockingConnectionPool, ConnectionPool
-from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -189,7 +189,8 @@ def _sentinels(settings: Settings) -> Sentinels:
 
 
 class QuickCheckPool(BlockingConnectionPool):
-    """redis-py's blocking pool, whose check of a connection it hands out does not wait.
+    """redis-py's blocking pool, whose check of a connection it hands out does not wait, and
+    whose connections pack commands at once (`FastPacking`).
 
     redis-py makes sure a pooled connection owes no reply and was not closed by reading it with
     a timeout of zero: an exception and a turn of the event loop for every command (14 us of
@@ -197,6 +198,11 @@ class QuickCheckPool(BlockingConnectionPool):
     without waiting: whatever Redis sent, and its closing, is already in the connection's
     buffers once the loop has read it. Only redis-py's own reader (hiredis) and asyncio's
     buffer are looked at; tests/test_redis_pool.py holds both to it."""
+
+    def __init__(
+        self, *, connection_class: type[AbstractConnection] = Connection, **options: Any
+    ) -> None:
+        super().__init__(connection_class=fast_packing(connection_class), **options)
 
     async def ensure_connection(self, connection: AbstractConnection) -> None:
         await connection.connect()  # type: ignore[no-untyped-call]
@@ -206,6 +212,54 @@ class QuickCheckPool(BlockingConnectionPool):
         await connection.connect()  # type: ignore[no-untyped-call]
         if not _owes_nothing(connection):
             raise RedisConnectionError("Connection not ready")
+
+
+class FastPacking:
+    """A connection that packs a command into Redis's protocol in one pass: the same bytes as
+    redis-py's `pack_command`, which grows its buffer by a copy per argument. Packing the
+    worker's append of 128 entries (1027 arguments) cost 1040 us there and 240 us here; the
+    API's submit (51 arguments) 35 and 11 us. Arguments other than str, bytes and int (floats,
+    memoryviews, what redis-py refuses) go through redis-py's own encoder, as they would there.
+    Mixed into each of redis-py's connection classes (`fast_packing`); tests/test_redis_pool.py
+    holds the bytes to redis-py's."""
+
+    encoder: Any
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        command = args[0]
+        # A command name of several words ("CONFIG GET") goes as separate arguments.
+        if isinstance(command, str):
+            args = (*command.encode().split(), *args[1:])
+        elif b" " in command:
+            args = (*command.split(), *args[1:])
+        encoder = self.encoder
+        encoding, errors = encoder.encoding, encoder.encoding_errors
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            kind = type(arg)
+            if kind is str:
+                value = arg.encode(encoding, errors)
+            elif kind is bytes:
+                value = arg
+            elif kind is int:
+                value = b"%d" % arg
+            else:
+                value = encoder.encode(arg)
+            parts.append(b"$%d\r\n%b\r\n" % (len(value), value))
+        return [b"".join(parts)]
+
+
+_fast_classes: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def fast_packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`connection_class`, packing its commands as `FastPacking` does."""
+    if issubclass(connection_class, FastPacking):
+        return connection_class
+    if connection_class not in _fast_classes:
+        name = connection_class.__name__
+        _fast_classes[connection_class] = type(name, (FastPacking, connection_class), {})
+    return _fast_classes[connection_class]
 
 
 def _owes_nothing(connection: AbstractConnection) -> bool:
