@@ -14,10 +14,21 @@ ended at once (`redis_unavailable`); with Sentinels (`hold_s`) they wait for the
 up to `hold_s`, then end (`redis_failover`). Whether a waiter's position is still on the new
 master is the relay's to check (`epoch` counts the failures and new connections).
 
+A read asks only for the streams that may have something for their waiters: every append rings
+the bells (`BELLS_KEY`, one entry per script call naming the streams it appended to), which
+every XREAD includes. A stream once read is known to hold nothing after the id the read ended
+at, until a bell names it again; a waiter at that id is not asked for (a thousand streams
+waited for, some 7% with new entries per read, cost Redis and this process a thousand keys per
+call). Up to `read_all_up_to` streams waited for, every read asks for them all anyway: a token
+then takes one call, not a bell's and then its stream's. When Redis fails or the reads go to a
+new connection (perhaps a new master), or the hub has not read for half as long as bells are
+kept, it forgets what it knew, takes the bells' position anew and asks every stream again.
+
 A client that starts waiting while the XREAD is blocked is not in it; the hub then appends to
-its own small wake stream, which every XREAD includes, so the call returns and is reissued. The
-same holds for a client whose stream is in the call but from a later id than the client has (a
-client resuming on this process while its old connection still reads): the reply lacks the
+its own small wake stream, which every XREAD includes, so the call returns and is reissued,
+unless the client waits at the id its stream is known to end at (a bell wakes the call then).
+The same holds for a client whose stream is in the call but from a later id than the client has
+(a client resuming on this process while its old connection still reads): the reply lacks the
 entries between the two ids, so that client waits for the next call, which asks from its id.
 """
 
@@ -38,7 +49,7 @@ from api.replicas import ReplicaWait
 from api.xread import MultiStreamReader
 from shared.errors import RedisFailover, RedisUnavailable, StreamReaderFailed
 from shared.loops import LoopGroup
-from shared.protocol import entry_id_key, hub_wake_key
+from shared.protocol import BELLS_KEEP_MS, BELLS_KEY, entry_id_key, hub_wake_key
 
 log = logging.getLogger("sluice.api")
 
@@ -46,6 +57,12 @@ RawEntry = list[Any]
 """An entry as Redis sends it: [id, [field, value, ...]], bytes throughout."""
 MIN_CALL_INTERVAL_S = 0.002
 CLOCK_CHECK_S = 60.0
+READ_ALL_UP_TO = 16
+"""Up to this many streams waited for, each read asks for all of them (see the module's doc)."""
+FORGET_AFTER_S = BELLS_KEEP_MS / 1000 / 2
+"""A hub that has not read for this long may have missed bells Redis has since trimmed."""
+SWEEP_S = 1.0
+"""How often what is known of streams no one waits for here is dropped."""
 
 
 @dataclass(eq=False)
@@ -66,6 +83,7 @@ class StreamHub:
         read_timeout_s: float = 5.0,
         hold_s: float = 0.0,
         replicas: ReplicaWait | None = None,
+        read_all_up_to: int = READ_ALL_UP_TO,
     ) -> None:
         self._redis = redis
         self.replicas = replicas
@@ -90,6 +108,11 @@ class StreamHub:
         self._has_waiters = asyncio.Event()
         self._wake_task: asyncio.Task[None] | None = None
         self._redis_clock_ahead_s = 0.0
+        self._read_all_up_to = read_all_up_to
+        self._known: dict[str, str] = {}
+        """Streams read since the bells last named them: the id after which each held nothing."""
+        self._bells_after: str | None = None
+        """The last bell read; None: not yet known (at the start, after a failure)."""
 
     @property
     def redis(self) -> Redis:
@@ -139,9 +162,12 @@ class StreamHub:
         return waiter.done
 
     def _call_misses(self, key: str, after: str) -> bool:
-        """Whether the XREAD now blocked could not serve a waiter for `key` after `after`."""
+        """Whether the XREAD now blocked could not serve a waiter for `key` after `after`: its
+        stream is not in it (or from a later id), and no bell would end it for that stream."""
         asked = self._in_call.get(key)
-        return asked is None or (asked != after and entry_id_key(after) < entry_id_key(asked))
+        if asked is not None and (asked == after or entry_id_key(after) >= entry_id_key(asked)):
+            return False
+        return self._known.get(key) != after
 
     async def _wake(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -185,40 +211,87 @@ class StreamHub:
     async def _read_forever(self) -> None:
         backoff = 0.05
         loop = asyncio.get_running_loop()
-        last_call = 0.0
+        last_call = last_reply = last_sweep = 0.0
+        delivered = True
         while True:
             # Under load, space calls by a couple of milliseconds so each returns many entries;
-            # an XREAD over every waiting stream costs the same for one entry as for hundreds.
-            await asyncio.sleep(max(0.0, last_call + MIN_CALL_INTERVAL_S - loop.time()))
+            # an XREAD costs much the same for one entry as for hundreds. A call that brought no
+            # entries (bells only, a wake) is followed at once.
+            if delivered:
+                await asyncio.sleep(max(0.0, last_call + MIN_CALL_INTERVAL_S - loop.time()))
             last_call = loop.time()
             wanted = self._wanted()
             if not wanted:
                 self._has_waiters.clear()
                 await self._has_waiters.wait()
                 continue
-            self._in_call = wanted
-            self._wake_sent = False
-            self._blocked = True
+            if last_call - last_sweep > SWEEP_S:
+                last_sweep = last_call
+                self._known = {k: v for k, v in self._known.items() if k in self._waiters}
+            if last_call - last_reply > FORGET_AFTER_S:
+                self._bells_after = None
+            reconnections = self._reader.reconnections
             try:
-                reply = await self._reader.read({self._wake_key: self._wake_after, **wanted})
+                if self._bells_after is None:
+                    self._known.clear()
+                    self._bells_after = await self._reader.last_id(BELLS_KEY)
+                reading = self._to_read(wanted)
+                self._in_call = reading
+                self._wake_sent = False
+                self._blocked = True
+                try:
+                    reply = await self._reader.read(
+                        {self._wake_key: self._wake_after, BELLS_KEY: self._bells_after, **reading}
+                    )
+                finally:
+                    self._blocked = False
             except (RedisError, OSError) as exc:
                 self._failures += 1
+                self._bells_after = None
                 self._lost_redis(exc, loop.time())
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0 if self._hold_s else 2.0)
                 continue
-            finally:
-                self._blocked = False
+            last_reply = loop.time()
             if self._failing_since is not None:
                 log.warning("stream reader has Redis again")
                 self._failing_since = None
             backoff = 0.05
-            for raw_key, entries in reply or []:
-                key = raw_key.decode()
-                if key == self._wake_key:
-                    self._wake_after = entries[-1][0].decode()
-                else:
-                    self._deliver(key, wanted[key], entries)
+            delivered = self._take(reading, reply or [])
+            if self._reader.reconnections != reconnections:
+                self._bells_after = None  # the bells read may have been another master's
+
+    def _to_read(self, wanted: dict[str, str]) -> dict[str, str]:
+        """The streams to ask for: all, when few; else those that may have something for
+        their waiters (not known to end at the id they wait at)."""
+        if len(wanted) <= self._read_all_up_to:
+            return wanted
+        known = self._known
+        return {key: after for key, after in wanted.items() if known.get(key) != after}
+
+    def _take(self, reading: dict[str, str], reply: list[Any]) -> bool:
+        """Hands out a call's reply; whether it held any stream's entries."""
+        data = []
+        for raw_key, entries in reply:
+            key = raw_key.decode()
+            if key == self._wake_key:
+                self._wake_after = entries[-1][0].decode()
+            elif key == BELLS_KEY:
+                self._bells_after = entries[-1][0].decode()
+                for _, (_, keys) in entries:
+                    for rung in keys.decode().split():
+                        self._known.pop(rung, None)
+            else:
+                data.append((key, entries))
+        # What was read is known as of this call, bells in its reply (rung before it) or not.
+        self._known.update(reading)
+        for key, entries in data:
+            if len(entries) < self.count:
+                self._known[key] = entries[-1][0].decode()
+            else:  # a full page: there may be more
+                self._known.pop(key, None)
+            self._deliver(key, reading[key], entries)
+        return bool(data)
 
     def _lost_redis(self, exc: Exception, now: float) -> None:
         """A read failed: with a single Redis its waiters end; with Sentinels they wait, for

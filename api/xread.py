@@ -67,6 +67,13 @@ class MultiStreamReader:
             self.reconnections += 1
             return await self._call(command)
 
+    async def last_id(self, key: str) -> str:
+        """The id of the stream's last entry ("0-0" if it has none), asked on the connection
+        the reads use: after a failover, of the master they read from."""
+        command = "".join(["*6\r\n", *map(_arg, ["XREVRANGE", key, "+", "-", "COUNT", "1"])])
+        reply = await self._call(command.encode())
+        return reply[0][0].decode() if reply else "0-0"
+
     async def _call(self, command: bytes) -> list[Any] | None:
         connection = self._connection or await self._pool.get_connection()
         self._connection = connection

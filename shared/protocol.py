@@ -161,6 +161,16 @@ class Attempt:
         return meta_key(self.stream_id)
 
 
+BELLS_KEY = PREFIX + "bells"
+"""A stream every append rings: each script call that appends to job streams adds one entry,
+`k` the keys of the streams it appended to, space-separated (shared/lua/lib/fenced_append.lua).
+An API process's hub reads it to learn which streams have new entries, rather than asking for
+every stream it waits for in each read (api/hub.py)."""
+BELLS_KEEP_MS = 20_000
+"""How long a bell is kept: older ones are trimmed as new ones come. A hub that has not read
+for half as long forgets what it knew and asks every stream again."""
+
+
 def hub_wake_key(instance_id: str) -> str:
     """A small stream per API process, written to interrupt that process's blocking XREAD."""
     return f"{PREFIX}hub:{instance_id}"

@@ -22,6 +22,8 @@ CONSTANTS = {
     name: getattr(protocol, name)
     for name in (
         "ACTIVE_KEY",
+        "BELLS_KEEP_MS",
+        "BELLS_KEY",
         "DUE_KEY",
         "JOBS_PREFIX",
         "KEY_STREAMS_PREFIX",

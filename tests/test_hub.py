@@ -1,7 +1,9 @@
 """The hub hands each reader every entry after the reader's own id, in order, once, whatever
 other readers of the same streams on the same process do. Readers join at any id (a client
 resuming here while its old connection still reads), give up a read and make it again (as the
-relay does each tick), and leave, while a writer appends; against a real Redis."""
+relay does each tick), and leave, while a writer appends and rings the bells as sluice's
+scripts do; against a real Redis. The hub is run both ways it reads: asking for every stream
+waited for, and (as with many streams) only for those the bells named."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from hypothesis import Phase, example, given, note, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from api.hub import StreamHub
+import pytest
+
+from api.hub import READ_ALL_UP_TO, StreamHub
+from shared.protocol import BELLS_KEY
 from tests.hubs import running_hub
 from tests.procs import RedisServer
 
@@ -108,10 +113,12 @@ class Scenario:
         match op:
             case Write(stream, count):
                 key = self.keys[stream]
-                async with self.redis.pipeline(transaction=False) as pipe:
+                # As an append script does: the entries and their bell at once.
+                async with self.redis.pipeline(transaction=True) as pipe:
                     for n in range(count):
                         pipe.xadd(key, {"n": n})
-                    ids: list[bytes] = await pipe.execute()
+                    pipe.xadd(BELLS_KEY, {"k": key})
+                    ids: list[bytes] = (await pipe.execute())[:-1]
                 self.written[key].extend(entry_id.decode() for entry_id in ids)
             case Join(stream, cursor, tick_ms):
                 key = self.keys[stream]
@@ -164,6 +171,13 @@ class Scenario:
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 @given(steps=steps)
+@example(
+    steps=[
+        (Join(stream=0, cursor=0, tick_ms=None), True),
+        (Write(stream=0, count=1), True),
+        (Write(stream=0, count=1), True),
+    ]
+)
 @example(  # issue 12: a client resumes here while its old connection, at the head, still reads
     steps=[
         (Write(stream=0, count=4), True),
@@ -172,12 +186,15 @@ class Scenario:
         (Write(stream=0, count=2), True),
     ]
 )
+@pytest.mark.parametrize("read_all_up_to", [READ_ALL_UP_TO, 0])
 async def test_every_reader_gets_each_entry_after_its_id_once_in_order(
-    redis_server: RedisServer, steps: list[tuple[Op, bool]]
+    redis_server: RedisServer, steps: list[tuple[Op, bool]], read_all_up_to: int
 ) -> None:
     note(f"steps: {steps}")
     redis = Redis.from_url(redis_server.url())
-    async with running_hub(redis, count=PAGE, block_ms=BLOCK_MS) as (hub, _):
+    async with running_hub(
+        redis, count=PAGE, block_ms=BLOCK_MS, read_all_up_to=read_all_up_to
+    ) as (hub, _):
         scenario = Scenario(redis, hub)
         try:
             for op, settle in steps:
@@ -197,3 +214,33 @@ async def test_every_reader_gets_each_entry_after_its_id_once_in_order(
         assert reader.got == scenario.expected(reader)[: len(reader.got)], (
             f"read after {reader.after}, left"
         )
+
+
+async def test_a_hub_whose_reads_go_to_a_new_connection_takes_the_bells_position_anew(
+    redis_server: RedisServer,
+) -> None:
+    """A new connection may be a new master's, whose bells (its clock behind, the last ones
+    lost) can come before the last bell the hub read: a hub that went on from its old position
+    would never see them. It forgets what it knew and asks every stream again."""
+    redis = Redis.from_url(redis_server.url())
+    key = f"test-hub:{uuid.uuid4().hex}"
+    async with running_hub(redis, block_ms=300, read_all_up_to=0) as (hub, _):
+        first = await redis.xadd(key, {"n": 0})
+        await redis.xadd(BELLS_KEY, {"k": key})
+        assert [e[0] for e in await hub.read(key, "0-0")] == [first]
+        waiting = hub.read(key, first.decode())  # at the known end: the call leaves it out
+        await asyncio.sleep(0.05)
+        for client in await redis.client_list():
+            if client["cmd"] == "xread" and client["db"] == "0":
+                await redis.client_kill_filter(_id=client["id"])
+        await asyncio.sleep(0.05)  # the hub's read, made again on a new connection, blocks
+        async with redis.pipeline(transaction=True) as pipe:  # as a new master would number it
+            pipe.xadd(key, {"n": 1})
+            pipe.delete(BELLS_KEY)
+            pipe.xadd(BELLS_KEY, {"k": key}, id="1-1")
+            second, *_ = await pipe.execute()
+
+        async with asyncio.timeout(3):
+            assert [e[0] for e in await waiting] == [second]
+    await redis.delete(key, BELLS_KEY)
+    await redis.aclose()

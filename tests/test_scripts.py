@@ -49,6 +49,18 @@ def test_every_script_opens_with_what_it_takes(name: str) -> None:
         assert "ARGV:" in header, name
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_that_appends_rings_the_bells_before_it_returns(name: str) -> None:
+    """A hub learns of new entries from the bells (api/hub.py): an append no bell names would
+    reach a reader only once something else made the hub read its stream."""
+    body = (LUA / f"{name}.lua").read_text()
+    if "fenced_append(" not in body:
+        return
+    last_append = body.rindex("fenced_append(")
+    last_return = max(m.start() for m in re.finditer(r"^return\b", body, re.M))
+    assert last_append < body.find("ring_bells()", last_append) < last_return, name
+
+
 def test_every_script_and_piece_is_used() -> None:
     code = "\n".join(
         path.read_text()

@@ -26,4 +26,5 @@ for i = 1, #KEYS / 2 do
   ids[i] = fenced_append(stream, meta, job, kind, payload, ttl, seq, claim)
   if ids[i] == 'fenced' or ids[i] == 'cancelled' then refused[stream] = (refused[stream] or 0) + 1 end
 end
+ring_bells()
 return ids

@@ -137,4 +137,5 @@ for _, id in ipairs(stale('${DUE_KEY}', now)) do
   local s = read(id)
   decide[s.state](s)
 end
+ring_bells()
 return retry

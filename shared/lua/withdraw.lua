@@ -16,4 +16,5 @@ redis.call('ZREM', queue, job)
 redis.call('ZREM', waiting, job)
 redis.call('DEL', job_key)
 if fenced_append(stream, meta, job, 'e', payload, ttl) == 'fenced' then return 0 end
+ring_bells()
 return 1

@@ -28,6 +28,19 @@
 -- behind, could come with the same milliseconds). `claim` (with `seq`) names the run of the
 -- attempt that appends (shared/lua/claim_stream.lua): another run's is 'fenced'; one whose
 -- claim a failover lost renews it.
+--
+-- Each stream appended to is rung once per call: `ring_bells`, which every script that appends
+-- calls last, adds one entry to `${BELLS_KEY}` naming them, from which a hub learns which of
+-- the streams it waits for have new entries (api/hub.py). Bells older than `${BELLS_KEEP_MS}` ms
+-- are trimmed as new ones come.
+local rung, rung_keys = {}, {}
+local function ring_bells()
+  if #rung_keys == 0 then return end
+  redis.call('XADD', '${BELLS_KEY}', 'MINID', '~', redis_now_ms() - ${BELLS_KEEP_MS}, '*', 'k',
+             table.concat(rung_keys, ' '))
+  rung, rung_keys = {}, {}
+end
+
 local function fenced_append(stream, meta, job, kind, payload, ttl, seq, claim)
   local after = 0
   if seq and seq < 0 then after, seq = -seq, nil end
@@ -49,6 +62,10 @@ local function fenced_append(stream, meta, job, kind, payload, ttl, seq, claim)
     redis.call('XADD', stream, 'MAXLEN', '~', cap, id, kind, payload)
   else
     redis.call('XADD', stream, id, kind, payload)
+  end
+  if not rung[stream] then
+    rung[stream] = true
+    rung_keys[#rung_keys + 1] = stream
   end
   if seq then
     redis.call('HSET', meta, 'n', n, 'ms', ms, 'wn', seq)
