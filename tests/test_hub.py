@@ -12,11 +12,10 @@ import contextlib
 import uuid
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import Phase, example, given, note, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
-
-import pytest
 
 from api.hub import READ_ALL_UP_TO, StreamHub
 from shared.protocol import BELLS_KEY
@@ -192,9 +191,10 @@ async def test_every_reader_gets_each_entry_after_its_id_once_in_order(
 ) -> None:
     note(f"steps: {steps}")
     redis = Redis.from_url(redis_server.url())
-    async with running_hub(
-        redis, count=PAGE, block_ms=BLOCK_MS, read_all_up_to=read_all_up_to
-    ) as (hub, _):
+    async with running_hub(redis, count=PAGE, block_ms=BLOCK_MS, read_all_up_to=read_all_up_to) as (
+        hub,
+        _,
+    ):
         scenario = Scenario(redis, hub)
         try:
             for op, settle in steps:
