@@ -167,8 +167,9 @@ BELLS_KEY = PREFIX + "bells"
 An API process's hub reads it to learn which streams have new entries, rather than asking for
 every stream it waits for in each read (api/hub.py)."""
 BELLS_KEEP_MS = 20_000
-"""How long a bell is kept: older ones are trimmed as new ones come. A hub that has not read
-for half as long forgets what it knew and asks every stream again."""
+"""How long a bell is kept: older ones are trimmed as new ones come, and the key expires that
+long after the last. A hub that has not read for half as long forgets what it knew and asks
+every stream again."""
 
 
 def hub_wake_key(instance_id: str) -> str:

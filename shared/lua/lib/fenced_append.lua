@@ -32,12 +32,13 @@
 -- Each stream appended to is rung once per call: `ring_bells`, which every script that appends
 -- calls last, adds one entry to `${BELLS_KEY}` naming them, from which a hub learns which of
 -- the streams it waits for have new entries (api/hub.py). Bells older than `${BELLS_KEEP_MS}` ms
--- are trimmed as new ones come.
+-- are trimmed as new ones come, and the key expires that long after the last.
 local rung, rung_keys = {}, {}
 local function ring_bells()
   if #rung_keys == 0 then return end
   redis.call('XADD', '${BELLS_KEY}', 'MINID', '~', redis_now_ms() - ${BELLS_KEEP_MS}, '*', 'k',
              table.concat(rung_keys, ' '))
+  redis.call('PEXPIRE', '${BELLS_KEY}', ${BELLS_KEEP_MS})  -- a quiet deployment keeps none
   rung, rung_keys = {}, {}
 end
 
