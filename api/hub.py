@@ -46,7 +46,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.replicas import ReplicaWait
-from api.xread import ConnectionReplaced, MultiStreamReader
+from api.xread import MultiStreamReader
 from shared.errors import RedisFailover, RedisUnavailable, StreamReaderFailed
 from shared.loops import LoopGroup
 from shared.protocol import BELLS_KEEP_MS, BELLS_KEY, entry_id_key, hub_wake_key
@@ -230,6 +230,7 @@ class StreamHub:
                 self._known = {k: v for k, v in self._known.items() if k in self._waiters}
             if last_call - last_reply > FORGET_AFTER_S:
                 self._bells_after = None
+            reconnections = self._reader.reconnections
             try:
                 if self._bells_after is None:
                     self._known.clear()
@@ -244,12 +245,6 @@ class StreamHub:
                     )
                 finally:
                     self._blocked = False
-            except ConnectionReplaced:
-                # Called again at once, on a new connection: a new master's, perhaps, whose
-                # bells may number below the last one read here.
-                self._bells_after = None
-                delivered = False
-                continue
             except (RedisError, OSError) as exc:
                 self._failures += 1
                 self._bells_after = None
@@ -263,6 +258,8 @@ class StreamHub:
                 self._failing_since = None
             backoff = 0.05
             delivered = self._take(reading, reply or [])
+            if self._reader.reconnections != reconnections:
+                self._bells_after = None  # the bells read may have been another master's
 
     def _to_read(self, wanted: dict[str, str]) -> dict[str, str]:
         """The streams to ask for: all, when few; else those that may have something for

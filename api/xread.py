@@ -27,11 +27,6 @@ def _id_arg(entry_id: str) -> str:
     return f"${len(entry_id)}\r\n{entry_id}\r\n"
 
 
-class ConnectionReplaced(RedisConnectionError):
-    """The connection kept from an earlier call failed: the next call goes on a new one (not a
-    lost Redis unless that fails too)."""
-
-
 class MultiStreamReader:
     def __init__(
         self, pool: ConnectionPool, *, count: int, block_ms: int, timeout_s: float
@@ -44,8 +39,7 @@ class MultiStreamReader:
         self._packed_keys: dict[str, str] = {}
         self._connection: AbstractConnection | None = None
         self.reconnections = 0
-        """Times the kept connection failed (`ConnectionReplaced`): the next call is on a new
-        one."""
+        """Calls made again on a new connection after the kept one failed."""
 
     async def read(self, streams: dict[str, str]) -> list[Any] | None:
         """The entries after each stream's id, from the streams that have any, waiting up to
@@ -61,27 +55,24 @@ class MultiStreamReader:
         ).encode()
         if len(keys) > 2 * len(streams) + 64:  # keep the packed keys of streams still read
             self._packed_keys = {key: keys[key] for key in streams}
-        return await self._call_kept(command)
+        kept = self._connection is not None
+        try:
+            return await self._call(command)
+        except RedisConnectionError:
+            if not kept:
+                raise
+            # The connection kept from an earlier call was closed while idle (Redis's
+            # `timeout`, a proxy, a CLIENT KILL) or cut mid-call: Redis may well be there. Once
+            # more, on a new connection; the caller learns of it from `reconnections`.
+            self.reconnections += 1
+            return await self._call(command)
 
     async def last_id(self, key: str) -> str:
         """The id of the stream's last entry ("0-0" if it has none), asked on the connection
         the reads use: after a failover, of the master they read from."""
         command = "".join(["*6\r\n", *map(_arg, ["XREVRANGE", key, "+", "-", "COUNT", "1"])])
-        reply = await self._call_kept(command.encode())
+        reply = await self._call(command.encode())
         return reply[0][0].decode() if reply else "0-0"
-
-    async def _call_kept(self, command: bytes) -> list[Any] | None:
-        kept = self._connection is not None
-        try:
-            return await self._call(command)
-        except RedisConnectionError as exc:
-            if not kept:
-                raise
-            # The connection kept from an earlier call was closed while idle (Redis's
-            # `timeout`, a proxy, a CLIENT KILL) or cut mid-call: Redis may well be there. The
-            # caller calls again, on a new connection, which may be a new master's.
-            self.reconnections += 1
-            raise ConnectionReplaced(str(exc)) from exc
 
     async def _call(self, command: bytes) -> list[Any] | None:
         connection = self._connection or await self._pool.get_connection()
