@@ -22,7 +22,8 @@ waited for, some 7% with new entries per read, cost Redis and this process a tho
 call). Up to `read_all_up_to` streams waited for, every read asks for them all anyway: a token
 then takes one call, not a bell's and then its stream's. When Redis fails or the reads go to a
 new connection (perhaps a new master), or the hub has not read for half as long as bells are
-kept, it forgets what it knew, takes the bells' position anew and asks every stream again.
+kept, it forgets what it knew, takes the bells' position anew and asks every stream again; a
+read made again on a new connection asks every stream at once, with the bells from then on.
 
 A client that starts waiting while the XREAD is blocked is not in it; the hub then appends to
 its own small wake stream, which every XREAD includes, so the call returns and is reissued,
@@ -241,10 +242,13 @@ class StreamHub:
                 self._blocked = True
                 try:
                     reply = await self._reader.read(
-                        {self._wake_key: self._wake_after, BELLS_KEY: self._bells_after, **reading}
+                        {self._wake_key: self._wake_after, BELLS_KEY: self._bells_after, **reading},
+                        again=self._read_again,
                     )
                 finally:
                     self._blocked = False
+                if self._reader.reconnections != reconnections:
+                    reading = self._in_call  # what the call made again asked for
             except (RedisError, OSError) as exc:
                 self._failures += 1
                 self._bells_after = None
@@ -260,6 +264,15 @@ class StreamHub:
             delivered = self._take(reading, reply or [])
             if self._reader.reconnections != reconnections:
                 self._bells_after = None  # the bells read may have been another master's
+
+    def _read_again(self) -> dict[str, str]:
+        """What a read made again on a new connection asks for: every stream waited for, and
+        the bells from now on. The connection may be a new master's, whose bells (the last ones
+        lost, its clock behind) can number below the last one read here: asked from there, the
+        call would wait out its block time for streams it left out."""
+        self._known.clear()
+        self._in_call = self._wanted()
+        return {self._wake_key: self._wake_after, BELLS_KEY: "$", **self._in_call}
 
     def _to_read(self, wanted: dict[str, str]) -> dict[str, str]:
         """The streams to ask for: all, when few; else those that may have something for

@@ -10,6 +10,7 @@ not rebuilt into dicts.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import ConnectionPool
@@ -41,9 +42,27 @@ class MultiStreamReader:
         self.reconnections = 0
         """Calls made again on a new connection after the kept one failed."""
 
-    async def read(self, streams: dict[str, str]) -> list[Any] | None:
+    async def read(
+        self,
+        streams: dict[str, str],
+        again: Callable[[], dict[str, str]] | None = None,
+    ) -> list[Any] | None:
         """The entries after each stream's id, from the streams that have any, waiting up to
-        the block time for one to; None if none did."""
+        the block time for one to; None if none did. Made again on a new connection, the call
+        asks for what `again` gives then (by default the same streams from the same ids)."""
+        kept = self._connection is not None
+        try:
+            return await self._call(self._command(streams))
+        except RedisConnectionError:
+            if not kept:
+                raise
+            # The connection kept from an earlier call was closed while idle (Redis's
+            # `timeout`, a proxy, a CLIENT KILL) or cut mid-call: Redis may well be there. Once
+            # more, on a new connection; the caller learns of it from `reconnections`.
+            self.reconnections += 1
+            return await self._call(self._command(streams if again is None else again()))
+
+    def _command(self, streams: dict[str, str]) -> bytes:
         keys = self._packed_keys
         command = "".join(
             [
@@ -55,17 +74,7 @@ class MultiStreamReader:
         ).encode()
         if len(keys) > 2 * len(streams) + 64:  # keep the packed keys of streams still read
             self._packed_keys = {key: keys[key] for key in streams}
-        kept = self._connection is not None
-        try:
-            return await self._call(command)
-        except RedisConnectionError:
-            if not kept:
-                raise
-            # The connection kept from an earlier call was closed while idle (Redis's
-            # `timeout`, a proxy, a CLIENT KILL) or cut mid-call: Redis may well be there. Once
-            # more, on a new connection; the caller learns of it from `reconnections`.
-            self.reconnections += 1
-            return await self._call(command)
+        return command
 
     async def last_id(self, key: str) -> str:
         """The id of the stream's last entry ("0-0" if it has none), asked on the connection

@@ -221,10 +221,11 @@ async def test_a_hub_whose_reads_go_to_a_new_connection_takes_the_bells_position
 ) -> None:
     """A new connection may be a new master's, whose bells (its clock behind, the last ones
     lost) can come before the last bell the hub read: a hub that went on from its old position
-    would never see them. It forgets what it knew and asks every stream again."""
+    would never see them, and a read made again from there would wait out its block time. The
+    read made again asks every stream, and the hub forgets what it knew."""
     redis = Redis.from_url(redis_server.url())
     key = f"test-hub:{uuid.uuid4().hex}"
-    async with running_hub(redis, block_ms=300, read_all_up_to=0) as (hub, _):
+    async with running_hub(redis, block_ms=BLOCK_MS, read_all_up_to=0) as (hub, _):
         first = await redis.xadd(key, {"n": 0})
         await redis.xadd(BELLS_KEY, {"k": key})
         assert [e[0] for e in await hub.read(key, "0-0")] == [first]
