@@ -25,9 +25,10 @@ new connection (perhaps a new master), or the hub has not read for half as long 
 kept, it forgets what it knew, takes the bells' position anew and asks every stream again; a
 read made again on a new connection asks every stream at once, with the bells from then on.
 
-A client that starts waiting while the XREAD is blocked is not in it; the hub then appends to
-its own small wake stream, which every XREAD includes, so the call returns and is reissued,
-unless the client waits at the id its stream is known to end at (a bell wakes the call then).
+A client that starts waiting while the XREAD is blocked is not in it; unless the call ends by
+itself within `WAKE_AFTER_S` (under load one does), the hub then appends to its own small wake
+stream, which every XREAD includes, so the call returns and is reissued, unless the client
+waits at the id its stream is known to end at (a bell wakes the call then).
 The same holds for a client whose stream is in the call but from a later id than the client has
 (a client resuming on this process while its old connection still reads): the reply lacks the
 entries between the two ids, so that client waits for the next call, which asks from its id.
@@ -57,6 +58,8 @@ log = logging.getLogger("sluice.api")
 RawEntry = list[Any]
 """An entry as Redis sends it: [id, [field, value, ...]], bytes throughout."""
 MIN_CALL_INTERVAL_S = 0.002
+WAKE_AFTER_S = 0.002
+"""How long a blocked call that misses a new waiter is given to end by itself before a wake."""
 CLOCK_CHECK_S = 60.0
 READ_ALL_UP_TO = 16
 """Up to this many streams waited for, each read asks for all of them (see the module's doc)."""
@@ -105,6 +108,7 @@ class StreamHub:
         self._waiters: dict[str, list[_Waiter]] = {}
         self._in_call: dict[str, str] = {}
         self._blocked = False
+        self._calls = 0
         self._wake_sent = False
         self._has_waiters = asyncio.Event()
         self._wake_task: asyncio.Task[None] | None = None
@@ -171,6 +175,12 @@ class StreamHub:
         return self._known.get(key) != after
 
     async def _wake(self) -> None:
+        """Ends the blocked call, unless it ends by itself first: under load one does within
+        milliseconds (entries keep coming), and a wake costs a round trip and a call more."""
+        call = self._calls
+        await asyncio.sleep(WAKE_AFTER_S)
+        if not self._blocked or self._calls != call:
+            return
         with contextlib.suppress(RedisError, OSError):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(self._wake_key, {"w": 1}, maxlen=8, approximate=False)
@@ -240,6 +250,7 @@ class StreamHub:
                 self._in_call = reading
                 self._wake_sent = False
                 self._blocked = True
+                self._calls += 1
                 try:
                     reply = await self._reader.read(
                         {self._wake_key: self._wake_after, BELLS_KEY: self._bells_after, **reading},

@@ -10,6 +10,7 @@ from arq.connections import ArqRedis
 from api.auth import KeyUse, Principal, rate_limited
 from api.catalog import no_such_model
 from shared.arq_internals import in_progress_key, job_key, job_record
+from shared.batched_script import BatchedScript
 from shared.errors import (
     Cancelled,
     NoWorkers,
@@ -64,7 +65,7 @@ class JobQueue:
         self._withdraw = redis.register_script(lua("withdraw"))
         self._retry = redis.register_script(lua("retry"))
         self._cancel = redis.register_script(lua("cancel"))
-        self._submit = redis.register_script(lua("submit"))
+        self._submit = BatchedScript(redis, lua("submit"))
         self._live_workers = redis.register_script(lua("live_workers"))
         self._meta_ttl_s = int(
             2 * settings.queue_timeout_s + 2 * settings.job_timeout_s + settings.stream_ttl_s
