@@ -21,11 +21,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.jobs import deserialize_job_raw, serialize_job
 from arq.utils import ms_to_datetime
 from arq.worker import Worker
 
+from shared.batched_script import BatchedScript
 from shared.scripts import lua
 
 ARQ_VERSION = "0.28.0"
@@ -144,25 +145,33 @@ class ClaimingWorker(Worker):
                 f"ClaimingWorker does not support {[k for k, v in refused.items() if v]}"
             )
         self._claim_script: Any = None
+        self._finish_script: BatchedScript | None = None
+        self.queue_emptied = False
+        """Whether the last look at the queue took every job there was (then a job that ends
+        need not look again: a job enqueued since publishes its own wake-up)."""
 
     async def _poll_iteration(self) -> None:
         free = self.max_jobs - self.job_counter
+        self.queue_emptied = False
         if self.allow_pick_jobs and free > 0:
-            await self._claim(free)
+            self.queue_emptied = await self._claim(free)
         for arq_job_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[arq_job_id]
                 task.result()
         await self.heart_beat()
 
-    async def _claim(self, free: int) -> None:
+    async def _claim(self, free: int) -> bool:
+        """Takes up to `free` jobs; whether that took every job waiting."""
         if self._claim_script is None:
             self._claim_script = self.pool.register_script(lua("claim_jobs"))
         while free > 0:
-            taken = await self._claim_page(min(free, MAX_CLAIM))
-            if taken < MAX_CLAIM:
-                return
+            asked = min(free, MAX_CLAIM)
+            taken = await self._claim_page(asked)
+            if taken < asked:
+                return True
             free -= taken
+        return False
 
     async def _claim_page(self, most: int) -> int:
         """Takes up to `most` jobs and starts each; how many it took."""
@@ -238,7 +247,20 @@ class ClaimingWorker(Worker):
         await asyncio.shield(self._finish(job.job_id))
 
     async def _finish(self, arq_job_id: str) -> None:
-        await self.finish_job(arq_job_id, True, None, None, False, None, None)
+        """arq's `finish_job` for a finished job without a result, in a script whose calls
+        share round trips with other jobs' ending meanwhile (shared/batched_script.py)."""
+        if self._finish_script is None:
+            self._finish_script = BatchedScript(self.pool, lua("finish_job"))
+        await self._finish_script(
+            keys=[
+                in_progress_key(arq_job_id),
+                retry_key_prefix + arq_job_id,
+                job_key(arq_job_id),
+                abort_jobs_ss,
+                self.queue_name,
+            ],
+            args=[arq_job_id],
+        )
 
     def on_unrunnable(self, job: Claimed) -> None:
         """A job taken whose function cannot run; subclasses let go of its stream."""

@@ -16,6 +16,7 @@ from typing import Any
 import arq
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import abort_jobs_ss, retry_key_prefix
 from arq.jobs import Job, JobStatus, deserialize_job, deserialize_job_raw
 from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Worker, func
@@ -359,3 +360,53 @@ async def test_a_job_taken_without_its_record_runs_nothing_and_leaves_nothing(
     assert unrunnable == [job.job_id]
     assert await pool.zcard(queue) == await pool.zcard(waiting(queue)) == 0
     assert not await pool.exists(in_progress_key(job.job_id))
+
+
+async def test_the_finish_script_closes_a_job_as_arqs_finish_job_does(
+    pool: ArqRedis, queue: str, new_worker: WorkerFactory
+) -> None:
+    """The claiming worker closes a job with shared/lua/finish_job.lua, not arq's transaction:
+    the same keys go, for the job finished and no other."""
+    worker = new_worker(redis_pool=pool)
+
+    async def open_job() -> str:
+        job = await enqueue_as_sluice_api(pool, queue)
+        await pool.psetex(in_progress_key(job.job_id), 60_000, b"1")
+        await pool.psetex(retry_key_prefix + job.job_id, 60_000, b"1")
+        await pool.zadd(abort_jobs_ss, {job.job_id: 1})
+        return job.job_id
+
+    async def state(arq_job_id: str) -> tuple[object, ...]:
+        keys = [in_progress_key(arq_job_id), retry_key_prefix + arq_job_id, job_key(arq_job_id)]
+        return (
+            *[await pool.exists(key) for key in keys],
+            await pool.zscore(queue, arq_job_id) is not None,
+            await pool.zscore(abort_jobs_ss, arq_job_id) is not None,
+        )
+
+    by_arq, by_script, bystander = await open_job(), await open_job(), await open_job()
+    before = await state(bystander)
+    await Worker.finish_job(worker, by_arq, True, None, None, False, None, None)
+    await worker._finish(by_script)
+
+    assert await state(by_script) == await state(by_arq) == (0, 0, 0, False, False)
+    assert await state(bystander) == before == (1, 1, 1, True, True)
+    await pool.zrem(abort_jobs_ss, bystander)
+
+
+@pytest.mark.parametrize(("jobs", "emptied"), [(0, True), (1, True), (2, False), (3, False)])
+async def test_the_worker_knows_whether_its_last_claim_took_every_waiting_job(
+    pool: ArqRedis,
+    queue: str,
+    gate: Gate,
+    start_worker: StartedWorkerFactory,
+    jobs: int,
+    emptied: bool,
+) -> None:
+    """With 2 slots: a job that ends need not look at the queue again after a claim that left
+    nothing (sluice's worker then waits for the next enqueue's wake-up)."""
+    queued = [await enqueue_as_sluice_api(pool, queue) for _ in range(jobs)]
+    worker = await start_worker(max_jobs=2)
+    for job in queued[:2]:
+        await asyncio.wait_for(gate.started_event(job.job_id).wait(), 10)
+    await eventually(lambda: worker.queue_emptied == emptied, f"queue_emptied {emptied}")

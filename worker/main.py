@@ -173,12 +173,14 @@ class SluiceWorker(ClaimingWorker):
             await asyncio.wait_for(self._wake.wait(), self.settings.poll_delay_s)
         self._wake.clear()
 
-    async def _claim(self, free: int) -> None:
+    async def _claim(self, free: int) -> bool:
         if self.backend.available:  # else its jobs wait for workers whose backend answers
-            await super()._claim(free)
+            return await super()._claim(free)
+        return False
 
     def on_slot_free(self) -> None:
-        self._wake.set()  # a slot is free: look at the queue now
+        if not self.queue_emptied:  # jobs may wait for the slot: look at the queue now
+            self._wake.set()
 
     def on_unrunnable(self, job: Claimed) -> None:
         if job.holds_stream:  # its stream waits on it: the supervisor's to see to now
