@@ -16,6 +16,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.auth import Principal
 from api.catalog import ModelCatalog, ServedModel
+from api.event_stream import EventStream
 from api.hub import StreamHub
 from api.jobs import JobQueue
 from api.metrics import RESUMES, DeploymentState, RequestClock, arrived, measured
@@ -210,7 +211,7 @@ class Gateway:
             finally:
                 clock.close()
 
-        return EventSourceResponse(
+        return EventStream(
             events(),
             headers=SSE_HEADERS | headers,
             # No ping task of sse-starlette's: the relay sends its own keepalive comments

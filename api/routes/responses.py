@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.auth import Principal, PrincipalDep
+from api.event_stream import EventStream
 from api.gateway import SSE_HEADERS, STREAM_ID_HEADER
 from api.metrics import RESUMES, RequestClock
 from api.openapi import ERRORS, EVENT_STREAM, json_body
@@ -223,7 +224,7 @@ def _stream(
         finally:
             clock.close()
 
-    return EventSourceResponse(events(), headers=SSE_HEADERS | headers, ping=0, sep=SEPARATOR)
+    return EventStream(events(), headers=SSE_HEADERS | headers, ping=0, sep=SEPARATOR)
 
 
 def _sse(event: Event) -> ServerSentEvent:
