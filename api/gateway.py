@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -151,8 +152,11 @@ class Gateway:
     def entries(
         self, stream_id: str, clock: RequestClock, after: str = "0-0"
     ) -> AsyncIterator[Batch | Waiting]:
-        """The stream's entries after `after` (`follow`), observed by the request's clock."""
-        return measured(follow(self.hub, self.settings, stream_id, after), clock, self.hub.age_s)
+        """The stream's entries after `after` (`follow`), observed by the request's clock; its
+        end, once relayed, is told to the readers registry (nothing is left to stop)."""
+        ended = functools.partial(self.readers.ended, stream_id)
+        relayed = follow(self.hub, self.settings, stream_id, after, on_end=ended)
+        return measured(relayed, clock, self.hub.age_s)
 
     async def until_disconnect(
         self, request: Request, owner: Principal, stream_id: str, work: Awaitable[T]

@@ -9,7 +9,9 @@ acts within a supervisor tick. The key's TTL covers readers only: nothing else l
 
 Said "at once", these marks still share calls: those that come while one is on its way go
 together in the next, each as the stream stands then (read here or not). At a thousand streams
-that is a call per round trip instead of one per stream that starts or ends.
+that is a call per round trip instead of one per stream that starts or ends. A stream whose end
+a reader here relayed (`ended`) has nothing left for the supervisor to stop: its last reader's
+leaving waits for the next refresh.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class ReaderRegistry:
         self._left: set[str] = set()
         self._changed: set[str] = set()
         """Streams that gained their first reader here or lost their last, not yet said."""
+        self._ended: set[str] = set()
+        """Streams read here whose end a reader here has relayed."""
         self._sayer: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
@@ -58,8 +62,15 @@ class ReaderRegistry:
                 del self._open[stream_id]
                 # Said at once, not at the next refresh: a queued job nobody reads is passed
                 # over by the workers' claims from the supervisor's next tick.
-                self._soon(stream_id)
+                if stream_id not in self._ended:
+                    self._soon(stream_id)
+                self._ended.discard(stream_id)
                 self._left.add(stream_id)
+
+    def ended(self, stream_id: str) -> None:
+        """A reader here has relayed the stream's end (while `reading` it)."""
+        if stream_id in self._open:
+            self._ended.add(stream_id)
 
     def _soon(self, stream_id: str) -> None:
         """Say whether `stream_id` is read here without making the caller wait; a failure only
@@ -94,11 +105,16 @@ class ReaderRegistry:
         """Refreshes every period; a failed refresh raises (its supervisor shows and retries
         it), keeping what it could not write for the next one."""
         while True:
-            if self._open or self._left:
-                left, self._left = self._left, set()
-                try:
-                    await self._mark(list(self._open), list(left))
-                except BaseException:
-                    self._left |= left - self._open.keys()
-                    raise
+            await self.refresh()
             await asyncio.sleep(self._period_s)
+
+    async def refresh(self) -> None:
+        """Marks every stream read here read now, and those left since the last refresh left."""
+        if not (self._open or self._left):
+            return
+        left, self._left = self._left, set()
+        try:
+            await self._mark(list(self._open), list(left))
+        except BaseException:
+            self._left |= left - self._open.keys()
+            raise

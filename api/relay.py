@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import anyio
@@ -92,9 +92,14 @@ class Waiting:
 
 
 async def follow(
-    hub: StreamHub, settings: Settings, stream_id: str, after: str = "0-0"
+    hub: StreamHub,
+    settings: Settings,
+    stream_id: str,
+    after: str = "0-0",
+    on_end: Callable[[], None] | None = None,
 ) -> AsyncIterator[Batch | Waiting]:
-    """The stream's entries after `after`, in batches as they arrive, up to the terminal entry.
+    """The stream's entries after `after`, in batches as they arrive, up to the terminal entry
+    (`on_end` is called before that one is yielded).
 
     Only relays: whatever happens to the job (a timeout, a lost worker, an abandoned request),
     the supervisor ends its stream with an entry, which arrives here like any other. While
@@ -138,6 +143,8 @@ async def follow(
         if isinstance(batch[-1][1], TERMINAL):
             if hub.replicas is not None:  # the end is told once a replica has it
                 await hub.replicas.acknowledged()
+            if on_end is not None:
+                on_end()
             yield batch
             return
         yield batch

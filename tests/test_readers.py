@@ -105,3 +105,28 @@ async def test_readers_that_come_and_go_together_share_a_call(
         await readers.said()
     await readers.said()
     assert counting.calls <= 2 + 1, f"{counting.calls} calls for 100 streams"
+
+
+async def test_a_stream_whose_end_was_relayed_here_is_left_for_the_next_refresh(
+    registry: tuple[Redis, ReaderRegistry],
+) -> None:
+    """Its generation is over: the supervisor has nothing to stop, so its last reader's leaving
+    costs no call of its own (one per request in bursts, issue 26). One left before its end is
+    said at once."""
+    redis, readers = registry
+    counting = CountingRefresh(readers)
+    ended, cut = (f"left-{uuid.uuid4().hex[:8]}-{n}" for n in range(2))
+    for stream in (ended, cut):
+        with readers.reading(stream):
+            await readers.said()
+            if stream == ended:
+                readers.ended(stream)
+        await readers.said()
+    assert counting.calls == 3  # both marked read; only `cut` marked left at once
+    seconds, microseconds = await redis.time()
+    unread_by = seconds * 1000 + microseconds // 1000 - worker_ttl_ms(PERIOD_S)
+    assert (await redis.zscore(READERS_KEY, cut) or 0) < unread_by
+    assert (await redis.zscore(READERS_KEY, ended) or 0) > unread_by
+
+    await readers.refresh()
+    assert (await redis.zscore(READERS_KEY, ended) or 0) < unread_by
