@@ -34,6 +34,11 @@ class BatchedScript:
             self._sender = asyncio.create_task(self._send())
         return reply
 
+    async def answered(self) -> None:
+        """Returns once every call made so far has had its reply (its caller may have left)."""
+        while (sender := self._sender) is not None:
+            await asyncio.wait({sender})
+
     async def _send(self) -> None:
         try:
             while self._pending:

@@ -405,8 +405,9 @@ async def test_the_worker_knows_whether_its_last_claim_took_every_waiting_job(
 ) -> None:
     """With 2 slots: a job that ends need not look at the queue again after a claim that left
     nothing (sluice's worker then waits for the next enqueue's wake-up)."""
-    queued = [await enqueue_as_sluice_api(pool, queue) for _ in range(jobs)]
+    for _ in range(jobs):
+        await enqueue_as_sluice_api(pool, queue)
     worker = await start_worker(max_jobs=2)
-    for job in queued[:2]:
-        await asyncio.wait_for(gate.started_event(job.job_id).wait(), 10)
+    # Jobs enqueued in the same millisecond are taken in no set order: count, don't name them.
+    await eventually(lambda: len(gate.ran) == min(jobs, 2), "the jobs there is room for started")
     await eventually(lambda: worker.queue_emptied == emptied, f"queue_emptied {emptied}")

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -129,10 +130,10 @@ async def test_a_stream_reader_that_fails_ends_its_waiters_and_reads_again_once_
         read = hub._reader.read
         failures = iter([RuntimeError("injected")])
 
-        async def read_once_broken(streams: dict[str, str]) -> object:
+        async def read_once_broken(streams: dict[str, str], **options: Any) -> object:
             if (failure := next(failures, None)) is not None:
                 raise failure
-            return await read(streams)
+            return await read(streams, **options)
 
         monkeypatch.setattr(hub._reader, "read", read_once_broken)
         with pytest.raises(StreamReaderFailed):
