@@ -258,8 +258,6 @@ class StreamHub:
                     )
                 finally:
                     self._blocked = False
-                if self._reader.reconnections != reconnections:
-                    reading = self._in_call  # what the call made again asked for
             except (RedisError, OSError) as exc:
                 self._failures += 1
                 self._bells_after = None
@@ -272,7 +270,8 @@ class StreamHub:
                 log.warning("stream reader has Redis again")
                 self._failing_since = None
             backoff = 0.05
-            delivered = self._take(reading, reply or [])
+            # What the call asked for: `reading`, or what `_read_again` gave a call made again.
+            delivered = self._take(self._in_call, reply or [])
             if self._reader.reconnections != reconnections:
                 self._bells_after = None  # the bells read may have been another master's
 

@@ -93,34 +93,37 @@ async def test_calls_made_at_once_share_a_connection(client: Redis) -> None:
     await client.delete(key)
 
 
-async def test_scripts_redis_lost_are_loaded_again() -> None:
+@pytest.fixture
+async def own_redis() -> AsyncIterator[tuple[RedisServer, Redis]]:
+    """A Redis of the test's own (its scripts are flushed, or it is stopped), and a client."""
+    server = RedisServer().start()
+    client = Redis.from_url(server.url(), socket_connect_timeout=1)
+    yield server, client
+    await client.aclose()
+    server.stop()
+
+
+async def test_scripts_redis_lost_are_loaded_again(own_redis: tuple[RedisServer, Redis]) -> None:
     """After a restart (here: SCRIPT FLUSH) Redis answers NOSCRIPT; each call still runs once."""
-    server = RedisServer().start()
-    redis = Redis.from_url(server.url())
-    try:
-        script = BatchedScript(redis, APPEND)
-        key = fresh_key()
-        assert await script(keys=[key], args=["x"]) == 1
-        await redis.script_flush()
-        replies = await asyncio.gather(*(script(keys=[key], args=[str(n)]) for n in range(5)))
-        assert replies == [2, 3, 4, 5, 6]
-        assert await redis.llen(key) == 6
-    finally:
-        await redis.aclose()
-        server.stop()
+    _, redis = own_redis
+    script = BatchedScript(redis, APPEND)
+    key = fresh_key()
+    assert await script(keys=[key], args=["x"]) == 1
+    await redis.script_flush()
+    replies = await asyncio.gather(*(script(keys=[key], args=[str(n)]) for n in range(5)))
+    assert replies == [2, 3, 4, 5, 6]
+    assert await redis.llen(key) == 6
 
 
-async def test_a_lost_redis_fails_every_call_of_the_batch() -> None:
-    server = RedisServer().start()
-    redis = Redis.from_url(server.url(), socket_connect_timeout=1)
+async def test_a_lost_redis_fails_every_call_of_the_batch(
+    own_redis: tuple[RedisServer, Redis],
+) -> None:
+    server, redis = own_redis
     script = BatchedScript(redis, APPEND)
     key = fresh_key()
     assert await script(keys=[key], args=["x"]) == 1
     server.stop()
-    try:
-        outcomes = await asyncio.gather(
-            *(script(keys=[key], args=[str(n)]) for n in range(5)), return_exceptions=True
-        )
-        assert all(isinstance(o, Exception) for o in outcomes), outcomes
-    finally:
-        await redis.aclose()
+    outcomes = await asyncio.gather(
+        *(script(keys=[key], args=[str(n)]) for n in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(o, Exception) for o in outcomes), outcomes
