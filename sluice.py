@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 
 import redis
 
-from shared import tracing
+from shared import heap, tracing
 from shared.logs import configure as configure_logging
 from shared.redis_url import sync_client
 from shared.settings import Settings
@@ -35,8 +35,10 @@ def serve_api(settings: Settings) -> None:
     # After its graceful shutdown uvicorn re-raises the signal that stopped it. Raised into this
     # handler, it becomes a clean exit (0), and `sluice dev` still stops its children.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    app = create_app(settings)
+    heap.settle(settings.gc_threshold)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level="info",

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     """`json`: one JSON object per line, with the stream id of the request it is about."""
     access_log: bool = True
     """uvicorn's line per request; off, a busy API spends that CPU on streams instead."""
+    gc_threshold: int = Field(50_000, ge=0)
+    """Net new container objects between two young-generation garbage collections, in both
+    processes (Python's default is 700; 0 keeps it). Each process also freezes its start-up
+    heap (shared/heap.py)."""
 
     backend: BackendName = "llama"
     model_path: Path | None = None

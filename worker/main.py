@@ -13,6 +13,7 @@ import uvloop
 from arq.worker import func
 from redis.exceptions import RedisError
 
+from shared import heap
 from shared.arq_internals import Claimed, ClaimingWorker
 from shared.loops import LoopGroup
 from shared.protocol import (
@@ -261,4 +262,6 @@ def run(settings: Settings) -> None:
     except Exception as exc:
         log.critical("worker could not load its backend: %s", exc)
         sys.exit(1)
-    SluiceWorker(settings, backend).run()
+    worker = SluiceWorker(settings, backend)
+    heap.settle(settings.gc_threshold)
+    worker.run()
