@@ -16,9 +16,10 @@ endpoint, and the load generator, which `lean_stream` keeps light), each stream 
 5 tokens/s, so that its first token comes 200 ms after its backend starts, as after an engine's
 prefill: what each server adds to the first token beyond those 200 ms (from the request's last
 byte sent), and each server process's CPU per request. This is what decides a burst's time to
-first token when the server has one core (bench/upstream.py).
+first token when the server has one core (bench/upstream.py). The two take turns, burst by burst
+(`taking_turns`), so that a machine slowing down or speeding up weighs on both alike.
 
-    python -m bench.overhead [--requests 100] [--bursts 20]
+    python -m bench.overhead [--requests 100] [--bursts 40]
 """
 
 from __future__ import annotations
@@ -133,17 +134,36 @@ def paced(requests: int) -> dict[str, float]:
     }
 
 
-async def burst_added_ms(url: str, bursts: int, label: str) -> list[float]:
-    """Per stream, its time to first token beyond its backend's own (`1 / BURST_RATE`)."""
-    added = []
+async def burst_added_ms(url: str) -> list[float]:
+    """One burst: per stream, its time to first token beyond its backend's own."""
+    timings = await asyncio.gather(
+        *(lean_stream(url, "/v1/chat/completions", BURST_BODY) for _ in range(BURST))
+    )
+    assert all(t.ok for t in timings), [t.error for t in timings if not t.ok]
+    return [t.ttft_after_sent_s * 1000 - 1000 / BURST_RATE for t in timings]
+
+
+async def taking_turns(
+    systems: dict[str, tuple[str, dict[str, psutil.Process]]], bursts: int
+) -> dict[str, tuple[list[float], dict[str, float]]]:
+    """`bursts` bursts to each system, one system's burst after the other's, so that a machine
+    that slows down or speeds up meanwhile (a shared virtual machine does) weighs on both
+    alike; each system's added times to first token and its processes' CPU seconds."""
+    for url, _ in systems.values():
+        for _ in range(3):  # first uses cost more
+            await burst_added_ms(url)
+    out = {name: ([], dict.fromkeys(processes, 0.0)) for name, (_, processes) in systems.items()}
     for n in range(bursts):
-        timings = await asyncio.gather(
-            *(lean_stream(url, "/v1/chat/completions", BURST_BODY) for _ in range(BURST))
-        )
-        assert all(t.ok for t in timings), [t.error for t in timings if not t.ok]
-        added += [t.ttft_after_sent_s * 1000 - 1000 / BURST_RATE for t in timings]
-        progress(n + 1, bursts, label)
-    return added
+        for name, (url, processes) in systems.items():
+            added, cpu = out[name]
+            before = cpu_seconds(processes)
+            added += await burst_added_ms(url)
+            await asyncio.sleep(0.05)  # the streams' ends, written after the client's last byte
+            after = cpu_seconds(processes)
+            for process in processes:
+                cpu[process] += after[process] - before[process]
+        progress(n + 1, bursts, "in bursts, taking turns")
+    return out
 
 
 def in_bursts(bursts: int) -> dict[str, Any]:
@@ -151,22 +171,22 @@ def in_bursts(bursts: int) -> dict[str, Any]:
     with on_cpus(core), ExitStack() as stack:
         server, sluice, bare_url, bare_pid = synthetic_pair(stack, BURST_RATE)
         sluice_pids = {"api": sluice.api.pid, "worker": sluice.workers[0].pid, "redis": server.pid}
-        systems = {"sluice": (sluice.base_url, sluice_pids), "bare": (bare_url, {"bare": bare_pid})}
-        out: dict[str, Any] = {"streams_at_once": BURST, "bursts": bursts}
-        for system, (url, pids) in systems.items():
-            processes = {name: psutil.Process(pid) for name, pid in pids.items()}
-            asyncio.run(burst_added_ms(url, 3, f"{system}, warming up"))  # first uses cost more
-            before = cpu_seconds(processes)
-            added = asyncio.run(burst_added_ms(url, bursts, f"{system}, in bursts"))
-            after = cpu_seconds(processes)
-            requests = BURST * bursts
-            out[system] = {
-                "added_p50_ms": median(added),
-                "added_p95_ms": pct(added, 95),
-                "cpu_ms_per_request": {
-                    name: (after[name] - before[name]) * 1000 / requests for name in processes
-                },
-            }
+        systems = {
+            system: (url, {name: psutil.Process(pid) for name, pid in pids.items()})
+            for system, (url, pids) in {
+                "sluice": (sluice.base_url, sluice_pids),
+                "bare": (bare_url, {"bare": bare_pid}),
+            }.items()
+        }
+        measured = asyncio.run(taking_turns(systems, bursts))
+    out: dict[str, Any] = {"streams_at_once": BURST, "bursts": bursts}
+    requests = BURST * bursts
+    for system, (added, cpu) in measured.items():
+        out[system] = {
+            "added_p50_ms": median(added),
+            "added_p95_ms": pct(added, 95),
+            "cpu_ms_per_request": {name: s * 1000 / requests for name, s in cpu.items()},
+        }
     return out
 
 
@@ -211,7 +231,7 @@ def plot(rows: list[dict[str, Any]]) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100)
-    parser.add_argument("--bursts", type=int, default=20)
+    parser.add_argument("--bursts", type=int, default=40)
     args = parser.parse_args()
     with ExitStack() as stack:
         server = stack.enter_context(redis_server())
