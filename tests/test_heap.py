@@ -10,7 +10,7 @@ import pytest
 
 from shared import heap
 from shared.settings import Settings
-from tests.procs import Stack
+from tests.procs import Stack, eventually
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_settle_with_no_threshold_keeps_pythons(restored_gc: None) -> None:
     assert gc.get_freeze_count() > 0
 
 
-def test_api_and_worker_settle_their_heaps_once_started(synthetic: Stack) -> None:
-    threshold = Settings.model_fields["gc_threshold"].default
+async def test_api_and_worker_settle_their_heaps_once_started(synthetic: Stack) -> None:
+    settled = f"young collections every {Settings.model_fields['gc_threshold'].default} new"
     for proc in (synthetic.api, *synthetic.workers):
-        assert f"young collections every {threshold} new objects" in proc.log_text(), proc.name
+        await eventually(lambda proc=proc: settled in proc.log_text(), proc.name)

@@ -166,7 +166,6 @@ class Job:
         asked = asyncio.get_running_loop().time()
         generation = await self.worker.backend.start(self.request)
         self.engine_counts_prompt = generation.ends_itself
-        log.info("generating: %d prompt tokens", generation.prompt_tokens)
         TOKENS.labels("prefill").inc(generation.prompt_tokens)
         # While generating, the stream outlives any job: its TTL is reset when the job ends.
         # Stored while the backend works on the prompt (an engine's request goes out at once);
@@ -229,10 +228,13 @@ class Job:
     def log_finished(self, end: Finished) -> None:
         # The backend's own time to first token (an engine's, seen from here): what a client's
         # time to first token holds beyond it is sluice's.
+        # One line a job (the API logs its start): a line costs more than it seems (shared/logs.py).
         first = "-" if self.first_piece_ms is None else f"{self.first_piece_ms:.1f}"
         log.info(
-            "finished: %s, %d tokens, the first %s ms after the backend was asked",
+            "finished: %s, %d prompt and %d completion tokens, the first %s ms after the backend"
+            " was asked",
             end.reason,
+            end.prompt_tokens,
             end.completion_tokens,
             first,
         )
