@@ -26,9 +26,10 @@ def python(script: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def logged() -> Iterator[tuple[logging.Logger, io.StringIO]]:
-    """A logger of its own, writing through a `BatchingHandler` (0.2 s) to a string."""
+    """A logger of its own, writing through a new `BatchingHandler` (its first flush 0.5 s on)
+    to a string."""
     stream = io.StringIO()
-    handler = BatchingHandler(stream, flush_s=0.2)
+    handler = BatchingHandler(stream, flush_s=0.5)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logger = logging.getLogger(f"test.logs.{time.monotonic_ns()}")
     logger.propagate = False
