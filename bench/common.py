@@ -367,10 +367,11 @@ def _pin_own_threads(cpus: set[int]) -> None:
 def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
     """Each process's CPU time so far: to the nanosecond from its threads' scheduler statistics
     where Linux keeps them (`cpu_times` counts in 10 ms ticks, too coarse for short windows)."""
-    return {name: _scheduled_s(p) for name, p in processes.items()}
+    return {name: process_cpu_s(p) for name, p in processes.items()}
 
 
-def _scheduled_s(process: psutil.Process) -> float:
+def process_cpu_s(process: psutil.Process) -> float:
+    """One process's CPU seconds so far (see `cpu_seconds`)."""
     tasks = Path(f"/proc/{process.pid}/task")
     if not tasks.exists():
         return sum(process.cpu_times()[:2])

@@ -62,7 +62,7 @@ class Gateway:
         for process in self.processes:
             for p in [process, *process.children(recursive=True)]:
                 with suppress(psutil.NoSuchProcess):
-                    total += sum(p.cpu_times()[:2])
+                    total += common.process_cpu_s(p)
         return total
 
 
