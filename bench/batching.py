@@ -124,11 +124,11 @@ async def level(target: Target, n: int, structured: bool = False) -> dict[str, A
     CPU time the model's process spent per token, which the machine's other load moves far
     less than it moves the time taken."""
     model = psutil.Process(target.pid)
-    cpu_before = sum(model.cpu_times()[:2])
+    cpu_before = common.process_cpu_s(model)
     timings, wall = await common.concurrent_streams(
         target.url, [request(TOPICS[i], structured=structured) for i in range(n)]
     )
-    cpu_s = sum(model.cpu_times()[:2]) - cpu_before
+    cpu_s = common.process_cpu_s(model) - cpu_before
     ok = [t for t in timings if t.ok and t.tokens > 0]
     return {
         "system": target.system + (GRAMMAR if structured else ""),

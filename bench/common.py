@@ -372,11 +372,12 @@ def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
 
 def process_cpu_s(process: psutil.Process) -> float:
     """One process's CPU seconds so far (see `cpu_seconds`)."""
-    tasks = Path(f"/proc/{process.pid}/task")
-    if not tasks.exists():
+    try:
+        tasks = list(Path(f"/proc/{process.pid}/task").iterdir())
+    except FileNotFoundError:  # no scheduler statistics here (or the process is gone)
         return sum(process.cpu_times()[:2])
     total_ns = 0
-    for task in tasks.iterdir():
+    for task in tasks:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
             total_ns += int((task / "schedstat").read_text().split()[0])
     return total_ns / 1e9

@@ -37,6 +37,7 @@ from bench.common import (
     lean_stream,
     median,
     pct,
+    process_cpu_s,
     progress,
     pyplot,
     redis_server,
@@ -88,7 +89,7 @@ class Sampler:
 
     def cpu_s(self) -> tuple[float, float]:
         """CPU seconds so far: the front process's, and all server processes' together."""
-        times = [sum(p.cpu_times()[:2]) for p in self.processes]
+        times = [process_cpu_s(p) for p in self.processes]
         return times[0], sum(times)
 
     async def run(self, stop: asyncio.Event) -> None:

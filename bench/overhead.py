@@ -171,12 +171,10 @@ def in_bursts(bursts: int) -> dict[str, Any]:
     with on_cpus(core), ExitStack() as stack:
         server, sluice, bare_url, bare_pid = synthetic_pair(stack, BURST_RATE)
         sluice_pids = {"api": sluice.api.pid, "worker": sluice.workers[0].pid, "redis": server.pid}
+        sluice_processes = {name: psutil.Process(pid) for name, pid in sluice_pids.items()}
         systems = {
-            system: (url, {name: psutil.Process(pid) for name, pid in pids.items()})
-            for system, (url, pids) in {
-                "sluice": (sluice.base_url, sluice_pids),
-                "bare": (bare_url, {"bare": bare_pid}),
-            }.items()
+            "sluice": (sluice.base_url, sluice_processes),
+            "bare": (bare_url, {"bare": psutil.Process(bare_pid)}),
         }
         measured = asyncio.run(taking_turns(systems, bursts))
     out: dict[str, Any] = {"streams_at_once": BURST, "bursts": bursts}
