@@ -246,6 +246,9 @@ class StreamHub:
                 if self._bells_after is None:
                     self._known.clear()
                     self._bells_after = await self._reader.last_id(BELLS_KEY)
+                    # Waiters that came during that call found the hub not blocked, so none of
+                    # them sent a wake: each must be in this call, or it waits out its block time.
+                    wanted = self._wanted()
                 reading = self._to_read(wanted)
                 self._in_call = reading
                 self._wake_sent = False

@@ -185,6 +185,14 @@ class Scenario:
         (Write(stream=0, count=2), True),
     ]
 )
+@example(  # a reader that came while the hub looked up the bells' position, at its start
+    steps=[
+        (Join(stream=0, cursor=0, tick_ms=50), False),
+        (Join(stream=0, cursor=0, tick_ms=50), False),
+        (Write(stream=1, count=2), False),
+        (Join(stream=1, cursor=1, tick_ms=None), True),
+    ]
+)
 @pytest.mark.parametrize("read_all_up_to", [READ_ALL_UP_TO, 0])
 async def test_every_reader_gets_each_entry_after_its_id_once_in_order(
     redis_server: RedisServer, steps: list[tuple[Op, bool]], read_all_up_to: int
