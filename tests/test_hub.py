@@ -198,10 +198,13 @@ async def test_every_reader_gets_each_entry_after_its_id_once_in_order(
     redis_server: RedisServer, steps: list[tuple[Op, bool]], read_all_up_to: int
 ) -> None:
     note(f"steps: {steps}")
-    redis = Redis.from_url(redis_server.url())
-    async with running_hub(redis, count=PAGE, block_ms=BLOCK_MS, read_all_up_to=read_all_up_to) as (
-        hub,
-        _,
+    # Closed however the test ends: a connection left open fails a later test at its collection.
+    async with (
+        Redis.from_url(redis_server.url()) as redis,
+        running_hub(redis, count=PAGE, block_ms=BLOCK_MS, read_all_up_to=read_all_up_to) as (
+            hub,
+            _,
+        ),
     ):
         scenario = Scenario(redis, hub)
         try:
@@ -214,7 +217,6 @@ async def test_every_reader_gets_each_entry_after_its_id_once_in_order(
             still_reading = list(scenario.reading)
         finally:
             await scenario.close()
-    await redis.aclose()
 
     for reader in still_reading:
         assert reader.got == scenario.expected(reader), f"read after {reader.after}"
