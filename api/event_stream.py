@@ -85,16 +85,16 @@ class EventStream(EventSourceResponse):
             await self.background()
 
     def set(self) -> None:
-        """The server is shutting down (called by sse-starlette's watcher): the stream is told
-        and, after the grace period, stopped."""
+        """The server is shutting down (called by sse-starlette's watcher, perhaps after
+        `__call__` already did): the stream is told and, after the grace period, stopped."""
         if self._shutdown_event is not None:
             self._shutdown_event.set()
-        if self._shutdown_grace_period > 0 and self._grace is None:
+        if self._shutdown_grace_period <= 0:
+            self._stop()
+        elif self._grace is None:
             self._grace = asyncio.get_running_loop().call_later(
                 self._shutdown_grace_period, self._stop
             )
-        else:
-            self._stop()
 
     def _stop(self) -> None:
         """Cancels the stream if it is still going. Called only from the event loop, so the
@@ -113,10 +113,12 @@ class EventStream(EventSourceResponse):
             and not self._send_interrupted
         ):
             try:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self._send_with_timeout(
+                    send, {"type": "http.response.body", "body": b"", "more_body": False}
+                )
                 self._response_complete = True
             except OSError:
-                pass  # the peer has gone already
+                pass  # the peer has gone already (a send timeout is an OSError too)
 
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
         if self.send_timeout is not None:

@@ -220,6 +220,20 @@ async def test_a_stream_that_starts_while_the_server_stops_is_stopped_at_once(
     assert peer.closed
 
 
+@RESPONSES
+async def test_a_stream_that_starts_while_the_server_stops_still_has_its_grace(
+    response_class: type[EventSourceResponse], shutting_down: Callable[[], None]
+) -> None:
+    shutting_down()
+    peer, ticks, told = Peer(), Ticks(), anyio.Event()
+    response = response_class(ticks, ping=0, shutdown_event=told, shutdown_grace_period=0.3)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(response(HTTP, peer.receive, peer.send), 2)
+    assert told.is_set()
+    assert asyncio.get_running_loop().time() - started >= 0.25
+    assert peer.closed
+
+
 @pytest.mark.parametrize(
     ("scope", "options"),
     [({"type": "http", "method": "HEAD"}, {"ping": 0}), (HTTP, {"ping": 15})],
