@@ -43,7 +43,7 @@ test: lint llama-server
 	$(BIN)/coverage report
 
 # Each writes bench/results/<name>.json (and .png) and prints its table; see README, Benchmarks.
-BENCHES := seed_acceptance peers overhead concurrency supervision scaling batching worker_connections upstream gateways
+BENCHES := seed_acceptance peers overhead concurrency supervision scaling batching worker_connections upstream gateways engine_clients
 
 bench: install
 	for b in $(BENCHES); do $(BIN)/python -m bench.$$b || exit 1; done

@@ -1,7 +1,8 @@
 """The anchor for bench/upstream: the thinnest gateway on sluice's own frameworks. FastAPI and
-sse-starlette relay an engine's stream line by line, through one pooled httpx client, from the
-request handler: no queue, no Redis, no worker, no validation. What a Python gateway costs in
-front of an engine at all, and so what sluice's queue costs beyond it, is measured against this.
+sse-starlette relay an engine's stream line by line, through one pooled aiohttp session (the
+`openai` backend's client), from the request handler: no queue, no Redis, no worker, no
+validation. What a Python gateway costs in front of an engine at all, and so what sluice's queue
+costs beyond it, is measured against this.
 
 Each response carries an id (`X-Sluice-Stream-Id`), and the log says, per id, how long the
 engine took to its first token from the request the proxy sent (as sluice's worker logs it).
@@ -17,8 +18,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-import httpx
+import aiohttp
 import uvicorn
 from fastapi import FastAPI, Request
 from sse_starlette import EventSourceResponse
@@ -28,27 +30,32 @@ FIRST_TOKEN_LOG = "engine first token %.1f ms after it was asked [stream %s]"
 
 
 def create_app(upstream: str) -> FastAPI:
-    app = FastAPI()
-    engine = httpx.AsyncClient(
-        base_url=upstream, timeout=None, limits=httpx.Limits(max_connections=None)
-    )
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            app.state.engine = session
+            yield
+
+    app = FastAPI(lifespan=lifespan)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> EventSourceResponse:
         body = await request.json()
         stream_id = uuid.uuid4().hex
 
+        engine: aiohttp.ClientSession = request.app.state.engine
+
         async def events() -> AsyncIterator[bytes]:
             asked = time.perf_counter()
             waiting = True
-            async with engine.stream("POST", "/chat/completions", json=body) as response:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
+            async with engine.post(f"{upstream}/chat/completions", json=body) as response:
+                async for line in response.content:
+                    if not line.startswith(b"data: "):
                         continue
                     if waiting and _has_text(line[6:]):
                         waiting = False
                         log.info(FIRST_TOKEN_LOG, (time.perf_counter() - asked) * 1000, stream_id)
-                    yield line.encode() + b"\n\n"
+                    yield line.rstrip(b"\r\n") + b"\n\n"
 
         return EventSourceResponse(
             events(),
@@ -59,9 +66,9 @@ def create_app(upstream: str) -> FastAPI:
     return app
 
 
-def _has_text(data: str) -> bool:
+def _has_text(data: bytes) -> bool:
     """Whether an engine's chunk holds text (its first may hold only the role)."""
-    if data == "[DONE]":
+    if data.strip() == b"[DONE]":
         return False
     choices = json.loads(data).get("choices") or [{}]
     return bool((choices[0].get("delta") or {}).get("content") or choices[0].get("text"))

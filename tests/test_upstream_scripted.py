@@ -235,3 +235,46 @@ async def test_an_engine_that_refuses_min_tokens_gets_the_seed_format_without_it
     assert own.status_code == 400
     assert own.json()["error"]["message"] == "Unrecognized request argument supplied: min_tokens"
     assert stack.workers[0].log_tail(100).count("refuses min_tokens") == 1
+
+
+# --- the way to the engine ---
+
+
+async def test_the_engine_is_reached_through_the_proxy_the_environment_names(
+    engine: ScriptedEngine, make_stack: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`HTTP_PROXY` and `NO_PROXY`, as httpx and the openai SDK honour them: the engine's host
+    resolves nowhere, and only the proxy (the scripted engine, which also answers a proxy's
+    absolute-form requests) can reach it."""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{engine.port}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # the API, for the test's client
+    stack = make_stack("http://engine.invalid/v1")
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
+        result, _ = await timed_stream(client, chat())
+
+    assert not result.errors
+    assert result.text == "word0 word1 word2 word3 word4 "
+    assert len(engine.bodies) == 1
+
+
+# --- what the engine's stream may hold ---
+
+
+async def test_an_engine_chunk_over_the_http_clients_default_line_limit_arrives_whole(
+    engine: ScriptedEngine, make_stack: Make
+) -> None:
+    """An engine may send a long text (a pasted document echoed, a tool call's arguments) as one
+    chunk, one line of its stream: aiohttp refuses a line over twice its read buffer (64 KiB by
+    default in 3.10, 256 KiB in 3.14) unless the session sets a larger one."""
+    text = "word " * 300_000
+    delta = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+    end = {"index": 0, "delta": {}, "finish_reason": "stop"}
+    usage = {"prompt_tokens": 3, "completion_tokens": 300_000, "total_tokens": 300_003}
+    engine.mode = "script"
+    engine.script = [{"choices": [delta]}, {"choices": [end]}, {"choices": [], "usage": usage}]
+    stack = make_stack(engine.v1)
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
+        result, _ = await timed_stream(client, chat())
+
+    assert not result.errors
+    assert result.text == text

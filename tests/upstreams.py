@@ -216,7 +216,7 @@ class ScriptedEngine:
                 if engine.hung:
                     engine._release.wait()
                     return
-                if self.path != "/v1/models":
+                if not self.path.endswith("/v1/models"):  # or a proxy's absolute form
                     self._json(404, {"error": {"message": "not found"}})
                     return
                 self._json(200, {"object": "list", "data": [{"id": engine.MODEL}]})

@@ -1,9 +1,10 @@
 """The `openai` backend: the model runs on an engine behind an OpenAI-compatible API (vLLM,
 SGLang, TGI, Ollama, llama.cpp's `llama-server`, a hosted API), and each job streams from it.
 
-One pooled HTTP client carries every job of the worker. A job's request is sent on the first read
-of its pieces, so a job that never reads them never occupies the engine, and it is closed when
-they are closed: finished, cancelled, unread, or timed out (the engine then frees its slot).
+One pooled aiohttp session carries every job of the worker (httpx spent over twice its CPU per
+request, side by side: bench/engine_clients.py). A job's request is sent on the first read of its
+pieces, so a job that never reads them never occupies the engine, and it is closed when they are
+closed: finished, cancelled, unread, or timed out (the engine then frees its slot).
 
 What is sent: what the client asked for, and nothing it did not. Sampling parameters the client
 left out (`temperature`, `top_p`, the penalties) are left out, so the engine's own defaults apply.
@@ -42,11 +43,13 @@ import contextlib
 import json
 import logging
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncGenerator, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
+import aiohttp
 
 from shared.errors import (
     ErrorBody,
@@ -67,6 +70,8 @@ DEFAULT_MAX_JOBS = 64
 """Jobs one worker streams at once unless SLUICE_WORKER_MAX_JOBS says otherwise: the engine
 batches them, and the worker only relays text."""
 CONNECT_TIMEOUT_S = 5.0
+LINE_BUFFER_BYTES = 1 << 20
+"""The engine's stream is read a line at a time; aiohttp refuses a line over twice its buffer."""
 PROBE_EVERY_S = 1.0
 MIN_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
@@ -100,7 +105,8 @@ class OpenAIBackend:
         self.model = settings.served_model_name or self.upstream_model
         self.n_ctx = self._context_length(listed) if listed is not None else None
         self._available = listed is not None
-        self._http: httpx.AsyncClient | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._proxy = _env_proxy(self._url)
         self._closing: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self._next_probe = 0.0
@@ -118,12 +124,9 @@ class OpenAIBackend:
         backoff = MIN_BACKOFF_S
         while True:
             try:
-                response = httpx.get(
-                    f"{self._url}/models", headers=self._headers, timeout=CONNECT_TIMEOUT_S
-                )
-                response.raise_for_status()
-                return [m for m in response.json()["data"] if isinstance(m, dict) and "id" in m]
-            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                listed = self._get_json(f"{self._url}/models")["data"]
+                return [m for m in listed if isinstance(m, dict) and "id" in m]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 if not until_answered:
                     log.warning("upstream %s does not list its models: %s", self._url, exc)
                     return None
@@ -144,15 +147,17 @@ class OpenAIBackend:
         if not self._url.endswith("/v1"):
             return None
         try:
-            props = httpx.get(
-                f"{self._url.removesuffix('/v1')}/props",
-                headers=self._headers,
-                timeout=CONNECT_TIMEOUT_S,
-            )
-            n_ctx = props.json()["default_generation_settings"]["n_ctx"]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            props = self._get_json(f"{self._url.removesuffix('/v1')}/props")
+            n_ctx = props["default_generation_settings"]["n_ctx"]
+        except (OSError, ValueError, KeyError, TypeError):
             return None
         return n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None
+
+    def _get_json(self, url: str) -> Any:
+        """Raises OSError for an answer that is not a success (urllib's HTTPError)."""
+        request = urllib.request.Request(url, headers=self._headers)
+        with urllib.request.urlopen(request, timeout=CONNECT_TIMEOUT_S) as response:
+            return json.load(response)
 
     # --- availability ---
 
@@ -180,27 +185,31 @@ class OpenAIBackend:
 
     async def _probe_once(self) -> None:
         try:
-            response = await self._client().get("/models", timeout=CONNECT_TIMEOUT_S)
-        except httpx.HTTPError:
+            async with self._session().get(
+                f"{self._url}/models",
+                proxy=self._proxy,
+                timeout=aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S),
+            ) as response:
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError):
             return
-        if response.status_code < 500:
+        if status < 500:
             self.available = True
 
     # --- jobs ---
 
-    def _client(self) -> httpx.AsyncClient:
+    def _session(self) -> aiohttp.ClientSession:
         # Made on first use: the backend is built before the worker's event loop runs.
         if self._http is None:
-            connections = self.max_concurrency + 1  # and the probe
-            self._http = httpx.AsyncClient(
-                base_url=self._url,
+            self._http = aiohttp.ClientSession(
                 headers=self._headers,
                 # The read timeout bounds each wait for the engine's next bytes (its first, and
                 # between chunks): above its longest prefill, so only a hung engine trips it.
-                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, read=self._silence_s),
-                limits=httpx.Limits(
-                    max_connections=connections, max_keepalive_connections=connections
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=self._silence_s
                 ),
+                connector=aiohttp.TCPConnector(limit=self.max_concurrency + 1),  # and the probe
+                read_bufsize=LINE_BUFFER_BYTES,
             )
         return self._http
 
@@ -259,13 +268,15 @@ class OpenAIBackend:
             reader = _StreamReader(job.max_tokens, job.n)
             retry_after: float | None = None
             try:
-                async with self._client().stream("POST", path, json=body) as response:
-                    if not response.is_success:
+                async with self._session().post(
+                    self._url + path, json=body, proxy=self._proxy, allow_redirects=False
+                ) as response:
+                    if not 200 <= response.status < 300:
                         retry_after = await self._refused(response, job, body)
                     else:
                         self.available = True
-                        async for line in response.aiter_lines():
-                            for piece in reader.feed(line):
+                        async for line in response.content:
+                            for piece in reader.feed(line.decode()):
                                 yield piece
                             if reader.overran:
                                 break
@@ -274,7 +285,7 @@ class OpenAIBackend:
             except _WithoutMinTokens:
                 body = {k: v for k, v in body.items() if k != "min_tokens"}
                 continue
-            except httpx.ReadTimeout:
+            except aiohttp.SocketTimeoutError:
                 # Hung, not down: sending again would wait as long, and load it more.
                 self.available = False  # until it answers a probe
                 log.warning(
@@ -286,14 +297,14 @@ class OpenAIBackend:
                 raise UpstreamTimeout(
                     f"the model's engine said nothing for {self._silence_s:g} s"
                 ) from None
-            except (httpx.HTTPError, _Cut) as exc:
+            except (aiohttp.ClientError, _Cut) as exc:
                 self.available = False  # most likely down; if not, the probe says so at once
                 if reader.pieces:
                     log.warning("upstream %s cut the stream: %r", self._url, exc)
                     raise UpstreamError("the model's engine stopped while answering") from None
                 problem = repr(exc)
             else:
-                problem = f"HTTP {response.status_code}"
+                problem = f"HTTP {response.status}"
             now = loop.time()
             if now >= deadline:
                 log.warning("upstream %s: %s; giving up", self._url, problem)
@@ -304,12 +315,12 @@ class OpenAIBackend:
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _refused(
-        self, response: httpx.Response, job: GenerationJob, body: dict[str, Any]
+        self, response: aiohttp.ClientResponse, job: GenerationJob, body: dict[str, Any]
     ) -> float | None:
         """Raises for a refusal that trying again will not change; else how long to wait before
         trying again, if the engine said (`Retry-After`)."""
-        status = response.status_code
-        content = await response.aread()
+        status = response.status
+        content = await response.read()
         if status >= 500:
             self.available = False
         elif status in CREDENTIALS:
@@ -335,7 +346,18 @@ class OpenAIBackend:
         if self._http is not None:
             # Best effort: close() is synchronous, and the process is ending anyway.
             with contextlib.suppress(RuntimeError):  # no event loop runs any more
-                self._closing = asyncio.get_running_loop().create_task(self._http.aclose())
+                self._closing = asyncio.get_running_loop().create_task(self._http.close())
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy that `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` name for the engine, as httpx
+    and the openai SDK honour them. Looked up once: aiohttp's `trust_env` looks it up, and
+    `~/.netrc`, in a thread on every request (2 ms before each request left, measured in front of
+    a scripted engine at 4 streams)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 class _WithoutMinTokens(Exception):
