@@ -1,10 +1,13 @@
 """The models a deployment serves, as its workers announce them, and which one a request is for.
 
 Workers announce their model with every heartbeat (`MODELS_KEY`, `serving_key`); the API has no
-model file and no model setting of its own. Each API process keeps the table it last read
-for up to `REFRESH_S` to route requests without a round trip; a request the table cannot route
-reads it again first (if it is older than `RECHECK_S`), so a model that has just been announced
-is found. The submit script (api/jobs.py) re-checks the routed model with Redis's own facts.
+model file and no model setting of its own. Each API process reads the table every `REFRESH_S`
+in a loop of its own (`refresh_forever`), so routing a request waits for no round trip: a burst
+of requests arriving after a quiet second had all waited for one read, which at 16 at once was
+a third of what sluice added to their first token. Should the loop fail (Redis away), a request
+reads the table itself once it is `STALE_S` old. A request the table cannot route reads it
+again first (if it is older than `RECHECK_S`), so a model that has just been announced is found.
+The submit script (api/jobs.py) re-checks the routed model with Redis's own facts.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from shared.scripts import lua
 from shared.settings import Settings
 
 REFRESH_S = 1.0
+STALE_S = 5.0
 RECHECK_S = 0.1
 
 
@@ -57,6 +61,13 @@ class ModelCatalog:
                     await self._read()
         return self._models
 
+    async def refresh_forever(self) -> None:
+        """Reads the table every `REFRESH_S`; a failed read raises (its supervisor shows and
+        retries it)."""
+        while True:
+            await self.models()
+            await asyncio.sleep(REFRESH_S)
+
     async def _read(self) -> None:
         reply = await self._script(keys=[MODELS_KEY], args=[self._worker_ttl_ms, SERVING_PREFIX])
         models = {}
@@ -76,7 +87,7 @@ class ModelCatalog:
         `SLUICE_DEFAULT_MODEL`, else the only model served (400 with several, 503 with none),
         or with none served, the only model ever announced."""
         try:
-            return self._route(requested, await self.models())
+            return self._route(requested, await self.models(max_age_s=STALE_S))
         except (ModelNotFound, NoWorkers, InvalidRequest):
             return self._route(requested, await self.models(max_age_s=RECHECK_S))
 

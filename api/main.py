@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loops.start("supervisor", Supervisor(redis, queue, settings).run)
         state = DeploymentState(redis, settings.heartbeat_s)
         models = ModelCatalog(redis, settings)
+        loops.start("models", models.refresh_forever)
         app.state.gateway = Gateway(settings, queue, hub, readers, loops, state, models)
         app.state.authenticator = Authenticator(redis, settings)
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -15,10 +16,13 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from redis.asyncio import Redis
 
+from api.catalog import REFRESH_S, ModelCatalog, ServedModel
 from shared.arq_internals import in_progress_key
+from shared.loops import LoopGroup
 from shared.protocol import WORKER_MODELS_KEY, meta_key, queue_name
-from shared.settings import bundled_model_path
+from shared.settings import Settings, bundled_model_path
 from tests.procs import (
     Proc,
     RedisServer,
@@ -321,3 +325,62 @@ def test_worker_that_cannot_load_its_model_never_announces_one(make_stack: Any) 
     assert broken.popen.returncode == 1
     assert f"SLUICE_MODEL_PATH {NOWHERE} is not a file" in broken.log_tail()
     assert served(stack.base_url) == [SYNTHETIC]
+
+
+# --- The API's table of models -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def catalog_on_own_redis() -> AsyncIterator[tuple[RedisServer, ModelCatalog, Stack]]:
+    """A Redis of the test's own (it is frozen), a synthetic worker announcing its model there,
+    and a catalog reading it with its refresh loop running, as the API runs it."""
+    server = RedisServer().start()
+    client = Redis.from_url(server.url())
+    loops = LoopGroup(logging.getLogger(__name__))
+    stack = start_models_stack("catalog", server.url(), worker_env("alpha"))
+    try:
+        catalog = ModelCatalog(client, Settings(redis_url=server.url()))
+        loops.start("models", catalog.refresh_forever)
+        yield server, catalog, stack
+    finally:
+        server.signal(signal.SIGCONT)
+        await loops.stop()
+        stack.stop()
+        await client.aclose()
+        server.stop()
+
+
+async def test_the_table_is_kept_fresh_without_requests(
+    catalog_on_own_redis: tuple[RedisServer, ModelCatalog, Stack],
+) -> None:
+    """A model announced after the API started is in its table without any request reading it:
+    the loop reads it (issue 26: requests no longer wait for that read)."""
+    _, catalog, stack = catalog_on_own_redis
+    stack.add_worker(**worker_env("beta"))
+
+    async def table() -> dict[str, ServedModel]:
+        return await catalog.models(max_age_s=float("inf"))  # what it has: never a read
+
+    for _ in range(100):
+        if "beta" in await table():
+            break
+        await asyncio.sleep(0.1)
+    assert sorted(await table()) == ["alpha", "beta"]
+
+
+async def test_routing_waits_for_no_read_of_the_table(
+    catalog_on_own_redis: tuple[RedisServer, ModelCatalog, Stack],
+) -> None:
+    """Routing answers from the table the loop keeps, however long since a request last read it:
+    with Redis frozen past `REFRESH_S`, a request is still routed at once (before, the first
+    request of a burst read the table, and every request of the burst waited for that read)."""
+    server, catalog, _ = catalog_on_own_redis
+    assert (await catalog.route("alpha")).name == "alpha"
+
+    server.signal(signal.SIGSTOP)
+    await asyncio.sleep(REFRESH_S * 1.5)
+    routed = await asyncio.wait_for(catalog.route("alpha"), 0.5)
+    server.signal(signal.SIGCONT)
+
+    assert routed.name == "alpha"
+    assert routed.workers == 1
