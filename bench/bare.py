@@ -2,7 +2,9 @@
 streamed by FastAPI + sse-starlette straight from the request handler, with no queue, no
 Redis and no worker. What sluice adds is measured against this. It also serves as a scripted
 engine that gateways stand in front of (bench/gateways.py): it lists its model, and sends usage
-when asked, as an OpenAI-compatible engine does.
+when asked, as an OpenAI-compatible engine does. Its heap is settled as sluice's processes'
+are (`shared.heap`): as an engine, a full collection (24 to 45 ms here) stalled every stream
+of whichever system's round it fell in, and skewed what that system seemed to add.
 
     python -m bench.bare --port 8090 [--tokens-per-s 30]
 """
@@ -18,7 +20,9 @@ from fastapi import FastAPI, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.relay import DONE, event
+from shared import heap
 from shared.schema import ChunkEncoder, GenerationJob
+from shared.settings import Settings
 from worker.backends.synthetic import SyntheticBackend
 from worker.text import TextAssembler
 
@@ -70,8 +74,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokens-per-s", type=float, default=30.0)
     args = parser.parse_args()
+    app = create_app(args.tokens_per_s)
+    heap.settle(Settings().gc_threshold)
     uvicorn.run(
-        create_app(args.tokens_per_s),
+        app,
         host="127.0.0.1",
         port=args.port,
         log_level="warning",

@@ -2,7 +2,8 @@
 sse-starlette relay an engine's stream line by line, through one pooled aiohttp session (the
 `openai` backend's client), from the request handler: no queue, no Redis, no worker, no
 validation. What a Python gateway costs in front of an engine at all, and so what sluice's queue
-costs beyond it, is measured against this.
+costs beyond it, is measured against this. Its heap is settled as sluice's processes' are
+(`shared.heap`), so their collector's settings are not a difference between them.
 
 Each response carries an id (`X-Sluice-Stream-Id`), and the log says, per id, how long the
 engine took to its first token from the request the proxy sent (as sluice's worker logs it).
@@ -24,6 +25,9 @@ import aiohttp
 import uvicorn
 from fastapi import FastAPI, Request
 from sse_starlette import EventSourceResponse
+
+from shared import heap
+from shared.settings import Settings
 
 log = logging.getLogger("bench.proxy")
 FIRST_TOKEN_LOG = "engine first token %.1f ms after it was asked [stream %s]"
@@ -80,8 +84,10 @@ def main() -> None:
     parser.add_argument("--upstream", required=True, help="the engine's base URL, with /v1")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    app = create_app(args.upstream)
+    heap.settle(Settings().gc_threshold)
     uvicorn.run(
-        create_app(args.upstream),
+        app,
         host="127.0.0.1",
         port=args.port,
         log_level="warning",
