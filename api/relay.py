@@ -128,7 +128,7 @@ async def follow(
             # Not wait_for: on Python 3.11 it can swallow a cancel that arrives as the read
             # completes, and a relay whose client left would go on.
             async with asyncio.timeout(tick):
-                raw = await hub.read(key, after)
+                raw = await hub.read(key, after, first_text=started and not tokens_sent)
         except TimeoutError:
             yield Waiting(queued=not started)
             continue

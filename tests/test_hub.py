@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -17,7 +19,7 @@ from hypothesis import Phase, example, given, note, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from api.hub import READ_ALL_UP_TO, StreamHub
+from api.hub import MIN_CALL_INTERVAL_S, READ_ALL_UP_TO, StreamHub
 from shared.protocol import BELLS_KEY
 from tests.hubs import running_hub
 from tests.procs import RedisServer
@@ -255,3 +257,31 @@ async def test_a_hub_whose_reads_go_to_a_new_connection_takes_the_bells_position
             assert [e[0] for e in await waiting] == [second]
     await redis.delete(key, BELLS_KEY)
     await redis.aclose()
+
+
+async def test_readers_waiting_for_their_first_text_are_read_for_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """After a call that delivered, the next waits out `MIN_CALL_INTERVAL_S`, so that under load
+    each brings many entries; not while a reader waits for its stream's first text. Streams
+    started together have their first tokens a fraction of a millisecond apart: spaced, all but
+    the first waited for the interval."""
+    redis = Redis.from_url(redis_server.url())
+    lags: list[float] = []
+    async with running_hub(redis, block_ms=BLOCK_MS) as (hub, _):
+        for _ in range(5):
+            keys = [f"test-hub:{uuid.uuid4().hex}:{n}" for n in range(6)]
+            waiting = [hub.read(key, "0-0", first_text=True) for key in keys]
+            await asyncio.sleep(0.01)  # the hub's call blocks, on every stream
+            for key, reader in zip(keys, waiting, strict=True):
+                appended = time.monotonic()
+                async with redis.pipeline(transaction=True) as pipe:  # as an append script does
+                    pipe.xadd(key, {"n": 0})
+                    pipe.xadd(BELLS_KEY, {"k": key})
+                    await pipe.execute()
+                await reader
+                lags.append(time.monotonic() - appended)
+            await redis.delete(*keys)
+    await redis.aclose()
+
+    assert statistics.median(lags) < MIN_CALL_INTERVAL_S / 2, lags

@@ -278,8 +278,11 @@ class StreamWriter:
     async def _next_write_due(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Waits out the rest of the interval since the last write, so that many jobs' tokens
         share one write instead of one syscall each (an idle writer, a token every few ms, never
-        waits). A loaded writer's longer wait is cut short by a first text (`_urgent`): True
-        then, for a write of the urgent streams alone, at most one every short interval."""
+        waits), except for a stream's first text (`_urgent`), written once the write on its way
+        is back: streams started together have their first tokens a fraction of a millisecond
+        apart, and each but the first had waited for most of the interval. A loaded writer's
+        longer wait is cut short by a first text too: True then, for a write of the urgent
+        streams alone, at most one every short interval."""
         if self._interval > MIN_WRITE_INTERVAL_S:
             if not self._urgent.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -289,8 +292,9 @@ class StreamWriter:
                 due = self._last_urgent_write + MIN_WRITE_INTERVAL_S
                 await asyncio.sleep(max(0.0, due - loop.time()))
                 return True
-        due = self._last_write + MIN_WRITE_INTERVAL_S
-        await asyncio.sleep(max(0.0, due - loop.time()))
+        if not self._urgent.is_set():  # at most one write more per stream
+            due = self._last_write + MIN_WRITE_INTERVAL_S
+            await asyncio.sleep(max(0.0, due - loop.time()))
         return False
 
     def _take_streams(self, streams: set[str]) -> list[_Pending]:
