@@ -15,11 +15,12 @@ real engine).
 N streams at once (each on a connection of its own, `common.lean_stream`), the four taking
 turns, `--rounds` times per level, each going first in turn; every process on every core. Per
 gateway and level: the time to first token it adds (its p50 and p95 less the engine's own in
-the same round, the median over rounds), and the CPU time its processes spent per request
+the same round, the median over rounds: nine by default, since one round's figure at 16
+streams varies by a factor of three), and the CPU time its processes spent per request
 (sluice: API, worker and Redis; LiteLLM: its process tree). Goals (issue 26): sluice adds less
 than LiteLLM, in time and in CPU, and at most twice what the bare proxy adds.
 
-    python -m bench.gateways [--levels 4,16] [--rounds 5]
+    python -m bench.gateways [--levels 4,16] [--rounds 9]
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, bool]:
 
 
 def main() -> None:
-    parser = common.sweep_arguments(__doc__, levels="4,16", rounds=5)
+    parser = common.sweep_arguments(__doc__, levels="4,16", rounds=9)
     args = parser.parse_args()
     rows = measure(args.levels, args.rounds)
     result = {"rows": rows, "goals": goals(rows)}
