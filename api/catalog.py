@@ -5,8 +5,9 @@ model file and no model setting of its own. Each API process reads the table eve
 in a loop of its own (`refresh_forever`), so routing a request waits for no round trip: a burst
 of requests arriving after a quiet second had all waited for one read, which at 16 at once was
 a third of what sluice added to their first token. Should the loop fail (Redis away), a request
-reads the table itself once it is `STALE_S` old. A request the table cannot route reads it
-again first (if it is older than `RECHECK_S`), so a model that has just been announced is found.
+reads the table itself once it is `STALE_S` old. A request the table cannot route has it read
+again first, by a read that begins after it looked (at most one such read every `RECHECK_S`), so
+a model announced since the loop's last read is found.
 The submit script (api/jobs.py) re-checks the routed model with Redis's own facts.
 """
 
@@ -50,6 +51,7 @@ class ModelCatalog:
         self._retry_after_s = settings.retry_after_s
         self._models: dict[str, ServedModel] = {}
         self._read_at = float("-inf")
+        """When the last read of the table began (time.monotonic())."""
         self._lock = asyncio.Lock()
 
     async def models(self, max_age_s: float = REFRESH_S) -> dict[str, ServedModel]:
@@ -68,14 +70,24 @@ class ModelCatalog:
             await self.models()
             await asyncio.sleep(REFRESH_S)
 
+    async def _read_after(self, moment: float) -> dict[str, ServedModel]:
+        """The table as a read begun after `moment` found it (time.monotonic()): such reads come
+        at most one every `RECHECK_S`, shared by concurrent callers."""
+        async with self._lock:
+            if self._read_at <= moment:
+                await asyncio.sleep(max(0.0, self._read_at + RECHECK_S - time.monotonic()))
+                await self._read()
+        return self._models
+
     async def _read(self) -> None:
+        began = time.monotonic()
         reply = await self._script(keys=[MODELS_KEY], args=[self._worker_ttl_ms, SERVING_PREFIX])
         models = {}
         for name, record, workers in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
             model = name.decode()
             models[model] = ServedModel(model, json.loads(record).get("n_ctx"), int(workers))
         self._models = models
-        self._read_at = time.monotonic()
+        self._read_at = began
 
     async def served(self) -> list[ServedModel]:
         """The models some live worker serves now, by name (a fresh read)."""
@@ -89,7 +101,7 @@ class ModelCatalog:
         try:
             return self._route(requested, await self.models(max_age_s=STALE_S))
         except (ModelNotFound, NoWorkers, InvalidRequest):
-            return self._route(requested, await self.models(max_age_s=RECHECK_S))
+            return self._route(requested, await self._read_after(time.monotonic()))
 
     def _route(self, requested: str | None, models: dict[str, ServedModel]) -> ServedModel:
         if requested is not None:

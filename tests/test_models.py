@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from redis.asyncio import Redis
 from api.catalog import REFRESH_S, ModelCatalog, ServedModel
 from shared.arq_internals import in_progress_key
 from shared.loops import LoopGroup
-from shared.protocol import WORKER_MODELS_KEY, meta_key, queue_name
+from shared.protocol import MODELS_KEY, WORKER_MODELS_KEY, meta_key, queue_name, serving_key
 from shared.settings import Settings, bundled_model_path
 from tests.procs import (
     Proc,
@@ -384,3 +385,21 @@ async def test_routing_waits_for_no_read_of_the_table(
 
     assert routed.name == "alpha"
     assert routed.workers == 1
+
+
+async def test_a_model_announced_just_after_the_tables_read_is_found(
+    catalog_on_own_redis: tuple[RedisServer, ModelCatalog, Stack],
+) -> None:
+    """A request for a model the table lacks has the table read again, however fresh it is: the
+    model may have been announced since (a worker that has just started, a test's request sent
+    as soon as its stack is ready). Announced here as a heartbeat writes it, right after a read."""
+    server, catalog, _ = catalog_on_own_redis
+    await catalog.models(max_age_s=0)
+    with server.client() as client:
+        seconds, micros = client.time()
+        client.hset(MODELS_KEY, "beta", json.dumps({"n_ctx": 2048}))
+        client.zadd(serving_key("beta"), {"worker-beta": seconds * 1000 + micros // 1000})
+
+    routed = await catalog.route("beta")
+
+    assert (routed.name, routed.n_ctx, routed.workers) == ("beta", 2048, 1)
