@@ -177,6 +177,12 @@ class StreamHub:
     def _first_text_served(self, _: asyncio.Future[list[RawEntry]]) -> None:
         self._first_text_waiters -= 1
 
+    def _first_texts_at_once(self) -> bool:
+        """Whether the next call goes at once for readers waiting for their first text: only
+        with few streams waited for (a call then costs little). Under load some stream always
+        waits for its first text, and the calls would never be spaced."""
+        return bool(self._first_text_waiters) and len(self._waiters) <= self._read_all_up_to
+
     def _call_misses(self, key: str, after: str) -> bool:
         """Whether the XREAD now blocked could not serve a waiter for `key` after `after`: its
         stream is not in it (or from a later id), and no bell would end it for that stream."""
@@ -239,10 +245,11 @@ class StreamHub:
             # Under load, space calls by a couple of milliseconds so each returns many entries;
             # an XREAD costs much the same for one entry as for hundreds. A call that brought no
             # entries (bells only, a wake) is followed at once, and so is one while a reader
-            # waits for its first text: streams started together (a burst of requests) have
-            # their first tokens a fraction of a millisecond apart, and all but the first had
-            # waited for the interval (0.8 ms more to the median's first token, at 4 streams).
-            if delivered and not self._first_text_waiters:
+            # waits for its first text among few streams (`_first_texts_at_once`): streams
+            # started together (a burst of requests) have their first tokens a fraction of a
+            # millisecond apart, and all but the first had waited for the interval (0.8 ms more
+            # to the median's first token, at 4 streams).
+            if delivered and not self._first_texts_at_once():
                 await asyncio.sleep(max(0.0, last_call + MIN_CALL_INTERVAL_S - loop.time()))
             last_call = loop.time()
             wanted = self._wanted()

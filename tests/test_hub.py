@@ -285,3 +285,43 @@ async def test_readers_waiting_for_their_first_text_are_read_for_at_once(
     await redis.aclose()
 
     assert statistics.median(lags) < MIN_CALL_INTERVAL_S / 2, lags
+
+
+async def test_under_load_a_reader_waiting_for_its_first_text_leaves_the_calls_spaced() -> None:
+    """With more streams waited for than `READ_ALL_UP_TO`, calls stay spaced even while a reader
+    waits for its first text: under load some stream always does, and calls for every entry
+    would undo the batching. Here entries come every half millisecond for half a second."""
+    server = RedisServer().start()
+    redis = Redis.from_url(server.url())
+    keys = [f"test-hub:{uuid.uuid4().hex}:{n}" for n in range(READ_ALL_UP_TO + 4)]
+    try:
+        async with running_hub(redis, block_ms=BLOCK_MS) as (hub, _):
+            starting = hub.read(keys[0], "0-0", first_text=True)  # nothing comes for it
+            last = dict.fromkeys(keys[1:], "0-0")
+
+            async def follow(key: str) -> None:
+                while True:
+                    entries = await hub.read(key, last[key])
+                    last[key] = entries[-1][0].decode()
+
+            followers = [asyncio.create_task(follow(key)) for key in keys[1:]]
+            await asyncio.sleep(0.05)
+            await redis.config_resetstat()
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 0.5
+            while loop.time() < until:
+                key = keys[1 + int(loop.time() * 2000) % (len(keys) - 1)]
+                async with redis.pipeline(transaction=True) as pipe:  # as an append script does
+                    pipe.xadd(key, {"n": 0})
+                    pipe.xadd(BELLS_KEY, {"k": key})
+                    await pipe.execute()
+                await asyncio.sleep(0.0005)
+            calls = (await redis.info("commandstats"))["cmdstat_xread"]["calls"]
+            for follower in followers:
+                follower.cancel()
+            starting.cancel()
+    finally:
+        await redis.aclose()
+        server.stop()
+
+    assert calls <= 0.5 / MIN_CALL_INTERVAL_S * 1.5, calls
